@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds the extension with CUDA forced, for sm_90, against a CUDA 13.0 build of
+# torch and the nvcc on PATH, then checks that every regdrop op has a CUDA
+# kernel. Nothing CUDA runs: this machine has no GPU. A .cu that does not
+# compile fails here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_CUDA=${TORCH_CUDA:-torch==2.14.1}
+# The venv is cached between runs (torch alone is 5 GB); the build is not.
+venv=${REGDROP_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/regdrop_ext/venv-${TORCH_CUDA//[^a-zA-Z0-9.]/_}}
+if ! "$venv/bin/python" -c "import torch, ninja, numpy" 2>/dev/null; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet "$TORCH_CUDA" ninja numpy setuptools wheel
+fi
+
+command -v nvcc >/dev/null || { echo "nvcc not on PATH"; exit 1; }
+# nvcc may be a wrapper script; ask it where its toolkit is.
+CUDA_HOME=$(cd "$(nvcc --dryrun -c /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p')" && pwd)
+site=$("$venv/bin/python" -c "import site; print(site.getsitepackages()[0])")
+export CUDA_HOME TORCH_CUDA_ARCH_LIST=9.0 REGDROP_CUDA=1 MAX_JOBS=${MAX_JOBS:-2}
+# cuBLAS/cuSPARSE/cuRAND headers come from torch's nvidia wheels, not the toolkit.
+export CPATH="$site/nvidia/cu13/include${CPATH:+:$CPATH}"
+echo "CUDA_HOME=$CUDA_HOME torch: $("$venv/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+
+# Build a wheel from a copy, so this tree's editable CPU build is left alone.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+git ls-files -z | xargs -0 cp --parents -t "$work"
+(cd "$work" && "$venv/bin/pip" install --quiet --no-build-isolation --no-deps --target "$work/site" .)
+
+cd "$work/site" && PYTHONPATH="$work/site" "$venv/bin/python" - <<'PY'
+import torch
+import regdrop_ext  # loads the CUDA-enabled library
+ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("regdrop::"))
+missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+print(f"{len(ops)} ops, CUDA kernels missing for: {missing or 'none'}")
+assert ops and not missing, missing
+PY

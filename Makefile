@@ -1,0 +1,24 @@
+# The two commands of the README, for a fresh machine:
+#   make bench   set up .venv, build, run the quick fused-vs-native benchmark
+#   make test    set up .venv, build, run the test suite
+# Both take the CPU build of torch unless TORCH says otherwise, for example
+#   make test TORCH="torch==2.11.0"   (a CUDA build: the extension gets CUDA kernels)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BENCH_ARGS ?= --quick
+PY := $(VENV)/bin/python
+
+.PHONY: setup bench test
+
+setup:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+
+bench: setup
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+test: setup
+	$(PY) -m pytest -q

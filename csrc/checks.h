@@ -1,0 +1,71 @@
+// Argument checks shared by every op. Each message names the argument, and
+// each raises the Python exception a caller would expect: ValueError for a
+// bad probability, TypeError for a bad dtype, RuntimeError otherwise.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "kernel_call.h"
+
+namespace regdrop {
+
+inline void check_probability(double p, const char* name = "p") {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, name, " must be a probability in [0, 1], got ", p);
+}
+
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), name,
+                   " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.layout() == at::kStrided, name, " must be a strided (dense) tensor, got ", t.layout());
+}
+
+// `other` must match `like` in shape, dtype and device: the fused ops do not broadcast.
+inline void check_matches(const at::Tensor& other, const char* name, const at::Tensor& like,
+                          const char* like_name) {
+  check_floating(other, name);
+  TORCH_CHECK(other.device() == like.device(), name, " must be on the same device as ", like_name,
+              " (", like.device(), "), got ", other.device());
+  TORCH_CHECK_TYPE(other.scalar_type() == like.scalar_type(), name, " must have the dtype of ",
+                   like_name, " (", like.scalar_type(), "), got ", other.scalar_type());
+  TORCH_CHECK(other.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
+              like.sizes(), ", got ", other.sizes(), " (broadcasting is not supported)");
+}
+
+// A bit mask for `units` units: uint8, 1-D, contiguous, ceil(units / 8) bytes.
+inline void check_mask(const at::Tensor& mask, int64_t units, const at::Tensor& like,
+                       const char* like_name) {
+  TORCH_CHECK(mask.defined(), "mask must be a tensor, got None");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == like.device(), "mask must be on the same device as ", like_name,
+              " (", like.device(), "), got ", mask.device());
+  TORCH_CHECK(mask.dim() == 1 && mask.is_contiguous(),
+              "mask must be a contiguous 1-D tensor, got shape ", mask.sizes(), " and strides ",
+              mask.strides());
+  TORCH_CHECK(mask.numel() == mask_bytes(units), "mask must have ceil(", units, " / 8) = ",
+              mask_bytes(units), " bytes for ", like_name, ", got ", mask.numel());
+}
+
+inline void check_rng_args(const std::optional<at::Generator>& generator,
+                           const std::optional<int64_t>& seed, int64_t offset) {
+  TORCH_CHECK(!(generator.has_value() && generator->defined() && seed.has_value()),
+              "pass either generator or seed, not both");
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be non-negative, got ", offset);
+}
+
+inline void check_writable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+              " has elements that share memory (for example from expand()); an in-place op would "
+              "write them more than once. Use the out-of-place op or call .clone() first");
+}
+
+}  // namespace regdrop

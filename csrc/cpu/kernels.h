@@ -1,0 +1,420 @@
+// The CPU kernel family: one pass over a range of element groups.
+//
+// kernels_{default,avx2,avx512}.cpp each include this file once, after
+// `#pragma GCC target(...)` and with REGDROP_CPU_ISA naming a namespace, so
+// every copy is compiled for its own instruction set and no copy can be linked
+// in place of another (everything but the entry point has internal linkage).
+// dropout_cpu.cpp picks a copy at run time.
+//
+// Work is done per group of 8 elements, which shares one mask byte. For each
+// block of up to kBlockGroups groups:
+//   1. fill the block's mask bytes: drawn from Philox 16 groups per vector,
+//      read from mask_in, or expanded from the bits of the elements' units;
+//   2. apply the epilogue to the block's elements, 8 per vector, from the bytes.
+// The bytes stay in L1 between the two steps: the tensor is read and written
+// once, and the mask is written once (or not at all in low-memory mode).
+//
+// Requires, included before the pragma: <algorithm>, <cstring>, <immintrin.h>
+// (on x86), "../philox.h", "../epilogue.h".
+
+#if !defined(REGDROP_CPU_ISA)
+#error "define REGDROP_CPU_ISA before including kernels.h"
+#endif
+
+namespace regdrop::cpu::REGDROP_CPU_ISA {
+namespace {
+
+// Vectors are kept at the native width: GCC lowers wider vectors' compares
+// and selects to scalar code.
+#if defined(REGDROP_ISA_AVX512)
+constexpr int kVectorBytes = 64;
+#elif defined(REGDROP_ISA_AVX2)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+constexpr int kLanes = kVectorBytes / 4;  // Philox evaluations per vector
+constexpr int64_t kBlockGroups = 512;
+
+typedef uint32_t u32xL __attribute__((vector_size(kVectorBytes)));
+typedef int32_t i32xL __attribute__((vector_size(kVectorBytes)));
+typedef uint8_t u8xL __attribute__((vector_size(kLanes)));
+
+// ---------------------------------------------------------------- Philox xL
+
+// hi:lo = a * m per lane. Plain vector code would multiply in 64 bits;
+// pmuludq on the even and the odd lanes gives two 32x32->64 products per
+// 64-bit lane.
+inline void mulhilo(u32xL a, uint32_t m, u32xL& hi, u32xL& lo) {
+#if defined(REGDROP_ISA_AVX512)
+  const __m512i va = reinterpret_cast<__m512i>(a);
+  const __m512i vm = _mm512_set1_epi32(static_cast<int>(m));
+  const __m512i even = _mm512_mul_epu32(va, vm);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(va, 32), vm);
+  hi = reinterpret_cast<u32xL>(_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd));
+  lo = reinterpret_cast<u32xL>(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)));
+#elif defined(REGDROP_ISA_AVX2)
+  const __m256i va = reinterpret_cast<__m256i>(a);
+  const __m256i vm = _mm256_set1_epi32(static_cast<int>(m));
+  const __m256i even = _mm256_mul_epu32(va, vm);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(va, 32), vm);
+  hi = reinterpret_cast<u32xL>(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA));
+  lo = reinterpret_cast<u32xL>(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA));
+#elif defined(__x86_64__)
+  const __m128i va = reinterpret_cast<__m128i>(a);
+  const __m128i vm = _mm_set1_epi32(static_cast<int>(m));
+  const __m128i even = _mm_mul_epu32(va, vm);
+  const __m128i odd = _mm_mul_epu32(_mm_srli_epi64(va, 32), vm);
+  const __m128i low_halves = _mm_set1_epi64x(0xFFFFFFFF);
+  hi = reinterpret_cast<u32xL>(_mm_or_si128(_mm_srli_epi64(even, 32), _mm_andnot_si128(low_halves, odd)));
+  lo = reinterpret_cast<u32xL>(_mm_or_si128(_mm_and_si128(even, low_halves), _mm_slli_epi64(odd, 32)));
+#else
+  for (int i = 0; i < kLanes; ++i) {
+    uint32_t h, l;
+    philox_mulhilo(a[i], m, h, l);
+    hi[i] = h;
+    lo[i] = l;
+  }
+#endif
+}
+
+// The mask bytes of groups g0 .. g0 + kLanes - 1: the vector form of
+// group_keep_bits() in philox.h, lane i computing group g0 + i.
+inline u8xL draw_bytes_vector(uint64_t seed, uint64_t offset, uint64_t g0, uint32_t threshold) {
+  u32xL lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<uint32_t>(i);
+  const PhiloxBlock base = group_counter(g0, offset);
+  u32xL c0 = base.w[0] + lane;
+  // A lane whose low word wrapped carries into the high word (-1 where true).
+  u32xL c1 = base.w[1] - reinterpret_cast<u32xL>(c0 < base.w[0]);
+  u32xL c2 = u32xL{} + base.w[2];
+  u32xL c3 = u32xL{} + base.w[3];
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    u32xL hi0, lo0, hi1, lo1;
+    mulhilo(c0, kPhiloxM0, hi0, lo0);
+    mulhilo(c2, kPhiloxM1, hi1, lo1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  // Uniforms are below 2^16 and the threshold at most 2^16: a signed compare
+  // is exact and cheaper than an unsigned one.
+  const int32_t t = static_cast<int32_t>(threshold);
+  const u32xL words[4] = {c0, c1, c2, c3};
+  i32xL bits{};
+  for (int k = 0; k < 4; ++k) {
+    const i32xL low = reinterpret_cast<i32xL>(words[k] & 0xFFFFu);
+    const i32xL high = reinterpret_cast<i32xL>(words[k] >> 16);
+    bits |= (low >= t) & (1 << (2 * k));
+    bits |= (high >= t) & (1 << (2 * k + 1));
+  }
+  return __builtin_convertvector(bits, u8xL);
+}
+
+inline void draw_bytes(uint64_t seed, uint64_t offset, uint32_t threshold, int64_t g0, int64_t count,
+                       uint8_t* bytes) {
+  for (int64_t i = 0; i < count; i += kLanes) {
+    const u8xL b = draw_bytes_vector(seed, offset, static_cast<uint64_t>(g0 + i), threshold);
+    std::memcpy(bytes + i, &b, static_cast<size_t>(std::min<int64_t>(kLanes, count - i)));
+  }
+}
+
+// ------------------------------------------------------ unit bits -> bytes
+
+inline bool bit_at(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
+
+inline void set_bit_range(uint8_t* bytes, int64_t first, int64_t count) {
+  for (; count > 0 && (first & 7) != 0; ++first, --count) bytes[first >> 3] |= 1u << (first & 7);
+  std::memset(bytes + (first >> 3), 0xFF, static_cast<size_t>(count >> 3));
+  first += count & ~int64_t{7};
+  for (count &= 7; count > 0; ++first, --count) bytes[first >> 3] |= 1u << (first & 7);
+}
+
+// The bytes of groups [g0, g0 + count) when each element takes its unit's bit.
+inline void unit_bytes(const KernelCall& c, int64_t g0, int64_t count, uint8_t* bytes) {
+  std::memset(bytes, 0, static_cast<size_t>(count));
+  const UnitLayout& u = c.units;
+  const int64_t first = g0 * kUnitsPerGroup;
+  const int64_t end = std::min(c.numel, (g0 + count) * kUnitsPerGroup);
+  for (int64_t e = first; e < end;) {
+    if (u.inner == 1) {
+      // Channels-last: a row of `channels` elements takes consecutive unit bits.
+      const int64_t channel = e % u.channels;
+      const int64_t len = std::min(u.channels - channel, end - e);
+      const int64_t unit = (e / u.block) * u.channels + channel;
+      for (int64_t k = 0; k < len; ++k) {
+        if (bit_at(c.mask_in, unit + k)) bytes[(e - first + k) >> 3] |= 1u << ((e - first + k) & 7);
+      }
+      e += len;
+    } else {
+      // A run of `inner` elements shares one unit.
+      const int64_t len = std::min(u.inner - e % u.inner, end - e);
+      const int64_t unit = (e / u.block) * u.channels + (e / u.inner) % u.channels;
+      if (bit_at(c.mask_in, unit)) set_bit_range(bytes, e - first, len);
+      e += len;
+    }
+  }
+}
+
+// ------------------------------------------------- 8 elements at a time
+
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// A group's 8 elements are kParts native vectors of kWidth lanes of the
+// compute type (half types compute in float). The vector types are spelled
+// out, not computed in a template: GCC drops vector_size from dependent types.
+constexpr int kFloatWidth = std::min(kVectorBytes / 4, kUnitsPerGroup);
+constexpr int kDoubleWidth = std::min(kVectorBytes / 8, kUnitsPerGroup);
+typedef float f32xW __attribute__((vector_size(kFloatWidth * 4)));
+typedef int32_t i32xW __attribute__((vector_size(kFloatWidth * 4)));
+typedef uint32_t u32xW __attribute__((vector_size(kFloatWidth * 4)));
+typedef uint16_t u16xW __attribute__((vector_size(kFloatWidth * 2)));
+typedef double f64xW __attribute__((vector_size(kDoubleWidth * 8)));
+typedef int64_t i64xW __attribute__((vector_size(kDoubleWidth * 8)));
+
+template <class T>
+struct LaneTypes {  // float, Half, BFloat16
+  using C = float;
+  using I = int32_t;
+  using V = f32xW;
+  using Keep = i32xW;
+  static constexpr int kWidth = kFloatWidth;
+};
+template <>
+struct LaneTypes<double> {
+  using C = double;
+  using I = int64_t;
+  using V = f64xW;
+  using Keep = i64xW;
+  static constexpr int kWidth = kDoubleWidth;
+};
+
+template <class T>
+struct Lanes : LaneTypes<T> {
+  using typename LaneTypes<T>::C;
+  using typename LaneTypes<T>::I;
+  using typename LaneTypes<T>::V;
+  using typename LaneTypes<T>::Keep;
+  using LaneTypes<T>::kWidth;
+  static constexpr int kParts = kUnitsPerGroup / kWidth;
+
+  static V load(const T* p) {
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      u16xW h;
+      std::memcpy(&h, p, sizeof(h));
+      return reinterpret_cast<f32xW>(__builtin_convertvector(h, u32xW) << 16);
+    } else if constexpr (std::is_same_v<T, Half>) {
+#if defined(REGDROP_ISA_AVX2) || defined(REGDROP_ISA_AVX512)
+      return reinterpret_cast<V>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+      typedef _Float16 f16xW __attribute__((vector_size(kFloatWidth * 2)));
+      f16xW h;
+      std::memcpy(&h, p, sizeof(h));
+      return __builtin_convertvector(h, f32xW);
+#endif
+    } else {
+      V v;
+      std::memcpy(&v, p, sizeof(v));
+      return v;
+    }
+  }
+
+  static void store(T* p, V v) {
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      // Round to nearest even; NaN becomes 0x7FC0, as c10::BFloat16 does.
+      const u32xW u = reinterpret_cast<u32xW>(v);
+      const u32xW rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+      const u32xW is_nan = reinterpret_cast<u32xW>((u & 0x7FFFFFFFu) > 0x7F800000u);
+      const u16xW h = __builtin_convertvector((rounded & ~is_nan) | (is_nan & 0x7FC0u), u16xW);
+      std::memcpy(p, &h, sizeof(h));
+    } else if constexpr (std::is_same_v<T, Half>) {
+#if defined(REGDROP_ISA_AVX2) || defined(REGDROP_ISA_AVX512)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                       _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+#else
+      typedef _Float16 f16xW __attribute__((vector_size(kFloatWidth * 2)));
+      const f16xW h = __builtin_convertvector(v, f16xW);
+      std::memcpy(p, &h, sizeof(h));
+#endif
+    } else {
+      std::memcpy(p, &v, sizeof(v));
+    }
+  }
+
+  // All lanes -1 where bit j of `bits` is set, for lane j.
+  static Keep keep_mask(uint32_t bits) {
+    Keep select;
+    for (int j = 0; j < kWidth; ++j) select[j] = I{1} << j;
+    return ((Keep{} + static_cast<I>(bits)) & select) != 0;
+  }
+
+  static V blend(Keep keep, V kept, V dropped) {
+    return reinterpret_cast<V>((reinterpret_cast<Keep>(kept) & keep) |
+                               (reinterpret_cast<Keep>(dropped) & ~keep));
+  }
+};
+
+template <class T, Epilogue E>
+struct Apply {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using C = typename L::C;
+  const T* in;
+  const T* residual;
+  const T* bias;
+  T* out;
+  C* bias_grad;  // column sums of out, or null
+  int64_t bias_len;
+  V scale;
+
+  // Elements e .. e + 7 (all inside the tensor), whose first column is `col`.
+  inline void group(int64_t e, uint32_t byte, int64_t col) const {
+    lanes(in + e, E == Epilogue::Scale ? nullptr : residual + e, out + e, byte, col);
+  }
+
+  // The last n < 8 elements go through the same code via stack copies.
+  inline void partial_group(int64_t e, int64_t n, uint32_t byte, int64_t col) const {
+    T x[8] = {}, r[8] = {}, y[8];
+    std::memcpy(x, in + e, sizeof(T) * n);
+    if (E != Epilogue::Scale) std::memcpy(r, residual + e, sizeof(T) * n);
+    lanes(x, r, y, byte & ((1u << n) - 1), col);
+    std::memcpy(out + e, y, sizeof(T) * n);
+  }
+
+  inline void lanes(const T* x, const T* r, T* y, uint32_t byte, int64_t col) const {
+    // Bias values and bias-gradient sums by column; a row that is a multiple
+    // of 8 wide never wraps inside a group.
+    const bool wraps = col + kUnitsPerGroup > bias_len;
+    T bias_lanes[kUnitsPerGroup];
+    C result_lanes[kUnitsPerGroup];
+    if (E == Epilogue::AddBiasResidual && wraps) {
+      for (int j = 0; j < kUnitsPerGroup; ++j) bias_lanes[j] = bias[(col + j) % bias_len];
+    }
+    for (int q = 0; q < L::kParts; ++q) {
+      const int first = q * L::kWidth;
+      V rv{}, bv{};
+      if constexpr (E != Epilogue::Scale) rv = L::load(r + first);
+      if constexpr (E == Epilogue::AddBiasResidual) {
+        bv = L::load(wraps ? bias_lanes + first : bias + col + first);
+      }
+      const V kept = kept_value<E>(L::load(x + first), rv, bv, scale);
+      const V result = L::blend(L::keep_mask(byte >> first), kept, dropped_value<E>(rv));
+      L::store(y + first, result);
+      if (bias_grad != nullptr) {
+        if (!wraps) {
+          V sums;
+          std::memcpy(&sums, bias_grad + col + first, sizeof(sums));
+          sums += result;
+          std::memcpy(bias_grad + col + first, &sums, sizeof(sums));
+        } else {
+          for (int j = 0; j < L::kWidth; ++j) result_lanes[first + j] = result[j];
+        }
+      }
+    }
+    if (bias_grad != nullptr && wraps) {
+      for (int j = 0; j < kUnitsPerGroup; ++j) bias_grad[(col + j) % bias_len] += result_lanes[j];
+    }
+  }
+};
+
+template <class T, Epilogue E, MaskSource S>
+void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end, void* bias_grad) {
+  using C = typename Lanes<T>::C;
+  const Apply<T, E> apply{static_cast<const T*>(c.in),
+                          static_cast<const T*>(c.residual),
+                          static_cast<const T*>(c.bias),
+                          static_cast<T*>(c.out),
+                          static_cast<C*>(bias_grad),
+                          c.bias_len,
+                          typename Lanes<T>::V{} + static_cast<C>(c.scale)};
+  uint64_t seed = 0, offset = 0;
+  if constexpr (S == MaskSource::Draw) {
+    c.rng.unpack(seed, offset);
+  }
+  const int64_t full_groups = c.numel / kUnitsPerGroup;
+  const int64_t tail = c.numel % kUnitsPerGroup;
+  // Only bias reads and bias-gradient sums need each group's column.
+  const bool tracks_columns = E == Epilogue::AddBiasResidual || bias_grad != nullptr;
+  int64_t col = tracks_columns ? (g_begin * kUnitsPerGroup) % c.bias_len : 0;
+  uint8_t local[kBlockGroups];
+
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kBlockGroups) {
+    const int64_t count = std::min(kBlockGroups, g_end - g0);
+    const uint8_t* bytes;
+    if constexpr (S == MaskSource::Draw) {
+      uint8_t* dst = c.mask_out != nullptr ? c.mask_out + g0 : local;
+      draw_bytes(seed, offset, c.threshold, g0, count, dst);
+      if (tail != 0 && g0 + count > full_groups) dst[count - 1] &= (1u << tail) - 1;  // padding bits are 0
+      bytes = dst;
+    } else if constexpr (S == MaskSource::Elements) {
+      bytes = c.mask_in + g0;
+    } else {
+      unit_bytes(c, g0, count, local);
+      bytes = local;
+    }
+    if (c.out == nullptr) continue;  // only the mask was asked for
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t g = g0 + i;
+      if (g < full_groups) {
+        apply.group(g * kUnitsPerGroup, bytes[i], col);
+      } else {
+        apply.partial_group(g * kUnitsPerGroup, tail, bytes[i], col);
+      }
+      if (tracks_columns) {
+        col += kUnitsPerGroup;
+        while (col >= c.bias_len) col -= c.bias_len;
+      }
+    }
+  }
+}
+
+template <class T>
+void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end, void* bias_grad) {
+  auto with_source = [&](auto epilogue) {
+    constexpr Epilogue E = decltype(epilogue)::value;
+    switch (c.source) {
+      case MaskSource::Draw:
+        return run_groups_typed<T, E, MaskSource::Draw>(c, g_begin, g_end, bias_grad);
+      case MaskSource::Elements:
+        return run_groups_typed<T, E, MaskSource::Elements>(c, g_begin, g_end, bias_grad);
+      case MaskSource::Units:
+        return run_groups_typed<T, E, MaskSource::Units>(c, g_begin, g_end, bias_grad);
+    }
+  };
+  switch (c.epilogue) {
+    case Epilogue::Scale:
+      return with_source(std::integral_constant<Epilogue, Epilogue::Scale>{});
+    case Epilogue::AddResidual:
+      return with_source(std::integral_constant<Epilogue, Epilogue::AddResidual>{});
+    case Epilogue::AddBiasResidual:
+      return with_source(std::integral_constant<Epilogue, Epilogue::AddBiasResidual>{});
+  }
+}
+
+}  // namespace
+
+// Groups [g_begin, g_end) of the call. bias_grad, when the call asks for bias
+// gradients, is this range's own array of bias_len accumulators.
+void run_groups(const KernelCall& c, int64_t g_begin, int64_t g_end, void* bias_grad) {
+  switch (c.dtype) {
+    case ScalarKind::Float:
+      return run_groups_for_dtype<float>(c, g_begin, g_end, bias_grad);
+    case ScalarKind::Double:
+      return run_groups_for_dtype<double>(c, g_begin, g_end, bias_grad);
+    case ScalarKind::Half:
+      return run_groups_for_dtype<Half>(c, g_begin, g_end, bias_grad);
+    case ScalarKind::BFloat16:
+      return run_groups_for_dtype<BFloat16>(c, g_begin, g_end, bias_grad);
+  }
+}
+
+}  // namespace regdrop::cpu::REGDROP_CPU_ISA

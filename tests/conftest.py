@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+import regdrop_ext  # noqa: F401  (registers torch.ops.regdrop)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _explicitly_parametrized(metafunc, name):
+    return any(
+        name in [n.strip() for n in str(mark.args[0]).split(",")]
+        for mark in metafunc.definition.iter_markers("parametrize")
+    )
+
+
+def pytest_generate_tests(metafunc):
+    # Every test body is written once and runs per device and per dtype,
+    # unless it lists its own devices or dtypes.
+    if "device" in metafunc.fixturenames and not _explicitly_parametrized(metafunc, "device"):
+        metafunc.parametrize("device", DEVICES)
+    if "dtype" in metafunc.fixturenames and not _explicitly_parametrized(metafunc, "dtype"):
+        metafunc.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

@@ -1,0 +1,89 @@
+"""Pure NumPy / pure-torch references the tests compare the kernels against.
+
+``keep_bits`` is an independent implementation of the random mapping the
+README documents (Philox4x32-10, counter = (g, offset | 2^63), 16-bit
+uniforms, keep iff u >= round(p * 2^16)); the C++ header philox.h is the
+other. The masks the kernels return must match it bit for bit.
+"""
+
+import numpy as np
+import torch
+
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+STREAM_TAG = 0x80000000
+MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(ctr, key):
+    """Philox4x32-10 on arrays: ``ctr`` is 4 uint32 arrays, ``key`` 2 ints."""
+    c = [np.asarray(w, dtype=np.uint64) for w in ctr]
+    k0, k1 = key[0] & MASK32, key[1] & MASK32
+    for _ in range(10):
+        p0 = np.uint64(PHILOX_M0) * c[0]
+        p1 = np.uint64(PHILOX_M1) * c[2]
+        hi0, lo0 = p0 >> np.uint64(32), p0 & np.uint64(MASK32)
+        hi1, lo1 = p1 >> np.uint64(32), p1 & np.uint64(MASK32)
+        c = [hi1 ^ c[1] ^ np.uint64(k0), lo1, hi0 ^ c[3] ^ np.uint64(k1), lo0]
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return [w.astype(np.uint32) for w in c]
+
+
+def uniforms16(seed: int, offset: int, units: int) -> np.ndarray:
+    """The 16-bit uniform of each of ``units`` units, in unit order."""
+    groups = np.arange((units + 7) // 8, dtype=np.uint64)
+    seed &= (1 << 64) - 1
+    ctr = [
+        groups & np.uint64(MASK32),
+        groups >> np.uint64(32),
+        np.full_like(groups, offset & MASK32),
+        np.full_like(groups, (offset >> 32) | STREAM_TAG),
+    ]
+    words = philox4x32_10(ctr, (seed & MASK32, seed >> 32))
+    # Unit 8g + j: low (j even) or high (j odd) half of word j // 2.
+    halves = []
+    for w in words:
+        halves += [w & 0xFFFF, w >> 16]
+    return np.stack(halves, axis=1).reshape(-1)[:units]
+
+
+def keep_threshold(p: float) -> int:
+    # C's llround rounds halves away from zero; p * 65536 >= 0.
+    return int(np.floor(p * 65536.0 + 0.5))
+
+
+def keep_bits(seed: int, offset: int, units: int, p: float) -> np.ndarray:
+    return uniforms16(seed, offset, units) >= keep_threshold(p)
+
+
+def pack_bits(bits) -> torch.Tensor:
+    """Bit i % 8 of byte i // 8 is bits[i]; padding bits are 0."""
+    return torch.from_numpy(np.packbits(np.asarray(bits, dtype=bool), bitorder="little"))
+
+
+def unpack_bits(mask: torch.Tensor, units: int) -> torch.Tensor:
+    bits = np.unpackbits(mask.cpu().numpy(), bitorder="little")
+    return torch.from_numpy(bits[:units].astype(bool))
+
+
+def memory_order(t: torch.Tensor) -> torch.Tensor:
+    """The elements of ``t`` as they lie in memory (``t`` dense, any strides)."""
+    dims = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.size(d)), reverse=True)
+    return t.permute(dims).reshape(-1)
+
+
+def element_keep(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A bool tensor shaped like ``like``: element-wise keep flags from a mask
+    whose bits follow the memory order of ``like``."""
+    keep = torch.empty_like(like, dtype=torch.bool)  # same strides as a dense `like`
+    memory_order(keep).copy_(unpack_bits(mask, like.numel()))
+    return keep
+
+
+def dropout_reference(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """keep ? x * (1 / (1 - p)) : 0, computed as the kernels do (float for half types)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=compute)
+    y = torch.where(keep, x.to(compute) * scale, torch.zeros((), dtype=compute))
+    return y.to(x.dtype)

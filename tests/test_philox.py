@@ -1,0 +1,107 @@
+"""The random mapping: Philox4x32-10 and (seed, offset, unit) -> keep bit.
+
+The masks must equal the documented mapping (reference.py) bit for bit, on
+every device, for every CPU instruction set and thread count.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import requires_cuda
+from reference import keep_bits, pack_bits, philox4x32_10
+
+ops = torch.ops.regdrop
+
+
+@pytest.mark.parametrize(
+    "ctr, key, expected",
+    [  # Known-answer vectors of Random123 (kat_vectors, philox4x32_10).
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ],
+)
+def test_reference_philox_known_answers(ctr, key, expected):
+    words = philox4x32_10([np.array([c], dtype=np.uint64) for c in ctr], key)
+    assert tuple(int(w[0]) for w in words) == expected
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 127, 128, 129, 4095, 100_003])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.97, 1.0])
+@pytest.mark.parametrize(
+    "seed, offset",
+    [(0, 0), (1, 4), (-1, 2**40 + 12), (2**63 - 1, 2**63 - 4), (123456789, 2**32 - 4)],
+)
+def test_masks_follow_the_documented_mapping(device, numel, p, seed, offset):
+    x = torch.ones(numel, device=device)
+    _, mask = ops.dropout(x, p, seed=seed, offset=offset)
+    expected = pack_bits(keep_bits(seed, offset, numel, p))
+    assert torch.equal(mask.cpu(), expected)
+
+
+def test_masks_do_not_depend_on_thread_count():
+    x = torch.randn(1 << 20)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops.dropout(x, 0.3, seed=5, offset=8))
+    finally:
+        torch.set_num_threads(previous)
+    for out, mask in results[1:]:
+        assert torch.equal(mask, results[0][1])
+        assert torch.equal(out, results[0][0])
+
+
+_ISA_SCRIPT = """
+import json, sys, torch, regdrop_ext
+out = {}
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    # Built in Python: torch's own vectorized kernels differ across ISAs.
+    x = torch.tensor([((i * 37) % 1001 - 500) / 97.0 for i in range(1003)]).to(dtype)
+    y, mask = torch.ops.regdrop.dropout(x, 0.3, seed=11, offset=4)
+    g = torch.ops.regdrop.dropout_backward(x, mask, 0.3)
+    out[str(dtype)] = [mask.tolist(), y.double().tolist(), g.double().tolist()]
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "results": out}))
+"""
+
+
+def _run_with_capability(capability):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    done = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_every_cpu_instruction_set_gives_identical_results():
+    """Each CPU kernel copy (baseline, AVX2, AVX-512) is selected through
+    ATEN_CPU_CAPABILITY; the vector Philox lanes, tails and conversions of each
+    must agree bit for bit with the others."""
+    runs = [_run_with_capability(c) for c in ("default", "avx2", "avx512")]
+    seen = {r["capability"] for r in runs}
+    assert "DEFAULT" in seen  # the baseline copy ran at least
+    for run in runs[1:]:
+        assert run["results"] == runs[0]["results"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("numel", [1, 9, 1000, 65536 * 8 + 3, 3_000_001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_and_cuda_masks_are_identical(numel, dtype):
+    x = torch.randn(numel, dtype=dtype)
+    out_cpu, mask_cpu = ops.dropout(x, 0.2, seed=7, offset=12)
+    out_cuda, mask_cuda = ops.dropout(x.cuda(), 0.2, seed=7, offset=12)
+    assert torch.equal(mask_cpu, mask_cuda.cpu())
+    assert torch.equal(out_cpu, out_cuda.cpu())
