@@ -55,6 +55,18 @@ inline void check_mask(const at::Tensor& mask, int64_t units, const at::Tensor& 
               mask_bytes(units), " bytes for ", like_name, ", got ", mask.numel());
 }
 
+// The (seed, offset) a low-memory forward recorded: int64[2] on grad's device.
+inline void check_rng_state(const at::Tensor& rng_state, const at::Tensor& like) {
+  TORCH_CHECK(rng_state.defined(), "rng_state must be a tensor, got None");
+  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong, "rng_state must be int64, got ",
+                   rng_state.scalar_type());
+  TORCH_CHECK(rng_state.device() == like.device(), "rng_state must be on the same device as grad (",
+              like.device(), "), got ", rng_state.device());
+  TORCH_CHECK(rng_state.dim() == 1 && rng_state.numel() == 2 && rng_state.is_contiguous(),
+              "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset), got shape ",
+              rng_state.sizes());
+}
+
 inline void check_rng_args(const std::optional<at::Generator>& generator,
                            const std::optional<int64_t>& seed, int64_t offset) {
   TORCH_CHECK(!(generator.has_value() && generator->defined() && seed.has_value()),

@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -22,6 +23,7 @@
 
 #include "checks.h"
 #include "kernel_call.h"
+#include "walk.h"
 
 namespace regdrop {
 
@@ -38,101 +40,357 @@ inline ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 
-// The tensor a kernel walks in memory order: `t` itself when its elements are
-// dense in memory (contiguous, channels_last, transposed, ...), else a
-// contiguous copy. empty_like() of the result has the same strides.
-inline at::Tensor dense(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
-}
-
 // 1 / (1 - p); 0 for p == 1, where no element is kept and nothing may be inf.
 inline double keep_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
+
+inline double drop_path_scale(double p, bool scale_by_keep) {
+  return scale_by_keep ? keep_scale(p) : 1.0;
+}
 
 inline at::Tensor new_mask(int64_t units, const at::Tensor& like) {
   return at::empty({mask_bytes(units)}, like.options().dtype(at::kByte));
 }
 
-// A call that reads `in` and writes `out` element by element.
-inline KernelCall elementwise_call(const at::Tensor& in, const at::Tensor& out, double scale) {
+// Where a random op's Philox stream comes from: the generator, or an explicit
+// (seed, offset).
+struct RngArgs {
+  const std::optional<at::Generator>& generator;
+  std::optional<int64_t> seed;
+  int64_t offset;
+
+  void check() const { check_rng_args(generator, seed, offset); }
+
+  template <class Backend>
+  PhiloxSource source(at::Device device) const {
+    if (!seed.has_value()) return Backend::generator_source(generator, device);
+    PhiloxSource s;
+    s.seed = static_cast<uint64_t>(*seed);
+    s.offset = static_cast<uint64_t>(offset);
+    return s;
+  }
+};
+
+// A call that reads the walk's operands and writes `out`, element by element.
+inline KernelCall apply_call(const Walk& w, const at::Tensor& out, const at::Tensor& bias,
+                             double scale) {
   KernelCall c;
-  c.dtype = scalar_kind(in.scalar_type());
-  c.numel = in.numel();
-  c.in = in.const_data_ptr();
+  c.dtype = scalar_kind(w.input.scalar_type());
+  c.numel = w.input.numel();
+  c.in = w.input.const_data_ptr();
   c.out = out.mutable_data_ptr();
   c.scale = scale;
+  c.units = w.units;
+  if (w.residual.defined()) {
+    c.residual = w.residual.const_data_ptr();
+    c.epilogue = Epilogue::AddResidual;
+  }
+  if (bias.defined()) {
+    c.bias = bias.const_data_ptr();
+    c.bias_len = bias.numel();
+    c.epilogue = Epilogue::AddBiasResidual;
+  }
   return c;
 }
 
+// Draws one keep bit per unit of the walk into `mask` and writes the walk's
+// epilogue into `out`. Element masks are drawn in the same pass (`mask` may
+// then be null: low-memory mode, where `rng_state` records the stream
+// instead); unit masks, a few bits per sample or channel, are drawn first by
+// a drawing-only call, then applied.
 template <class Backend>
-PhiloxSource philox_source(const std::optional<at::Generator>& generator,
-                           const std::optional<int64_t>& seed, int64_t offset, at::Device device) {
-  if (!seed.has_value()) return Backend::generator_source(generator, device);
-  PhiloxSource source;
-  source.seed = static_cast<uint64_t>(*seed);
-  source.offset = static_cast<uint64_t>(offset);
-  return source;
+void draw_and_apply(const Walk& w, Granularity g, const at::Tensor& out, const at::Tensor& bias,
+                    double p, double scale, const RngArgs& rng, uint8_t* mask,
+                    int64_t* rng_state = nullptr) {
+  if (w.unit_count == 0) return;
+  const PhiloxSource source = rng.source<Backend>(w.input.device());
+  auto drawing = [&](KernelCall c) {
+    c.source = MaskSource::Draw;
+    c.threshold = keep_threshold(p);
+    c.rng = source;
+    c.mask_out = mask;
+    c.rng_state_out = rng_state;
+    return c;
+  };
+  if (g == Granularity::Element || g == Granularity::Rows) {
+    return Backend::run(drawing(apply_call(w, out, bias, scale)));
+  }
+  KernelCall bits_only;
+  bits_only.numel = w.unit_count;
+  Backend::run(drawing(bits_only));
+  if (w.input.numel() == 0) return;
+  KernelCall c = apply_call(w, out, bias, scale);
+  c.source = MaskSource::Units;
+  c.mask_in = mask;
+  Backend::run(c);
 }
 
-// Draw a mask for the elements of `x`, write it to `mask` and x's dropout to `out`.
+// Writes `mask`'s epilogue of the walk (backward: grad through the mask) into `out`.
+inline KernelCall read_call(const Walk& w, Granularity g, const at::Tensor& out,
+                            const at::Tensor& mask, double scale) {
+  KernelCall c = apply_call(w, out, {}, scale);
+  c.source = g == Granularity::Element || g == Granularity::Rows ? MaskSource::Elements
+                                                                 : MaskSource::Units;
+  c.mask_in = mask.const_data_ptr<uint8_t>();
+  return c;
+}
+
+inline void check_forward(const at::Tensor& input, double p, const RngArgs& rng) {
+  check_floating(input, "input");
+  check_probability(p);
+  rng.check();
+}
+
+// --------------------------------------------------------------- the ops
+
+// A forward op that returns (output, mask), for any granularity and epilogue.
 template <class Backend>
-void draw_dropout(const at::Tensor& x, const at::Tensor& out, const at::Tensor& mask, double p,
-                  const std::optional<at::Generator>& generator, const std::optional<int64_t>& seed,
-                  int64_t offset) {
-  if (x.numel() == 0) return;
-  KernelCall c = elementwise_call(x, out, keep_scale(p));
-  c.source = MaskSource::Draw;
-  c.threshold = keep_threshold(p);
-  c.mask_out = mask.mutable_data_ptr<uint8_t>();
-  c.rng = philox_source<Backend>(generator, seed, offset, x.device());
-  Backend::run(c);
+std::tuple<at::Tensor, at::Tensor> masked_forward(Granularity g, const at::Tensor& input,
+                                                  const at::Tensor& residual,
+                                                  const at::Tensor& bias, double p, double scale,
+                                                  const RngArgs& rng) {
+  c10::DeviceGuard guard(input.device());
+  const Walk w = plan_walk(input, residual, g);
+  at::Tensor out = at::empty_like(w.input);
+  at::Tensor mask = new_mask(w.unit_count, w.input);
+  draw_and_apply<Backend>(w, g, out, bias.defined() ? bias.contiguous() : bias, p, scale, rng,
+                          mask.mutable_data_ptr<uint8_t>());
+  return {out, mask};
+}
+
+// In place: each element is written where it was read. An input whose
+// elements are not dense (or not in a supported order) goes through a
+// contiguous copy, so its mask follows the contiguous order.
+template <class Backend>
+at::Tensor masked_forward_inplace(Granularity g, const at::Tensor& input, double p,
+                                  const RngArgs& rng) {
+  check_writable(input, "input");
+  c10::DeviceGuard guard(input.device());
+  const Walk w = plan_walk(input, {}, g);
+  at::Tensor mask = new_mask(w.unit_count, w.input);
+  draw_and_apply<Backend>(w, g, w.input, {}, p, keep_scale(p), rng,
+                          mask.mutable_data_ptr<uint8_t>());
+  if (!w.input.is_same(input)) input.copy_(w.input);
+  return mask;
+}
+
+// A backward op: grad through the mask of `g` units.
+template <class Backend>
+at::Tensor masked_backward(Granularity g, const at::Tensor& grad, const at::Tensor& mask,
+                           double scale) {
+  c10::DeviceGuard guard(grad.device());
+  const Walk w = plan_walk(grad, {}, g);
+  check_mask(mask, w.unit_count, grad, "grad");
+  at::Tensor out = at::empty_like(w.input);
+  if (w.input.numel() > 0) Backend::run(read_call(w, g, out, mask, scale));
+  return out;
+}
+
+inline void check_residual(const at::Tensor& input, const at::Tensor& residual) {
+  check_matches(residual, "residual", input, "input");
+}
+
+inline void check_bias(const at::Tensor& input, const at::Tensor& bias) {
+  TORCH_CHECK(input.dim() >= 1, "input must have at least 1 dimension for a bias, got a 0-d tensor");
+  check_floating(bias, "bias");
+  TORCH_CHECK(bias.device() == input.device(), "bias must be on the same device as input (",
+              input.device(), "), got ", bias.device());
+  TORCH_CHECK_TYPE(bias.scalar_type() == input.scalar_type(), "bias must have the dtype of input (",
+                   input.scalar_type(), "), got ", bias.scalar_type());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == input.size(-1),
+              "bias must be 1-D with the size of input's last dimension (", input.size(-1),
+              "), got shape ", bias.sizes());
+}
+
+inline void check_channels(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 2, name, " must have shape (N, C, *) for channel dropout, got ", t.sizes());
+}
+
+inline void check_samples(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 1, name, " must have a sample dimension (dim 0) for drop-path, got a 0-d tensor");
 }
 
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> dropout(const at::Tensor& input, double p,
                                            const std::optional<at::Generator>& generator,
                                            std::optional<int64_t> seed, int64_t offset) {
-  check_floating(input, "input");
-  check_probability(p);
-  check_rng_args(generator, seed, offset);
-  c10::DeviceGuard guard(input.device());
-  const at::Tensor x = dense(input);
-  at::Tensor out = at::empty_like(x);
-  at::Tensor mask = new_mask(x.numel(), x);
-  draw_dropout<Backend>(x, out, mask, p, generator, seed, offset);
-  return {out, mask};
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  return masked_forward<Backend>(Granularity::Element, input, {}, {}, p, keep_scale(p), rng);
 }
 
-// In place: the kernel writes each element where it read it. An input whose
-// elements are not dense goes through a contiguous copy, so its mask follows
-// the contiguous (row-major) order.
 template <class Backend>
 at::Tensor dropout_inplace(const at::Tensor& input, double p,
                            const std::optional<at::Generator>& generator,
                            std::optional<int64_t> seed, int64_t offset) {
-  check_floating(input, "input");
-  check_probability(p);
-  check_rng_args(generator, seed, offset);
-  check_writable(input, "input");
-  c10::DeviceGuard guard(input.device());
-  const at::Tensor x = dense(input);
-  at::Tensor mask = new_mask(x.numel(), x);
-  draw_dropout<Backend>(x, x, mask, p, generator, seed, offset);
-  if (!x.is_same(input)) input.copy_(x);
-  return mask;
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  return masked_forward_inplace<Backend>(Granularity::Element, input, p, rng);
 }
 
 template <class Backend>
 at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p) {
   check_floating(grad, "grad");
   check_probability(p);
-  check_mask(mask, grad.numel(), grad, "grad");
+  return masked_backward<Backend>(Granularity::Element, grad, mask, keep_scale(p));
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> dropout_add(const at::Tensor& input, const at::Tensor& residual,
+                                               double p,
+                                               const std::optional<at::Generator>& generator,
+                                               std::optional<int64_t> seed, int64_t offset) {
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  check_residual(input, residual);
+  return masked_forward<Backend>(Granularity::Element, input, residual, {}, p, keep_scale(p), rng);
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add(const at::Tensor& input, const at::Tensor& bias,
+                                                    const at::Tensor& residual, double p,
+                                                    const std::optional<at::Generator>& generator,
+                                                    std::optional<int64_t> seed, int64_t offset) {
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  check_bias(input, bias);
+  check_residual(input, residual);
+  return masked_forward<Backend>(Granularity::Rows, input, residual, bias, p, keep_scale(p), rng);
+}
+
+// grad_input = grad through the mask; grad_bias = its sums over all but the
+// last dimension, accumulated in the kernel (float; double for float64).
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad,
+                                                             const at::Tensor& mask, double p) {
+  check_floating(grad, "grad");
+  check_probability(p);
+  TORCH_CHECK(grad.dim() >= 1, "grad must have at least 1 dimension for a bias, got a 0-d tensor");
   c10::DeviceGuard guard(grad.device());
-  const at::Tensor g = dense(grad);
-  at::Tensor out = at::empty_like(g);
-  if (g.numel() == 0) return out;
-  KernelCall c = elementwise_call(g, out, keep_scale(p));
-  c.source = MaskSource::Elements;
-  c.mask_in = mask.const_data_ptr<uint8_t>();
+  const Walk w = plan_walk(grad, {}, Granularity::Rows);
+  check_mask(mask, w.unit_count, grad, "grad");
+  at::Tensor out = at::empty_like(w.input);
+  const auto accumulate = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sums = at::zeros({grad.size(-1)}, grad.options().dtype(accumulate));
+  if (w.input.numel() > 0) {
+    KernelCall c = read_call(w, Granularity::Rows, out, mask, keep_scale(p));
+    c.bias_len = grad.size(-1);
+    c.bias_grad = sums.mutable_data_ptr();
+    Backend::run(c);
+  }
+  return {out, sums.to(grad.scalar_type())};
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> channel_dropout(const at::Tensor& input, double p,
+                                                   const std::optional<at::Generator>& generator,
+                                                   std::optional<int64_t> seed, int64_t offset) {
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  check_channels(input, "input");
+  return masked_forward<Backend>(Granularity::Channel, input, {}, {}, p, keep_scale(p), rng);
+}
+
+template <class Backend>
+at::Tensor channel_dropout_inplace(const at::Tensor& input, double p,
+                                   const std::optional<at::Generator>& generator,
+                                   std::optional<int64_t> seed, int64_t offset) {
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  check_channels(input, "input");
+  return masked_forward_inplace<Backend>(Granularity::Channel, input, p, rng);
+}
+
+template <class Backend>
+at::Tensor channel_dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p) {
+  check_floating(grad, "grad");
+  check_probability(p);
+  check_channels(grad, "grad");
+  return masked_backward<Backend>(Granularity::Channel, grad, mask, keep_scale(p));
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> drop_path(const at::Tensor& input, double p, bool scale_by_keep,
+                                             const std::optional<at::Generator>& generator,
+                                             std::optional<int64_t> seed, int64_t offset) {
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  check_samples(input, "input");
+  return masked_forward<Backend>(Granularity::Sample, input, {}, {}, p,
+                                 drop_path_scale(p, scale_by_keep), rng);
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> drop_path_add(const at::Tensor& input, const at::Tensor& residual,
+                                                 double p, bool scale_by_keep,
+                                                 const std::optional<at::Generator>& generator,
+                                                 std::optional<int64_t> seed, int64_t offset) {
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  check_samples(input, "input");
+  check_residual(input, residual);
+  return masked_forward<Backend>(Granularity::Sample, input, residual, {}, p,
+                                 drop_path_scale(p, scale_by_keep), rng);
+}
+
+template <class Backend>
+at::Tensor drop_path_backward(const at::Tensor& grad, const at::Tensor& mask, double p,
+                              bool scale_by_keep) {
+  check_floating(grad, "grad");
+  check_probability(p);
+  check_samples(grad, "grad");
+  return masked_backward<Backend>(Granularity::Sample, grad, mask, drop_path_scale(p, scale_by_keep));
+}
+
+// Low-memory mode: no mask; the kernel records the (seed, offset) it drew
+// with in a 2-element int64 tensor on the input's device, and backward draws
+// the same bits again from it.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> low_memory_forward(const at::Tensor& input,
+                                                      const at::Tensor& residual, double p,
+                                                      const RngArgs& rng) {
+  c10::DeviceGuard guard(input.device());
+  const Walk w = plan_walk(input, residual, Granularity::Element);
+  at::Tensor out = at::empty_like(w.input);
+  at::Tensor rng_state = at::zeros({2}, input.options().dtype(at::kLong));
+  draw_and_apply<Backend>(w, Granularity::Element, out, {}, p, keep_scale(p), rng, nullptr,
+                          rng_state.mutable_data_ptr<int64_t>());
+  return {out, rng_state};
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> dropout_low_memory(const at::Tensor& input, double p,
+                                                      const std::optional<at::Generator>& generator,
+                                                      std::optional<int64_t> seed, int64_t offset) {
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  return low_memory_forward<Backend>(input, {}, p, rng);
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> dropout_add_low_memory(
+    const at::Tensor& input, const at::Tensor& residual, double p,
+    const std::optional<at::Generator>& generator, std::optional<int64_t> seed, int64_t offset) {
+  const RngArgs rng{generator, seed, offset};
+  check_forward(input, p, rng);
+  check_residual(input, residual);
+  return low_memory_forward<Backend>(input, residual, p, rng);
+}
+
+template <class Backend>
+at::Tensor dropout_low_memory_backward(const at::Tensor& grad, const at::Tensor& rng_state,
+                                       double p) {
+  check_floating(grad, "grad");
+  check_probability(p);
+  check_rng_state(rng_state, grad);
+  c10::DeviceGuard guard(grad.device());
+  const Walk w = plan_walk(grad, {}, Granularity::Element);
+  at::Tensor out = at::empty_like(w.input);
+  if (w.input.numel() == 0) return out;
+  KernelCall c = apply_call(w, out, {}, keep_scale(p));
+  c.source = MaskSource::Draw;
+  c.threshold = keep_threshold(p);
+  c.rng.seed_ptr = rng_state.const_data_ptr<int64_t>();
+  c.rng.offset_ptr = c.rng.seed_ptr + 1;
   Backend::run(c);
   return out;
 }
@@ -142,6 +400,18 @@ void register_ops(torch::Library& m) {
   m.impl("dropout", TORCH_FN(dropout<Backend>));
   m.impl("dropout_", TORCH_FN(dropout_inplace<Backend>));
   m.impl("dropout_backward", TORCH_FN(dropout_backward<Backend>));
+  m.impl("dropout_add", TORCH_FN(dropout_add<Backend>));
+  m.impl("bias_dropout_add", TORCH_FN(bias_dropout_add<Backend>));
+  m.impl("bias_dropout_add_backward", TORCH_FN(bias_dropout_add_backward<Backend>));
+  m.impl("channel_dropout", TORCH_FN(channel_dropout<Backend>));
+  m.impl("channel_dropout_", TORCH_FN(channel_dropout_inplace<Backend>));
+  m.impl("channel_dropout_backward", TORCH_FN(channel_dropout_backward<Backend>));
+  m.impl("drop_path", TORCH_FN(drop_path<Backend>));
+  m.impl("drop_path_add", TORCH_FN(drop_path_add<Backend>));
+  m.impl("drop_path_backward", TORCH_FN(drop_path_backward<Backend>));
+  m.impl("dropout_low_memory", TORCH_FN(dropout_low_memory<Backend>));
+  m.impl("dropout_add_low_memory", TORCH_FN(dropout_add_low_memory<Backend>));
+  m.impl("dropout_low_memory_backward", TORCH_FN(dropout_low_memory_backward<Backend>));
 }
 
 }  // namespace regdrop

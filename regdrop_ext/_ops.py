@@ -1,8 +1,9 @@
 """The ops layer: fake kernels and autograd for torch.ops.regdrop.
 
-Read next to csrc/ops.cpp, which holds the schemas: each op here has the same
-argument list. Fake kernels let torch.compile trace the ops without running
-them; they mirror the output layouts of csrc/dropout_ops.h.
+Read next to csrc/ops.cpp, which holds the schemas: every op here has the
+same argument list. Fake kernels let torch.compile trace the ops without
+running them; they mirror the layouts chosen by csrc/walk.h. Every backward
+op is linear in ``grad`` and is its own adjoint, which gives double backward.
 """
 
 import torch
@@ -10,13 +11,15 @@ from torch import Tensor
 
 ops = torch.ops.regdrop
 
+ELEMENT, ROWS, SAMPLE, CHANNEL = "element", "rows", "sample", "channel"
+
+
+# --- layouts (csrc/walk.h) ----------------------------------------------------
+
 
 def _is_non_overlapping_and_dense(t: Tensor) -> bool:
     """TensorImpl::is_non_overlapping_and_dense(): some order of the dims is contiguous."""
-    dims = sorted(
-        (d for d in range(t.dim()) if t.size(d) >= 2),  # size-0/1 dims have any stride
-        key=lambda d: t.stride(d),
-    )
+    dims = sorted((d for d in range(t.dim()) if t.size(d) >= 2), key=t.stride)
     expected = 1
     for d in dims:
         if t.stride(d) != expected:
@@ -25,9 +28,31 @@ def _is_non_overlapping_and_dense(t: Tensor) -> bool:
     return True
 
 
-def _dense(t: Tensor) -> Tensor:
-    """The tensor the kernels walk in memory order (``dense()`` in C++)."""
-    return t if _is_non_overlapping_and_dense(t) else t.contiguous()
+def _walkable(t: Tensor, granularity: str) -> bool:
+    if not _is_non_overlapping_and_dense(t):
+        return False
+    if granularity == ROWS:
+        return t.is_contiguous()
+    if granularity == SAMPLE:
+        n = t.size(0)
+        return n <= 1 or t.stride(0) == t.numel() // n
+    if granularity == CHANNEL:
+        return t.is_contiguous() or t.movedim(1, -1).is_contiguous()
+    return True
+
+
+def _walked(input: Tensor, granularity: str, residual: Tensor = None) -> Tensor:
+    """The input as the kernels walk it: as it is, or a contiguous copy."""
+    same = residual is None or residual.stride() == input.stride()
+    return input if same and _walkable(input, granularity) else input.contiguous()
+
+
+def _units(t: Tensor, granularity: str):
+    if granularity == SAMPLE:
+        return t.size(0)
+    if granularity == CHANNEL:
+        return t.size(0) * t.size(1)
+    return t.numel()
 
 
 def _new_mask(like: Tensor, units) -> Tensor:
@@ -35,89 +60,208 @@ def _new_mask(like: Tensor, units) -> Tensor:
 
 
 def _with_stride(grad: Tensor, stride) -> Tensor:
-    """Masks follow the memory order of the forward output; give ``grad`` its strides."""
+    """Element masks follow the memory order of the forward output: give ``grad`` its strides."""
     if grad.stride() == tuple(stride):
         return grad
     return grad.new_empty_strided(grad.shape, stride).copy_(grad)
 
 
-# dropout ---------------------------------------------------------------------
+# --- fake kernels -------------------------------------------------------------
 
 
-@torch.library.register_fake("regdrop::dropout")
-def _(input, p, generator=None, *, seed=None, offset=0):
-    x = _dense(input)
-    return torch.empty_like(x), _new_mask(x, x.numel())
+def _fake_forward(granularity, input, residual=None):
+    x = _walked(input, granularity, residual)
+    return torch.empty_like(x), _new_mask(x, _units(x, granularity))
 
 
-@torch.library.register_fake("regdrop::dropout_")
-def _(input, p, generator=None, *, seed=None, offset=0):
-    return _new_mask(input, input.numel())
+def _fake_low_memory(input, residual=None):
+    return torch.empty_like(_walked(input, ELEMENT, residual)), input.new_empty((2,), dtype=torch.int64)
 
 
-@torch.library.register_fake("regdrop::dropout_backward")
-def _(grad, mask, p):
+def _fake_backward(granularity, grad, mask):
+    units = _units(grad, granularity)
     torch._check(
-        mask.numel() == (grad.numel() + 7) // 8,
-        lambda: f"mask must have ceil({grad.numel()} / 8) bytes for grad, got {mask.numel()}",
+        mask.numel() == (units + 7) // 8,
+        lambda: f"mask must have ceil({units} / 8) bytes for grad, got {mask.numel()}",
     )
-    return torch.empty_like(_dense(grad))
+    return torch.empty_like(_walked(grad, granularity))
 
 
-def _dropout_setup_context(ctx, inputs, keyword_only_inputs, output):
-    _, p, _ = inputs
-    out, mask = output
-    ctx.p = p
-    ctx.stride = out.stride()
-    ctx.save_for_backward(mask)
+_register_fake = torch.library.register_fake
 
-
-def _dropout_backward(ctx, grad_output, _grad_mask):
-    (mask,) = ctx.saved_tensors
-    grad = _with_stride(grad_output, ctx.stride)
-    return ops.dropout_backward(grad, mask, ctx.p), None, None
-
-
-torch.library.register_autograd(
-    "regdrop::dropout", _dropout_backward, setup_context=_dropout_setup_context
+_register_fake("regdrop::dropout")(lambda input, p, generator=None, *, seed=None, offset=0: _fake_forward(ELEMENT, input))
+_register_fake("regdrop::dropout_add")(
+    lambda input, residual, p, generator=None, *, seed=None, offset=0: _fake_forward(ELEMENT, input, residual)
+)
+_register_fake("regdrop::bias_dropout_add")(
+    lambda input, bias, residual, p, generator=None, *, seed=None, offset=0: _fake_forward(ROWS, input, residual)
+)
+_register_fake("regdrop::channel_dropout")(
+    lambda input, p, generator=None, *, seed=None, offset=0: _fake_forward(CHANNEL, input)
+)
+_register_fake("regdrop::drop_path")(
+    lambda input, p, scale_by_keep=True, generator=None, *, seed=None, offset=0: _fake_forward(SAMPLE, input)
+)
+_register_fake("regdrop::drop_path_add")(
+    lambda input, residual, p, scale_by_keep=True, generator=None, *, seed=None, offset=0: _fake_forward(
+        SAMPLE, input, residual
+    )
+)
+_register_fake("regdrop::dropout_low_memory")(
+    lambda input, p, generator=None, *, seed=None, offset=0: _fake_low_memory(input)
+)
+_register_fake("regdrop::dropout_add_low_memory")(
+    lambda input, residual, p, generator=None, *, seed=None, offset=0: _fake_low_memory(input, residual)
+)
+_register_fake("regdrop::dropout_")(
+    lambda input, p, generator=None, *, seed=None, offset=0: _new_mask(input, input.numel())
+)
+_register_fake("regdrop::channel_dropout_")(
+    lambda input, p, generator=None, *, seed=None, offset=0: _new_mask(input, _units(input, CHANNEL))
+)
+_register_fake("regdrop::dropout_backward")(lambda grad, mask, p: _fake_backward(ELEMENT, grad, mask))
+_register_fake("regdrop::channel_dropout_backward")(lambda grad, mask, p: _fake_backward(CHANNEL, grad, mask))
+_register_fake("regdrop::drop_path_backward")(
+    lambda grad, mask, p, scale_by_keep=True: _fake_backward(SAMPLE, grad, mask)
+)
+_register_fake("regdrop::dropout_low_memory_backward")(
+    lambda grad, rng_state, p: torch.empty_like(_walked(grad, ELEMENT))
 )
 
 
-def _dropout_backward_setup_context(ctx, inputs, output):
-    _, mask, p = inputs
-    ctx.p = p
-    ctx.stride = output.stride()
-    ctx.save_for_backward(mask)
+@_register_fake("regdrop::bias_dropout_add_backward")
+def _(grad, mask, p):
+    return _fake_backward(ROWS, grad, mask), grad.new_empty((grad.size(-1),))
 
 
-def _dropout_backward_backward(ctx, grad_output):
-    # dropout_backward is linear in grad: its derivative is itself.
-    (mask,) = ctx.saved_tensors
-    grad = _with_stride(grad_output, ctx.stride)
-    return ops.dropout_backward(grad, mask, ctx.p), None, None
+# --- autograd of the forward ops -------------------------------------------------
+#
+# Each forward op saves only its mask (or its 16-byte rng_state), its output's
+# strides and its scalar arguments; the residual's gradient is ``grad`` itself.
 
 
-torch.library.register_autograd(
-    "regdrop::dropout_backward",
-    _dropout_backward_backward,
-    setup_context=_dropout_backward_setup_context,
+def _register_forward(name, backward_op, positions, element_order=True):
+    """``positions`` names the op's positional inputs in order: "input",
+    "residual", "bias" (tensors with gradients), the backward op's extra
+    arguments ("p", "scale_by_keep") and the rest. ``element_order``: the mask
+    follows the output's memory order, so ``grad`` must take its strides."""
+
+    def setup_context(ctx, inputs, keyword_only_inputs, output):
+        named = dict(zip(positions, inputs))
+        ctx.extra = [named[k] for k in ("p", "scale_by_keep") if k in named]
+        ctx.stride = output[0].stride() if element_order else None
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_output, _grad_mask):
+        (saved,) = ctx.saved_tensors
+        grad = grad_output if ctx.stride is None else _with_stride(grad_output, ctx.stride)
+        grads = {}
+        if "bias" in positions:
+            grads["input"], grads["bias"] = backward_op(grad, saved, *ctx.extra)
+        else:
+            grads["input"] = backward_op(grad, saved, *ctx.extra)
+        grads["residual"] = grad_output
+        return tuple(grads.get(k) for k in positions)
+
+    torch.library.register_autograd(f"regdrop::{name}", backward, setup_context=setup_context)
+
+
+_register_forward("dropout", ops.dropout_backward, ("input", "p", "generator"))
+_register_forward("dropout_add", ops.dropout_backward, ("input", "residual", "p", "generator"))
+_register_forward(
+    "bias_dropout_add", ops.bias_dropout_add_backward, ("input", "bias", "residual", "p", "generator")
+)
+_register_forward(
+    "channel_dropout", ops.channel_dropout_backward, ("input", "p", "generator"), element_order=False
+)
+_register_forward(
+    "drop_path",
+    ops.drop_path_backward,
+    ("input", "p", "scale_by_keep", "generator"),
+    element_order=False,
+)
+_register_forward(
+    "drop_path_add",
+    ops.drop_path_backward,
+    ("input", "residual", "p", "scale_by_keep", "generator"),
+    element_order=False,
+)
+_register_forward("dropout_low_memory", ops.dropout_low_memory_backward, ("input", "p", "generator"))
+_register_forward(
+    "dropout_add_low_memory", ops.dropout_low_memory_backward, ("input", "residual", "p", "generator")
 )
 
 
-class DropoutInplace(torch.autograd.Function):
-    """Autograd for ``dropout_``: register_autograd does not take mutating ops."""
+# --- autograd of the backward ops (double backward) -----------------------------
+
+
+def _register_self_adjoint(name, op, element_order=True):
+    """An op linear in its first argument ``grad`` whose adjoint is itself."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.rest = inputs[2:]
+        ctx.stride = output.stride() if element_order else None
+        ctx.save_for_backward(inputs[1])
+
+    def backward(ctx, grad_output):
+        (saved,) = ctx.saved_tensors
+        grad = grad_output if ctx.stride is None else _with_stride(grad_output, ctx.stride)
+        return (op(grad, saved, *ctx.rest), None) + (None,) * len(ctx.rest)
+
+    torch.library.register_autograd(f"regdrop::{name}", backward, setup_context=setup_context)
+
+
+_register_self_adjoint("dropout_backward", ops.dropout_backward)
+_register_self_adjoint("dropout_low_memory_backward", ops.dropout_low_memory_backward)
+_register_self_adjoint("channel_dropout_backward", ops.channel_dropout_backward, element_order=False)
+_register_self_adjoint("drop_path_backward", ops.drop_path_backward, element_order=False)
+
+
+def _bias_backward_setup_context(ctx, inputs, output):
+    grad, mask, ctx.p = inputs
+    ctx.shape = grad.shape
+    ctx.save_for_backward(mask)
+
+
+def _bias_backward_backward(ctx, grad_grad_input, grad_grad_bias):
+    # grad_input = mask * s * grad and grad_bias = its row sums: the adjoint
+    # sends (a, b) to mask * s * (a + b broadcast over the rows).
+    (mask,) = ctx.saved_tensors
+    total = grad_grad_input
+    if grad_grad_bias is not None:
+        total = grad_grad_bias.expand(ctx.shape) if total is None else total + grad_grad_bias
+    return ops.dropout_backward(total.contiguous(), mask, ctx.p), None, None
+
+
+torch.library.register_autograd(
+    "regdrop::bias_dropout_add_backward",
+    _bias_backward_backward,
+    setup_context=_bias_backward_setup_context,
+)
+
+
+# --- in-place ops ----------------------------------------------------------------
+
+
+class InplaceDropout(torch.autograd.Function):
+    """Autograd for ``dropout_`` and ``channel_dropout_`` (register_autograd
+    does not take ops that mutate their input)."""
 
     @staticmethod
-    def forward(ctx, input, p, generator):
-        mask = ops.dropout_(input, p, generator)
+    def forward(ctx, input, p, generator, granularity):
+        inplace_op, ctx.backward_op = {
+            ELEMENT: (ops.dropout_, ops.dropout_backward),
+            CHANNEL: (ops.channel_dropout_, ops.channel_dropout_backward),
+        }[granularity]
+        mask = inplace_op(input, p, generator)
         ctx.mark_dirty(input)
         ctx.p = p
-        ctx.stride = _dense(input).stride()
+        ctx.stride = _walked(input, granularity).stride() if granularity == ELEMENT else None
         ctx.save_for_backward(mask)
         return input
 
     @staticmethod
     def backward(ctx, grad_output):
         (mask,) = ctx.saved_tensors
-        grad = _with_stride(grad_output, ctx.stride)
-        return ops.dropout_backward(grad, mask, ctx.p), None, None
+        grad = grad_output if ctx.stride is None else _with_stride(grad_output, ctx.stride)
+        return ctx.backward_op(grad, mask, ctx.p), None, None, None

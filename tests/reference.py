@@ -87,3 +87,30 @@ def dropout_reference(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Te
     scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=compute)
     y = torch.where(keep, x.to(compute) * scale, torch.zeros((), dtype=compute))
     return y.to(x.dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def masked_reference(x, keep, scale, residual=None, bias=None):
+    """The kernels' epilogue in pure torch: keep ? r + (x [+ b]) * s : r
+    (r = 0 without a residual), in the compute dtype, rounded once."""
+    c = compute_dtype(x.dtype)
+    s = torch.tensor(scale, dtype=c)
+    value = x.to(c) if bias is None else x.to(c) + bias.to(c)
+    r = torch.zeros((), dtype=c, device=x.device) if residual is None else residual.to(c)
+    return torch.where(keep, r + value * s, r).to(x.dtype)
+
+
+def sample_keep(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Drop-path keep flags broadcast to ``x``: bit n for sample n."""
+    keep = unpack_bits(mask, x.shape[0]).to(x.device)
+    return keep.view((-1,) + (1,) * (x.dim() - 1)).expand(x.shape)
+
+
+def channel_keep(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Channel-dropout keep flags broadcast to ``x``: bit n * C + c for (n, c)."""
+    n, c = x.shape[:2]
+    keep = unpack_bits(mask, n * c).to(x.device).view(n, c)
+    return keep.view((n, c) + (1,) * (x.dim() - 2)).expand(x.shape)

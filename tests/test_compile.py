@@ -9,37 +9,70 @@ ops = torch.ops.regdrop
 
 
 def _opcheck_cases(device):
-    x = torch.randn(3, 17, device=device, requires_grad=True)
-    cl = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
-    mask = ops.dropout(x, 0.5, seed=1)[1]
+    def t(*shape, grad=True):
+        return torch.randn(*shape, device=device, requires_grad=grad)
+
+    x, r, b = t(3, 17), t(3, 17), t(17)
+    cl = t(2, 3, 4, 5).detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     seeded = {"seed": 5, "offset": 8}
+    element_mask = ops.dropout(x, 0.5, seed=1)[1]
+    sample_mask = ops.drop_path(x, 0.5, seed=1)[1]
+    channel_mask = ops.channel_dropout(cl, 0.5, seed=1)[1]
+    rng_state = ops.dropout_low_memory(x, 0.5, seed=1)[1]
     return [
-        (ops.dropout.default, (x, 0.5), seeded),
-        (ops.dropout.default, (cl, 0.3), seeded),
-        (ops.dropout.default, (x[:, ::2], 0.3), seeded),
-        (ops.dropout_.default, (x.detach().clone(), 0.5), seeded),
-        (ops.dropout_backward.default, (torch.randn(3, 17, device=device, requires_grad=True), mask, 0.5), {}),
+        (ops.dropout, (x, 0.5), seeded),
+        (ops.dropout, (cl, 0.3), seeded),
+        (ops.dropout, (x[:, ::2], 0.3), seeded),
+        (ops.dropout_, (x.detach().clone(), 0.5), seeded),
+        (ops.dropout_backward, (t(3, 17), element_mask, 0.5), {}),
+        (ops.dropout_add, (x, r, 0.5), seeded),
+        (ops.bias_dropout_add, (x, b, r, 0.5), seeded),
+        (ops.bias_dropout_add_backward, (t(3, 17), element_mask, 0.5), {}),
+        (ops.channel_dropout, (cl, 0.5), seeded),
+        (ops.channel_dropout, (t(2, 3, 4), 0.5), seeded),
+        (ops.channel_dropout_, (cl.detach().clone(), 0.5), seeded),
+        (ops.channel_dropout_backward, (t(2, 3, 4, 5), channel_mask, 0.5), {}),
+        (ops.drop_path, (x, 0.5, True), seeded),
+        (ops.drop_path_add, (cl, cl.detach().clone().requires_grad_(), 0.5, False), seeded),
+        (ops.drop_path_backward, (t(3, 17), sample_mask, 0.5, True), {}),
+        (ops.dropout_low_memory, (x, 0.5), seeded),
+        (ops.dropout_add_low_memory, (x, r, 0.5), seeded),
+        (ops.dropout_low_memory_backward, (t(3, 17), rng_state, 0.5), {}),
     ]
 
 
 def test_opcheck_every_op(device):
     covered = set()
     for op, args, kwargs in _opcheck_cases(device):
-        torch.library.opcheck(op, args, kwargs)
-        covered.add(op._schema.name)
+        torch.library.opcheck(op.default, args, kwargs)
+        covered.add(op.default._schema.name)
     registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("regdrop::")}
     assert covered == registered, f"ops without an opcheck case: {registered - covered}"
 
 
 class Block(torch.nn.Module):
+    """A residual block using every module and functional form."""
+
     def __init__(self):
         super().__init__()
-        self.linear = torch.nn.Linear(32, 32)
+        self.linear = torch.nn.Linear(32, 32, bias=False)
+        self.bias = torch.nn.Parameter(torch.randn(32))
         self.drop = regdrop_ext.Dropout(0.3)
         self.drop_inplace = regdrop_ext.Dropout(0.2, inplace=True)
+        self.drop_low_memory = regdrop_ext.Dropout(0.2, low_memory=True)
+        self.drop_channels = regdrop_ext.Dropout1d(0.25)
+        self.drop_path = regdrop_ext.DropPath(0.3)
+        self.drop_path_add = regdrop_ext.DropPathAdd(0.3)
+        self.dropout_add = regdrop_ext.DropoutAdd(0.1)
+        self.bias_dropout_add = regdrop_ext.BiasDropoutAdd(0.1)
 
     def forward(self, x):
-        return self.drop_inplace(self.linear(self.drop(x))).relu()
+        h = self.drop_inplace(self.linear(self.drop(x))).relu()
+        h = self.drop_low_memory(h) + self.drop_path(h)
+        h = self.drop_channels(h.view(4, 2, 32)).view(8, 32)
+        h = self.drop_path_add(self.linear(h), h)
+        h = self.dropout_add(self.linear(h), h)
+        return self.bias_dropout_add(self.linear(h), self.bias, h)
 
 
 def test_compile_fullgraph_matches_eager_draw_for_draw(device):

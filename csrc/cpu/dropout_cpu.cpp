@@ -74,6 +74,12 @@ struct CpuBackend {
 
   static void run(const KernelCall& c) {
     static const RunGroupsFn run_groups = select_kernels();
+    if (c.rng_state_out != nullptr) {
+      uint64_t seed, offset;
+      c.rng.unpack(seed, offset);
+      c.rng_state_out[0] = static_cast<int64_t>(seed);
+      c.rng_state_out[1] = static_cast<int64_t>(offset);
+    }
     const int64_t groups = mask_bytes(c.numel);
     if (c.bias_grad != nullptr) {
       if (c.dtype == ScalarKind::Double) {
