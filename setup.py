@@ -3,6 +3,8 @@ when torch has CUDA and a CUDA toolkit is found.
 
 Environment:
   REGDROP_CUDA=1 / 0    force the CUDA kernels on or off (default: auto).
+  REGDROP_SANITIZE=1    CPU build with AddressSanitizer and UndefinedBehaviorSanitizer
+                        (see .ci/sanitize.sh for how to run it).
   TORCH_CUDA_ARCH_LIST  GPU architectures; without it and without a visible
                         GPU, DEFAULT_CUDA_ARCHS is used.
   MAX_JOBS              parallel compile jobs (ninja).
@@ -47,6 +49,10 @@ def extension():
     if "parallel backend: OpenMP" in torch.__config__.parallel_info():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    if os.environ.get("REGDROP_SANITIZE") == "1":
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx += sanitize + ["-O1", "-g", "-fno-omit-frame-pointer"]
+        link += sanitize
     if not cuda:
         return CppExtension(
             "regdrop_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link

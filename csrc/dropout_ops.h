@@ -134,9 +134,10 @@ inline KernelCall read_call(const Walk& w, Granularity g, const at::Tensor& out,
   return c;
 }
 
+// Checked in torch's order: the probability first, then the tensors.
 inline void check_forward(const at::Tensor& input, double p, const RngArgs& rng) {
-  check_floating(input, "input");
   check_probability(p);
+  check_floating(input, "input");
   rng.check();
 }
 
@@ -229,8 +230,8 @@ at::Tensor dropout_inplace(const at::Tensor& input, double p,
 
 template <class Backend>
 at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p) {
-  check_floating(grad, "grad");
   check_probability(p);
+  check_floating(grad, "grad");
   return masked_backward<Backend>(Granularity::Element, grad, mask, keep_scale(p));
 }
 
@@ -262,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add(const at::Tensor& input, con
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad,
                                                              const at::Tensor& mask, double p) {
-  check_floating(grad, "grad");
   check_probability(p);
+  check_floating(grad, "grad");
   TORCH_CHECK(grad.dim() >= 1, "grad must have at least 1 dimension for a bias, got a 0-d tensor");
   c10::DeviceGuard guard(grad.device());
   const Walk w = plan_walk(grad, {}, Granularity::Rows);
@@ -302,8 +303,8 @@ at::Tensor channel_dropout_inplace(const at::Tensor& input, double p,
 
 template <class Backend>
 at::Tensor channel_dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p) {
-  check_floating(grad, "grad");
   check_probability(p);
+  check_floating(grad, "grad");
   check_channels(grad, "grad");
   return masked_backward<Backend>(Granularity::Channel, grad, mask, keep_scale(p));
 }
@@ -335,8 +336,8 @@ std::tuple<at::Tensor, at::Tensor> drop_path_add(const at::Tensor& input, const 
 template <class Backend>
 at::Tensor drop_path_backward(const at::Tensor& grad, const at::Tensor& mask, double p,
                               bool scale_by_keep) {
-  check_floating(grad, "grad");
   check_probability(p);
+  check_floating(grad, "grad");
   check_samples(grad, "grad");
   return masked_backward<Backend>(Granularity::Sample, grad, mask, drop_path_scale(p, scale_by_keep));
 }
@@ -379,8 +380,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_low_memory(
 template <class Backend>
 at::Tensor dropout_low_memory_backward(const at::Tensor& grad, const at::Tensor& rng_state,
                                        double p) {
-  check_floating(grad, "grad");
   check_probability(p);
+  check_floating(grad, "grad");
   check_rng_state(rng_state, grad);
   c10::DeviceGuard guard(grad.device());
   const Walk w = plan_walk(grad, {}, Granularity::Element);

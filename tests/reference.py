@@ -30,9 +30,9 @@ def philox4x32_10(ctr, key):
     return [w.astype(np.uint32) for w in c]
 
 
-def uniforms16(seed: int, offset: int, units: int) -> np.ndarray:
-    """The 16-bit uniform of each of ``units`` units, in unit order."""
-    groups = np.arange((units + 7) // 8, dtype=np.uint64)
+def uniforms16(seed: int, offset: int, units: int, first_group: int = 0) -> np.ndarray:
+    """The 16-bit uniforms of ``units`` units from unit 8 * first_group on."""
+    groups = np.arange(first_group, first_group + (units + 7) // 8, dtype=np.uint64)
     seed &= (1 << 64) - 1
     ctr = [
         groups & np.uint64(MASK32),
@@ -53,8 +53,8 @@ def keep_threshold(p: float) -> int:
     return int(np.floor(p * 65536.0 + 0.5))
 
 
-def keep_bits(seed: int, offset: int, units: int, p: float) -> np.ndarray:
-    return uniforms16(seed, offset, units) >= keep_threshold(p)
+def keep_bits(seed: int, offset: int, units: int, p: float, first_group: int = 0) -> np.ndarray:
+    return uniforms16(seed, offset, units, first_group) >= keep_threshold(p)
 
 
 def pack_bits(bits) -> torch.Tensor:
