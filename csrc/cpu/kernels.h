@@ -1,6 +1,6 @@
 // The CPU kernel family: one pass over a range of element groups.
 //
-// kernels_{default,avx2,avx512}.cpp each include this file once, after
+// kernels_{baseline,avx2,avx512}.cpp each include this file once, after
 // `#pragma GCC target(...)` and with REGDROP_CPU_ISA naming a namespace, so
 // every copy is compiled for its own instruction set and no copy can be linked
 // in place of another (everything but the entry point has internal linkage).
@@ -8,9 +8,10 @@
 //
 // Work is done per group of 8 elements, which shares one mask byte. For each
 // block of up to kBlockGroups groups:
-//   1. fill the block's mask bytes: drawn from Philox 16 groups per vector,
-//      read from mask_in, or expanded from the bits of the elements' units;
-//   2. apply the epilogue to the block's elements, 8 per vector, from the bytes.
+//   1. fill the block's mask bytes: drawn from Philox with one group per
+//      vector lane (4, 8 or 16 lanes), read from mask_in, or expanded from
+//      the bits of the elements' units;
+//   2. apply the epilogue to the block's elements, a group at a time, from the bytes.
 // The bytes stay in L1 between the two steps: the tensor is read and written
 // once, and the mask is written once (or not at all in low-memory mode).
 //
