@@ -4,8 +4,12 @@ Importing the package loads the C++/CUDA library, which registers the ops as
 ``torch.ops.regdrop.*``, then their fake kernels and autograd (``_ops``).
 """
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (registers torch.ops.regdrop)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
+from .convert import ConversionSummary, convert
+from .distributed import SharedRandomState, seed_ranks
 from .functional import (
     bias_dropout_add,
     drop_path,
@@ -16,6 +20,7 @@ from .functional import (
     dropout3d,
     dropout_add,
 )
+from .mc import MCPrediction, is_dropout_layer, mc_dropout, mc_predict
 from .modules import (
     BiasDropoutAdd,
     DropPath,
@@ -29,6 +34,7 @@ from .modules import (
 
 __all__ = [
     "BiasDropoutAdd",
+    "ConversionSummary",
     "DropPath",
     "DropPathAdd",
     "Dropout",
@@ -36,7 +42,10 @@ __all__ = [
     "Dropout2d",
     "Dropout3d",
     "DropoutAdd",
+    "MCPrediction",
+    "SharedRandomState",
     "bias_dropout_add",
+    "convert",
     "drop_path",
     "drop_path_add",
     "dropout",
@@ -44,4 +53,8 @@ __all__ = [
     "dropout2d",
     "dropout3d",
     "dropout_add",
+    "is_dropout_layer",
+    "mc_dropout",
+    "mc_predict",
+    "seed_ranks",
 ]

@@ -1,0 +1,163 @@
+"""Monte Carlo dropout: which modules mc_dropout turns on, and what
+mc_predict returns, statistically."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import regdrop_ext
+from test_convert import StochasticDepth, TimmDropPath, stand_ins  # noqa: F401  (fixture)
+
+
+def regressor(p: float) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.Tanh(), regdrop_ext.Dropout(p), nn.Linear(32, 3))
+
+
+def modes(model):
+    return [m.training for m in model.modules()]
+
+
+# --- mc_dropout --------------------------------------------------------------------
+
+
+def test_only_dropout_layers_are_on_inside_and_modes_come_back(stand_ins):  # noqa: F811
+    dropouts = [
+        nn.Dropout(),
+        nn.Dropout1d(),
+        nn.Dropout2d(),
+        nn.Dropout3d(),
+        nn.AlphaDropout(),
+        nn.FeatureAlphaDropout(),
+        regdrop_ext.Dropout(),
+        regdrop_ext.Dropout2d(),
+        regdrop_ext.DropPath(),
+        regdrop_ext.DropPathAdd(),
+        regdrop_ext.DropoutAdd(),
+        regdrop_ext.BiasDropoutAdd(),
+        TimmDropPath(),
+        StochasticDepth(0.1, "row"),
+    ]
+    others = [nn.Linear(2, 2), nn.BatchNorm1d(2), nn.LayerNorm(2)]
+    model = nn.Sequential(*dropouts, nn.Sequential(*others)).eval()
+    model[1].train()
+    model[-1][1].train()
+    before = modes(model)
+    with regdrop_ext.mc_dropout(model):
+        assert all(m.training for m in dropouts)
+        assert not any(m.training for m in others) and not model.training and not model[-1].training
+    assert modes(model) == before
+
+
+def test_modes_come_back_after_an_exception():
+    model = regressor(0.2).train()
+    model[1].eval()
+    before = modes(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with regdrop_ext.mc_dropout(model):
+            raise RuntimeError("inside")
+    assert modes(model) == before
+
+
+# --- mc_predict ----------------------------------------------------------------------
+
+
+def test_batch_norm_running_stats_and_modes_are_unchanged():
+    model = regressor(0.3).train()
+    model(torch.randn(64, 6))  # running stats away from their initial values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    regdrop_ext.mc_predict(model, torch.randn(16, 6), samples=20)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.training and model[1].training
+
+
+def test_zero_p_gives_zero_std_and_the_eval_output():
+    model = regressor(0.0).eval()
+    x = torch.randn(16, 6)
+    prediction = regdrop_ext.mc_predict(model, x, samples=8)
+    assert prediction.mean.shape == prediction.std.shape == (16, 3) and prediction.entropy is None
+    # Each copy of a row passes through the same float32 operations; a GEMM
+    # may still round a row differently with its position in the batch.
+    torch.testing.assert_close(prediction.std, torch.zeros(16, 3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(prediction.mean, model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+@pytest.mark.parametrize("p", [0.1, 0.01, 0.001])
+def test_mean_converges_to_the_eval_output_as_p_goes_to_zero(p, activation):
+    """Model y = W2 f(D h) + b2, with h = W1 x + b1, D the dropout mask scaled
+    by 1 / (1 - p) and f 1-Lipschitz, so |E[y] - y_eval| <= e sum_i |W2_ji h_i|:
+    for f = tanh, e = E|D_i - 1| = p + (1 - p) p / (1 - p) = 2p; for the
+    identity, e = |E[D_i] - 1| <= 2^-17 / (1 - p), the gap between the keep
+    probability and 1 - p (README), which a missing 1 / (1 - p) scaling would
+    exceed. The MC mean lies within 5 standard errors (std / sqrt(samples))
+    of E[y]. The bound vanishes as p -> 0: the bias like p, the standard error
+    like sqrt(p)."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(6, 64), nn.Linear(64, 2)
+    f = nn.Tanh() if activation == "tanh" else nn.Identity()
+    model = nn.Sequential(first, regdrop_ext.Dropout(p), f, second)
+    x = torch.randn(4, 6)
+    samples = 4000
+    prediction = regdrop_ext.mc_predict(model, x, samples=samples, generator=torch.Generator().manual_seed(1))
+    e = 2 * p if activation == "tanh" else 2**-17 / (1 - p)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        bias_bound = e * (first(x).abs() @ second.weight.abs().T)
+    bound = bias_bound + 5 * prediction.std / math.sqrt(samples)
+    assert prediction.std.min() > 0, "dropout was off"
+    assert ((prediction.mean - expected).abs() <= bound).all()
+
+
+def test_same_generator_seed_gives_the_same_prediction_and_leaves_the_global_state():
+    model = regressor(0.5).eval()
+    x = torch.randn(8, 6)
+    state = torch.get_rng_state()
+    first = regdrop_ext.mc_predict(model, x, samples=10, generator=torch.Generator().manual_seed(5))
+    again = regdrop_ext.mc_predict(model, x, samples=10, generator=torch.Generator().manual_seed(5))
+    other = regdrop_ext.mc_predict(model, x, samples=10, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(first.mean, again.mean) and torch.equal(first.std, again.std)
+    assert not torch.equal(first.mean, other.mean)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_samples_run_as_batches_of_at_most_batch_size_rows():
+    model = regressor(0.5)
+    rows = []
+    model.register_forward_hook(lambda module, args, out: rows.append(args[0].size(0)))
+    x = torch.randn(8, 6)
+    prediction = regdrop_ext.mc_predict(model, x, samples=10, batch_size=35)  # 4 copies of x per forward
+    assert rows == [32, 32, 16] and prediction.mean.shape == (8, 3)
+    rows.clear()
+    regdrop_ext.mc_predict(model, x, samples=3, batch_size=5)  # fewer rows than x: one copy per forward
+    assert rows == [8, 8, 8]
+
+
+def test_softmax_gives_probabilities_and_their_entropy():
+    model = regressor(0.3)
+    x = torch.randn(8, 6)
+    prediction = regdrop_ext.mc_predict(model, x, samples=50, reduce="softmax")
+    torch.testing.assert_close(prediction.mean.sum(-1), torch.ones(8))
+    assert prediction.std.max() > 0
+    expected = -(prediction.mean * prediction.mean.log()).sum(-1)
+    torch.testing.assert_close(prediction.entropy, expected)
+    assert (prediction.entropy <= math.log(3) + 1e-6).all()
+
+
+def test_entropy_of_a_certain_prediction_is_zero():
+    model = nn.Sequential(nn.Linear(2, 3), regdrop_ext.Dropout(0.0))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.tensor([0.0, 200.0, 0.0]))  # softmax underflows to (0, 1, 0)
+    prediction = regdrop_ext.mc_predict(model, torch.randn(4, 2), samples=4, reduce="softmax")
+    assert torch.equal(prediction.entropy, torch.zeros(4))
+
+
+def test_arguments_are_checked():
+    model = regressor(0.1)
+    with pytest.raises(ValueError, match="samples"):
+        regdrop_ext.mc_predict(model, torch.randn(2, 6), samples=1)
+    with pytest.raises(ValueError, match="reduce"):
+        regdrop_ext.mc_predict(model, torch.randn(2, 6), reduce="mean")
