@@ -1,9 +1,10 @@
-"""The ops layer: fake kernels and autograd for torch.ops.regdrop.
+"""The ops layer: fake kernels for torch.ops.regdrop, and autograd for the
+in-place ops.
 
 Read next to csrc/ops.cpp, which holds the schemas: every op here has the
 same argument list. Fake kernels let torch.compile trace the ops without
-running them; they mirror the layouts chosen by csrc/walk.h. Every backward
-op is linear in ``grad`` and is its own adjoint, which gives double backward.
+running them; they mirror the layouts chosen by csrc/walk.h. The other ops'
+autograd is in C++ (csrc/autograd.cpp), where it costs a fraction of Python's.
 """
 
 import torch
@@ -132,112 +133,6 @@ _register_fake("regdrop::dropout_low_memory_backward")(
 @_register_fake("regdrop::bias_dropout_add_backward")
 def _(grad, mask, p):
     return _fake_backward(ROWS, grad, mask), grad.new_empty((grad.size(-1),))
-
-
-# --- autograd of the forward ops -------------------------------------------------
-#
-# Each forward op saves only its mask (or its 16-byte rng_state), its output's
-# strides and its scalar arguments; the residual's gradient is ``grad`` itself.
-
-
-def _register_forward(name, backward_op, positions, element_order=True):
-    """``positions`` names the op's positional inputs in order: "input",
-    "residual", "bias" (tensors with gradients), the backward op's extra
-    arguments ("p", "scale_by_keep") and the rest. ``element_order``: the mask
-    follows the output's memory order, so ``grad`` must take its strides."""
-
-    def setup_context(ctx, inputs, keyword_only_inputs, output):
-        named = dict(zip(positions, inputs))
-        ctx.extra = [named[k] for k in ("p", "scale_by_keep") if k in named]
-        ctx.stride = output[0].stride() if element_order else None
-        ctx.save_for_backward(output[1])
-
-    def backward(ctx, grad_output, _grad_mask):
-        (saved,) = ctx.saved_tensors
-        grad = grad_output if ctx.stride is None else _with_stride(grad_output, ctx.stride)
-        grads = {}
-        if "bias" in positions:
-            grads["input"], grads["bias"] = backward_op(grad, saved, *ctx.extra)
-        else:
-            grads["input"] = backward_op(grad, saved, *ctx.extra)
-        grads["residual"] = grad_output
-        return tuple(grads.get(k) for k in positions)
-
-    torch.library.register_autograd(f"regdrop::{name}", backward, setup_context=setup_context)
-
-
-_register_forward("dropout", ops.dropout_backward, ("input", "p", "generator"))
-_register_forward("dropout_add", ops.dropout_backward, ("input", "residual", "p", "generator"))
-_register_forward(
-    "bias_dropout_add", ops.bias_dropout_add_backward, ("input", "bias", "residual", "p", "generator")
-)
-_register_forward(
-    "channel_dropout", ops.channel_dropout_backward, ("input", "p", "generator"), element_order=False
-)
-_register_forward(
-    "drop_path",
-    ops.drop_path_backward,
-    ("input", "p", "scale_by_keep", "generator"),
-    element_order=False,
-)
-_register_forward(
-    "drop_path_add",
-    ops.drop_path_backward,
-    ("input", "residual", "p", "scale_by_keep", "generator"),
-    element_order=False,
-)
-_register_forward("dropout_low_memory", ops.dropout_low_memory_backward, ("input", "p", "generator"))
-_register_forward(
-    "dropout_add_low_memory", ops.dropout_low_memory_backward, ("input", "residual", "p", "generator")
-)
-
-
-# --- autograd of the backward ops (double backward) -----------------------------
-
-
-def _register_self_adjoint(name, op, element_order=True):
-    """An op linear in its first argument ``grad`` whose adjoint is itself."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.rest = inputs[2:]
-        ctx.stride = output.stride() if element_order else None
-        ctx.save_for_backward(inputs[1])
-
-    def backward(ctx, grad_output):
-        (saved,) = ctx.saved_tensors
-        grad = grad_output if ctx.stride is None else _with_stride(grad_output, ctx.stride)
-        return (op(grad, saved, *ctx.rest), None) + (None,) * len(ctx.rest)
-
-    torch.library.register_autograd(f"regdrop::{name}", backward, setup_context=setup_context)
-
-
-_register_self_adjoint("dropout_backward", ops.dropout_backward)
-_register_self_adjoint("dropout_low_memory_backward", ops.dropout_low_memory_backward)
-_register_self_adjoint("channel_dropout_backward", ops.channel_dropout_backward, element_order=False)
-_register_self_adjoint("drop_path_backward", ops.drop_path_backward, element_order=False)
-
-
-def _bias_backward_setup_context(ctx, inputs, output):
-    grad, mask, ctx.p = inputs
-    ctx.shape = grad.shape
-    ctx.save_for_backward(mask)
-
-
-def _bias_backward_backward(ctx, grad_grad_input, grad_grad_bias):
-    # grad_input = mask * s * grad and grad_bias = its row sums: the adjoint
-    # sends (a, b) to mask * s * (a + b broadcast over the rows).
-    (mask,) = ctx.saved_tensors
-    total = grad_grad_input
-    if grad_grad_bias is not None:
-        total = grad_grad_bias.expand(ctx.shape) if total is None else total + grad_grad_bias
-    return ops.dropout_backward(total.contiguous(), mask, ctx.p), None, None
-
-
-torch.library.register_autograd(
-    "regdrop::bias_dropout_add_backward",
-    _bias_backward_backward,
-    setup_context=_bias_backward_setup_context,
-)
 
 
 # --- in-place ops ----------------------------------------------------------------
