@@ -264,7 +264,10 @@ struct Lanes : LaneTypes<T> {
   }
 };
 
-template <class T, Epilogue E>
+// The epilogue of one group. kSumColumns: also add the results into the
+// bias-gradient sums. kWholeUnits: bytes are mostly all-kept or all-dropped
+// (unit masks), worth a branch that skips the select, or the input.
+template <class T, Epilogue E, bool kSumColumns, bool kWholeUnits>
 struct Apply {
   using L = Lanes<T>;
   using V = typename L::V;
@@ -273,7 +276,7 @@ struct Apply {
   const T* residual;
   const T* bias;
   T* out;
-  C* bias_grad;  // column sums of out, or null
+  C* bias_grad;  // column sums of out (kSumColumns)
   int64_t bias_len;
   V scale;
 
@@ -292,6 +295,15 @@ struct Apply {
   }
 
   inline void lanes(const T* x, const T* r, T* y, uint32_t byte, int64_t col) const {
+    if constexpr (kWholeUnits && E != Epilogue::AddBiasResidual) {
+      if (byte == 0) {  // dropped: the input is not even read
+        for (int q = 0; q < L::kParts; ++q) {
+          const int first = q * L::kWidth;
+          L::store(y + first, E == Epilogue::Scale ? V{} : L::load(r + first));
+        }
+        return;
+      }
+    }
     // Bias values and bias-gradient sums by column; a row that is a multiple
     // of 8 wide never wraps inside a group.
     const bool wraps = col + kUnitsPerGroup > bias_len;
@@ -308,9 +320,11 @@ struct Apply {
         bv = L::load(wraps ? bias_lanes + first : bias + col + first);
       }
       const V kept = kept_value<E>(L::load(x + first), rv, bv, scale);
-      const V result = L::blend(L::keep_mask(byte >> first), kept, dropped_value<E>(rv));
+      const V result = kWholeUnits && byte == 0xFF
+                           ? kept
+                           : L::blend(L::keep_mask(byte >> first), kept, dropped_value<E>(rv));
       L::store(y + first, result);
-      if (bias_grad != nullptr) {
+      if constexpr (kSumColumns) {
         if (!wraps) {
           V sums;
           std::memcpy(&sums, bias_grad + col + first, sizeof(sums));
@@ -321,16 +335,18 @@ struct Apply {
         }
       }
     }
-    if (bias_grad != nullptr && wraps) {
-      for (int j = 0; j < kUnitsPerGroup; ++j) bias_grad[(col + j) % bias_len] += result_lanes[j];
+    if constexpr (kSumColumns) {
+      if (wraps) {
+        for (int j = 0; j < kUnitsPerGroup; ++j) bias_grad[(col + j) % bias_len] += result_lanes[j];
+      }
     }
   }
 };
 
-template <class T, Epilogue E, MaskSource S>
+template <class T, Epilogue E, MaskSource S, bool kSumColumns = false>
 void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end, void* bias_grad) {
   using C = typename Lanes<T>::C;
-  const Apply<T, E> apply{static_cast<const T*>(c.in),
+  const Apply<T, E, kSumColumns, S == MaskSource::Units> apply{static_cast<const T*>(c.in),
                           static_cast<const T*>(c.residual),
                           static_cast<const T*>(c.bias),
                           static_cast<T*>(c.out),
@@ -344,7 +360,7 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end, void*
   const int64_t full_groups = c.numel / kUnitsPerGroup;
   const int64_t tail = c.numel % kUnitsPerGroup;
   // Only bias reads and bias-gradient sums need each group's column.
-  const bool tracks_columns = E == Epilogue::AddBiasResidual || bias_grad != nullptr;
+  constexpr bool tracks_columns = E == Epilogue::AddBiasResidual || kSumColumns;
   int64_t col = tracks_columns ? (g_begin * kUnitsPerGroup) % c.bias_len : 0;
   uint8_t local[kBlockGroups];
 
@@ -370,7 +386,7 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end, void*
       } else {
         apply.partial_group(g * kUnitsPerGroup, tail, bytes[i], col);
       }
-      if (tracks_columns) {
+      if constexpr (tracks_columns) {
         col += kUnitsPerGroup;
         while (col >= c.bias_len) col -= c.bias_len;
       }
@@ -380,15 +396,19 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end, void*
 
 template <class T>
 void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end, void* bias_grad) {
+  if (bias_grad != nullptr) {  // only bias_dropout_add_backward sums columns
+    return run_groups_typed<T, Epilogue::Scale, MaskSource::Elements, true>(c, g_begin, g_end,
+                                                                           bias_grad);
+  }
   auto with_source = [&](auto epilogue) {
     constexpr Epilogue E = decltype(epilogue)::value;
     switch (c.source) {
       case MaskSource::Draw:
-        return run_groups_typed<T, E, MaskSource::Draw>(c, g_begin, g_end, bias_grad);
+        return run_groups_typed<T, E, MaskSource::Draw>(c, g_begin, g_end, nullptr);
       case MaskSource::Elements:
-        return run_groups_typed<T, E, MaskSource::Elements>(c, g_begin, g_end, bias_grad);
+        return run_groups_typed<T, E, MaskSource::Elements>(c, g_begin, g_end, nullptr);
       case MaskSource::Units:
-        return run_groups_typed<T, E, MaskSource::Units>(c, g_begin, g_end, bias_grad);
+        return run_groups_typed<T, E, MaskSource::Units>(c, g_begin, g_end, nullptr);
     }
   };
   switch (c.epilogue) {
