@@ -1,0 +1,72 @@
+"""What a benchmark ran on: the device, the versions, the regdrop build, the
+thread count and the date. Printed first and written into every results file."""
+
+import datetime
+import os
+import platform
+
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def describe(device: torch.device, threads: int) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "device": device.type,
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if cuda
+            else f"{_cpu_name()}, {os.cpu_count()} logical cores"
+        ),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "triton": _triton_version() if cuda else None,
+        "regdrop_cuda_kernels": torch._C._dispatch_has_kernel_for_dispatch_key(
+            "regdrop::dropout", "CUDA"
+        ),
+        # Selects both PyTorch's and regdrop's copy of the CPU kernels.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+        # Other work on the machine skews CPU timings: OpenMP threads wait for
+        # descheduled peers.
+        "load_average": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def header(env: dict) -> str:
+    build = "CUDA and CPU kernels" if env["regdrop_cuda_kernels"] else "CPU kernels only"
+    versions = f"torch {env['torch']}"
+    if env["cuda"]:
+        versions += f", CUDA {env['cuda']}"
+    if env["triton"]:
+        versions += f", triton {env['triton']}"
+    return "\n".join(
+        [
+            f"device:   {env['device']}: {env['device_name']}",
+            f"versions: {versions}, Python {env['python']}",
+            f"regdrop:  {build}; CPU capability {env['cpu_capability']}",
+            f"threads:  {env['threads']} (load average {env['load_average']:.1f} before this run, "
+            f"{os.cpu_count()} logical cores)",
+            f"date:     {env['date']}",
+        ]
+    )

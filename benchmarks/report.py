@@ -1,0 +1,113 @@
+"""The README's benchmark table, rendered from results files only:
+
+    python benchmarks/report.py benchmarks/results/*.json
+
+Per file: where it ran, then one line per op, phase and dtype at the largest
+size measured: regdrop_ext's module (as a model calls it) against the eager
+PyTorch expression it replaces and the fastest native route (eager,
+torch.compile or an aten kernel), its share of copy bandwidth, and the bytes
+each saves for backward per element.
+"""
+
+import sys
+from pathlib import Path
+from typing import List
+
+if __package__ in (None, ""):
+    # Run as a script: import this folder as the `benchmarks` package. The
+    # repository root goes last, so an installed regdrop_ext is the one used.
+    sys.path.pop(0)
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.results import PHASES, Row, read_json  # noqa: E402
+from benchmarks.table import size_label  # noqa: E402
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _bytes(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _headline_rows(rows: List[Row]):
+    """(ours, eager, fastest native) per op, phase and dtype at the largest size."""
+    timed = [r for r in rows if r.timed and r.kind != "copy"]
+    size = max((r.size for r in timed), default=None)
+    cells = {}
+    for row in timed:
+        if row.size == size:
+            cells.setdefault((row.op, row.phase, row.dtype), []).append(row)
+    ops = list(dict.fromkeys(r.op for r in timed))
+    for key in sorted(cells, key=lambda k: (ops.index(k[0]), PHASES.index(k[1]), k[2])):
+        cell = cells[key]
+        ours = [r for r in cell if r.variant == "module"]
+        eager = [r for r in cell if r.variant == "eager"]
+        native = [r for r in cell if r.kind in ("eager", "native")]
+        if ours and eager and native:
+            yield ours[0], eager[0], min(native, key=lambda r: r.time_ms)
+
+
+def markdown(run: dict) -> str:
+    env, method = run["environment"], run["method"]
+    rows = run["rows"]
+    headline = list(_headline_rows(rows))
+    if not headline:
+        return "(no timed regdrop_ext module and eager rows to compare)"
+    size = headline[0][0].size
+    lines = [
+        f"**{env['device_name']}** ({env['device']}, {env['threads']} threads, "
+        f"CPU capability {env['cpu_capability']}), torch {env['torch']}, {env['date'][:10]}. "
+        f"{size:,} elements ({size_label(size)}), p = {method['p']}, {method['timer']}.",
+        "",
+        "| op | phase | dtype | regdrop_ext ms | eager ms | fastest native ms "
+        "| vs eager | vs fastest native | % of copy | saved B/elem: ours / eager |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ours, eager, fastest in headline:
+        lines.append(
+            f"| {ours.op} | {ours.phase} | {ours.dtype} | {_ms(ours.time_ms)} "
+            f"| {_ms(eager.time_ms)} | {_ms(fastest.time_ms)} ({fastest.implementation}) "
+            f"| {ours.vs_eager:.2f}x | {ours.vs_fastest_native:.2f}x | {ours.pct_copy:.0f}% "
+            f"| {_bytes(ours.saved_bytes_per_element)} / {_bytes(eager.saved_bytes_per_element)} |"
+        )
+    references = sorted(
+        (r for r in rows if r.kind == "copy" and r.timed and r.size == size),
+        key=lambda r: (r.dtype, r.variant != "copy"),
+    )
+    lines += [
+        "",
+        "References, same size: "
+        + "; ".join(f"{r.implementation} {r.dtype} {_ms(r.time_ms)} ms ({r.gbps:.0f} GB/s)" for r in references)
+        + ". % of copy is against y.copy_(x); x.clone() writes a new tensor, as the ops do.",
+    ]
+    e2e = run.get("e2e")
+    if e2e:
+        cfg, native, mine = e2e["config"], e2e["native"], e2e["regdrop_ext"]
+        test = e2e["loss_test"]
+        lines += [
+            "",
+            f"Transformer block (width {cfg['width']}, {cfg['heads']} heads, MLP {cfg['mlp_ratio']}x, "
+            f"batch {cfg['batch']} x {cfg['tokens']} tokens), forward+backward step: "
+            f"{_ms(mine['step_ms'])} ms with regdrop_ext vs {_ms(native['step_ms'])} ms native "
+            f"({native['step_ms'] / mine['step_ms']:.2f}x); saved for backward "
+            f"{mine['saved_bytes'] / 2**20:.1f} MB vs {native['saved_bytes'] / 2**20:.1f} MB"
+            + (
+                f"; peak {mine['peak_bytes'] / 2**20:.0f} MB vs {native['peak_bytes'] / 2**20:.0f} MB"
+                if mine["peak_bytes"]
+                else ""
+            )
+            + f"; loss curves over {cfg['steps']} steps "
+            + ("alike" if test["alike"] else "NOT alike")
+            + f" (mean difference {test['mean_difference']:+.4f}, bound {test['bound']:.4f}).",
+        ]
+    return "\n".join(lines)
+
+
+def main(paths: List[str]) -> None:
+    print("\n\n".join(markdown(read_json(path)) for path in paths))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,158 @@
+"""The benchmark grid: size x dtype x op x implementation x phase.
+
+For every implementation at every size and dtype: call it once forward and
+backward, recording what the forward saves for backward (for torch.compile
+this first call compiles, and its wall time is reported as the compile
+time); check the results (checks.py); and only then time the three phases. An
+implementation that fails its check, or cannot run, gets rows with the
+reason and no time.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .checks import check, unit_count
+from .op_table import Op, make_operands, positive, positive_like, shape_for
+from .results import PHASES, VARIANTS, Check, Row, derive
+from .saved import total_bytes
+from .timing import measure, synchronize
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    sizes: Sequence[int]
+    dtypes: Sequence[torch.dtype]
+    threads: int
+    p: float
+    budget_s: float
+
+
+def grid(ops: Sequence[Op], variants: Sequence[str]) -> Tuple[List[Tuple[Op, list]], List[str]]:
+    """The ops and implementations that can run here, and a note for each that cannot."""
+    runnable, notes = [], []
+    for op in ops:
+        if op.missing():
+            notes.append(f"{op.name}: skipped, {op.missing()}")
+            continue
+        impls = []
+        for impl in op.implementations():
+            if impl.variant not in variants:
+                continue
+            if impl.missing():
+                notes.append(f"{op.name}: {impl.label} skipped, {impl.missing()}")
+            else:
+                impls.append(impl)
+        runnable.append((op, impls))
+    return runnable, notes
+
+
+def run(settings: Settings, runnable, progress):
+    """Rows for every cell of the grid, and the torch.compile times.
+    ``progress`` is a tqdm bar, advanced once per implementation."""
+    rows, compiles = [], []
+    for size in settings.sizes:
+        for dtype in settings.dtypes:
+            rows += _copy_rows(settings, size, dtype)
+            for op, impls in runnable:
+                shape = shape_for(size, op.unit)
+                operands = make_operands(op.operands, shape, dtype, settings.device)
+                grad = positive_like(operands["input"])
+                for impl in impls:
+                    progress.set_postfix_str(f"{op.name} {DTYPE_NAMES[dtype]} {size:,} {impl.label}")
+                    impl_rows, first_call_s = _measure(settings, op, impl, operands, grad)
+                    rows += impl_rows
+                    if impl.variant == "compile" and first_call_s is not None:
+                        compiles.append(
+                            {"op": op.name, "dtype": DTYPE_NAMES[dtype], "size": size, "seconds": first_call_s}
+                        )
+                    progress.update()
+    derive(rows)
+    return rows, compiles
+
+
+def _copy_rows(settings: Settings, size: int, dtype: torch.dtype) -> List[Row]:
+    """``y.copy_(x)`` into an existing tensor: the bandwidth roofline. And
+    ``x.clone()``: the same bytes into a new tensor, as every out-of-place op
+    writes; on CPU a fresh large allocation costs page faults."""
+    x = positive(size, dtype, settings.device)
+    y = torch.empty_like(x)
+    rows = []
+    for label, variant, fn in (("y.copy_(x)", "copy", lambda: y.copy_(x)), ("x.clone()", "clone", x.clone)):
+        row = Row("copy", "forward", label, variant, "copy", DTYPE_NAMES[dtype], size, [size])
+        if torch.equal(fn(), x):
+            _time(row, settings, fn, 2 * x.nbytes)
+        else:
+            row.check = Check(passed=False, error=f"{label} differs from x")
+        rows.append(row)
+    return rows
+
+
+def _measure(settings: Settings, op: Op, impl, operands, grad):
+    """The implementation's three rows, and the wall time of its first call."""
+    x = operands["input"]
+    base = dict(
+        op=op.name,
+        implementation=impl.label,
+        variant=impl.variant,
+        kind=VARIANTS[impl.variant],
+        dtype=DTYPE_NAMES[x.dtype],
+        size=x.numel(),
+        shape=list(x.shape),
+    )
+
+    def untimed(check: Check):
+        return [Row(**base, phase=phase, check=check) for phase in PHASES], None
+
+    try:
+        call = impl.bind(operands, settings.p)
+        start = time.perf_counter()
+        (output, mask), saved = call.saved_forward()
+        grads = call.backward(output, mask, grad, retain=True)
+        synchronize(settings.device)
+        first_call_s = time.perf_counter() - start
+    except Exception as error:  # cannot run here: noted, and a failure if it is ours
+        return untimed(Check(ran=False, passed=False, error=_first_line(error)))
+    try:
+        with torch.no_grad():
+            unit_keep = call.unit_keep(output, mask, unit_count(x.shape, op.unit))
+            check(operands, output, unit_keep, grad, grads, settings.p)
+    except Exception as error:  # CheckFailed, or results too malformed to compare
+        return untimed(Check(passed=False, error=_first_line(error)))
+
+    forward_bytes = total_bytes([*operands.values(), output, *saved])
+    backward_bytes = total_bytes([grad, *saved, *grads.values()])
+    phases = {
+        "forward": (call.forward, forward_bytes),
+        "backward": (lambda: call.backward(output, mask, grad, retain=True), backward_bytes),
+        "fwd+bwd": (
+            lambda: call.backward(*call.forward(), grad, retain=False),
+            forward_bytes + backward_bytes,
+        ),
+    }
+    rows = []
+    for phase, (fn, moved) in phases.items():
+        row = Row(**base, phase=phase, saved_bytes_per_element=total_bytes(saved) / x.numel())
+        _time(row, settings, fn, moved)
+        rows.append(row)
+    return rows, first_call_s
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def _time(row: Row, settings: Settings, fn, moved: int) -> None:
+    timing = measure(fn, settings.device, settings.threads, settings.budget_s)
+    row.time_ms, row.q25_ms, row.q75_ms, row.runs = (
+        timing.median_ms,
+        timing.q25_ms,
+        timing.q75_ms,
+        timing.runs,
+    )
+    row.bytes = moved

@@ -1,0 +1,155 @@
+"""The benchmark suite (benchmarks/): its quickest run writes well-formed
+results in which every timed implementation passed its correctness check,
+and the checks refuse wrong kernels. No timing is asserted."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tqdm import tqdm
+
+import regdrop_ext  # noqa: F401  (registers torch.ops.regdrop)
+
+# The benchmarks package lives at the repository root, beside tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import bench, checks, report  # noqa: E402
+from benchmarks.op_table import OPS, RawOp, make_operands, positive_like, shape_for  # noqa: E402
+from benchmarks.results import PHASES  # noqa: E402
+from benchmarks.runner import Settings, run  # noqa: E402
+
+P = 0.1
+REGISTERED = [op for op in OPS if not op.missing()]
+OP_IDS = [op.name for op in REGISTERED]
+
+
+def raw_call(op, size=1 << 16, dtype=torch.float32):
+    """Operands, output, mask, grad and grads of the op's raw kernels on the CPU."""
+    operands = make_operands(op.operands, shape_for(size, op.unit), dtype, "cpu")
+    (raw,) = [impl for impl in op.implementations() if impl.variant == "raw"]
+    call = raw.bind(operands, P)
+    output, mask = call.forward()
+    grad = positive_like(output)
+    return operands, output, mask, grad, call.backward(output, mask, grad, retain=False)
+
+
+def check_raw(op, operands, output, mask, grad, grads, p=P):
+    units = checks.unit_count(output.shape, op.unit)
+    checks.check(operands, output, checks.keep_from_bits(mask, units), grad, grads, p)
+
+
+def test_quickest_run_writes_checked_results(tmp_path):
+    paths = {ext: str(tmp_path / f"results.{ext}") for ext in ("json", "csv", "png")}
+    variants = "eager,aten,module,low_memory,raw"  # all but torch.compile, which takes seconds
+    argv = ["--quick", "--device", "cpu", "--sizes", "4K", "--dtypes", "fp32", "--impls", variants]
+    argv += ["--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"]]
+    assert bench.main(argv) == 0
+
+    with open(paths["json"]) as src:
+        result = json.load(src)
+    env = result["environment"]
+    for key in ("device", "device_name", "torch", "regdrop_cuda_kernels", "cpu_capability", "threads", "date"):
+        assert key in env
+    assert env["torch"] == torch.__version__
+    assert result["method"]["bytes_rule"] and result["method"]["p"] == P
+
+    rows = result["rows"]
+    assert {r["op"] for r in rows} == {"copy", *OP_IDS}
+    for op in OP_IDS:
+        mine = [r for r in rows if r["op"] == op]
+        assert {r["phase"] for r in mine} == set(PHASES)
+        assert {r["variant"] for r in mine} >= {"eager", "module", "raw"}
+    for row in rows:
+        assert row["check"] == {"ran": True, "passed": True, "error": None}, row
+        assert row["time_ms"] is not None and row["bytes"] > 0 and row["gbps"] is not None
+        if row["kind"] != "copy":
+            assert row["pct_copy"] is not None and row["vs_eager"] is not None
+            assert row["saved_bytes_per_element"] is not None
+
+    e2e = result["e2e"]
+    steps = e2e["config"]["steps"]
+    assert all(len(losses) == steps for losses in e2e["losses"].values())
+    assert isinstance(e2e["loss_test"]["alike"], bool)
+
+    with open(paths["csv"]) as src:
+        assert len(list(csv.DictReader(src))) == len(rows)
+    assert Path(paths["png"]).stat().st_size > 0
+    readme_table = report.markdown(report.read_json(paths["json"]))
+    assert all(f"| {op} | forward | fp32 |" in readme_table for op in OP_IDS)
+
+
+def test_anchor_size_has_the_anchor_shape():
+    assert shape_for(134_217_728, "element") == (16, 2048, 4096)
+    assert shape_for(134_217_728, "channel") == (16, 2048, 64, 64)
+    assert shape_for(4096, "sample") == (1, 1, 4096)
+
+
+@pytest.mark.parametrize("op", REGISTERED, ids=OP_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_check_accepts_the_kernels(op, dtype):
+    check_raw(op, *raw_call(op, dtype=dtype))
+
+
+@pytest.mark.parametrize("op", REGISTERED, ids=OP_IDS)
+def test_check_refuses_a_corrupted_output(op):
+    operands, output, mask, grad, grads = raw_call(op)
+    output.view(-1)[-1] += 0.5  # the last element: a kernel that gets its tail wrong
+    with pytest.raises(checks.CheckFailed, match="output"):
+        check_raw(op, operands, output, mask, grad, grads)
+
+
+@pytest.mark.parametrize("op", REGISTERED, ids=OP_IDS)
+def test_check_refuses_a_mask_that_disagrees_with_the_output(op):
+    operands, output, mask, grad, grads = raw_call(op)
+    mask[0] ^= 1
+    with pytest.raises(checks.CheckFailed, match="output"):
+        check_raw(op, operands, output, mask, grad, grads)
+
+
+@pytest.mark.parametrize("op", REGISTERED, ids=OP_IDS)
+def test_check_refuses_a_corrupted_gradient(op):
+    operands, output, mask, grad, grads = raw_call(op)
+    grads["input"] = grads["input"].clone()
+    grads["input"].view(-1)[0] += 1.0
+    with pytest.raises(checks.CheckFailed, match="grad of input"):
+        check_raw(op, operands, output, mask, grad, grads)
+
+
+def test_check_refuses_a_wrong_scale():
+    op = OPS[0]
+    # Outputs scaled for p = 0.1, checked as p = 0.2: every kept element is off.
+    with pytest.raises(checks.CheckFailed):
+        check_raw(op, *raw_call(op), p=0.2)
+
+
+def test_a_mask_of_the_wrong_size_is_refused():
+    with pytest.raises(checks.CheckFailed, match="mask"):
+        checks.keep_from_bits(torch.zeros(3, dtype=torch.uint8), units=32)
+
+
+def test_keep_rate_outside_5_sigma_is_refused():
+    n = 1 << 16
+    checks.assert_keep_rate(torch.rand(n) >= P, P)
+    with pytest.raises(checks.CheckFailed, match="sigma"):
+        checks.assert_keep_rate(torch.rand(n) >= 2 * P, P)
+
+
+def test_a_wrong_kernel_gets_no_time():
+    regdrop = torch.ops.regdrop
+
+    def off_by_one_percent(x, p):
+        output, mask = regdrop.dropout(x, p)
+        return output * 1.01, mask
+
+    wrong = RawOp("wrong dropout", "raw", off_by_one_percent, regdrop.dropout_backward, mask_bits=True)
+    settings = Settings(torch.device("cpu"), [4096], [torch.float32], threads=1, p=P, budget_s=0.01)
+    rows, _ = run(settings, [(OPS[0], [wrong])], tqdm(disable=True))
+    refused = [r for r in rows if r.implementation == "wrong dropout"]
+    assert len(refused) == len(PHASES)
+    for row in refused:
+        assert row.check.ran and not row.check.passed and row.failed
+        assert "output" in row.check.error
+        assert row.time_ms is None and row.gbps is None
