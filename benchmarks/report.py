@@ -1,17 +1,19 @@
 """The README's benchmark table, rendered from results files only:
 
     python benchmarks/report.py benchmarks/results/*.json
+    python benchmarks/report.py --phases forward,fwd+bwd --dtypes fp32,bf16 FILE.json
 
-Per file: where it ran, then one line per op, phase and dtype at the largest
-size measured: regdrop_ext's module (as a model calls it) against the eager
+Per file: where it ran, then one line per op, phase and dtype (all, or those
+asked for) at the largest size measured: regdrop_ext's module (as a model calls it) against the eager
 PyTorch expression it replaces and the fastest native route (eager,
 torch.compile or an aten kernel), its share of copy bandwidth, and the bytes
 each saves for backward per element.
 """
 
+import argparse
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence
 
 if __package__ in (None, ""):
     # Run as a script: import this folder as the `benchmarks` package. The
@@ -31,9 +33,16 @@ def _bytes(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _headline_rows(rows: List[Row]):
+def _headline_rows(rows: List[Row], phases: Optional[Sequence[str]], dtypes: Optional[Sequence[str]]):
     """(ours, eager, fastest native) per op, phase and dtype at the largest size."""
-    timed = [r for r in rows if r.timed and r.kind != "copy"]
+    timed = [
+        r
+        for r in rows
+        if r.timed
+        and r.kind != "copy"
+        and (phases is None or r.phase in phases)
+        and (dtypes is None or r.dtype in dtypes)
+    ]
     size = max((r.size for r in timed), default=None)
     cells = {}
     for row in timed:
@@ -49,10 +58,10 @@ def _headline_rows(rows: List[Row]):
             yield ours[0], eager[0], min(native, key=lambda r: r.time_ms)
 
 
-def markdown(run: dict) -> str:
+def markdown(run: dict, phases: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = None) -> str:
     env, method = run["environment"], run["method"]
     rows = run["rows"]
-    headline = list(_headline_rows(rows))
+    headline = list(_headline_rows(rows, phases, dtypes))
     if not headline:
         return "(no timed regdrop_ext module and eager rows to compare)"
     size = headline[0][0].size
@@ -73,7 +82,7 @@ def markdown(run: dict) -> str:
             f"| {_bytes(ours.saved_bytes_per_element)} / {_bytes(eager.saved_bytes_per_element)} |"
         )
     references = sorted(
-        (r for r in rows if r.kind == "copy" and r.timed and r.size == size),
+        (r for r in rows if r.kind == "copy" and r.timed and r.size == size and (dtypes is None or r.dtype in dtypes)),
         key=lambda r: (r.dtype, r.variant != "copy"),
     )
     lines += [
@@ -105,9 +114,16 @@ def markdown(run: dict) -> str:
     return "\n".join(lines)
 
 
-def main(paths: List[str]) -> None:
-    print("\n\n".join(markdown(read_json(path)) for path in paths))
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="results JSON files")
+    parser.add_argument("--phases", help=f"comma-separated, of {','.join(PHASES)} (default: all)")
+    parser.add_argument("--dtypes", help="comma-separated, e.g. fp32,bf16 (default: all)")
+    args = parser.parse_args(argv)
+    phases = args.phases.split(",") if args.phases else None
+    dtypes = args.dtypes.split(",") if args.dtypes else None
+    print("\n\n".join(markdown(read_json(path), phases, dtypes) for path in args.results))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
