@@ -48,6 +48,9 @@ def describe(device: torch.device, threads: int) -> dict:
         # Other work on the machine skews CPU timings: OpenMP threads wait for
         # descheduled peers.
         "load_average": os.getloadavg()[0],
+        # On the CPU, a new output's page faults cost more than the kernels;
+        # PyTorch backs large allocations with huge pages when this is 1.
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -67,6 +70,8 @@ def header(env: dict) -> str:
             f"regdrop:  {build}; CPU capability {env['cpu_capability']}",
             f"threads:  {env['threads']} (load average {env['load_average']:.1f} before this run, "
             f"{os.cpu_count()} logical cores)",
+            f"memory:   huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE) "
+            f"{'on' if env.get('thp_mem_alloc') else 'off'}",
             f"date:     {env['date']}",
         ]
     )

@@ -67,7 +67,9 @@ def markdown(run: dict, phases: Optional[Sequence[str]] = None, dtypes: Optional
     size = headline[0][0].size
     lines = [
         f"**{env['device_name']}** ({env['device']}, {env['threads']} threads, "
-        f"CPU capability {env['cpu_capability']}), torch {env['torch']}, {env['date'][:10]}. "
+        f"CPU capability {env['cpu_capability']}"
+        + (", THP_MEM_ALLOC_ENABLE=1" if env.get("thp_mem_alloc") else "")
+        + f"), torch {env['torch']}, {env['date'][:10]}. "
         f"{size:,} elements ({size_label(size)}), p = {method['p']}, {method['timer']}.",
         "",
         "| op | phase | dtype | regdrop_ext ms | eager ms | fastest native ms "
