@@ -59,104 +59,56 @@ variable_list gradients(at::Tensor input, std::optional<at::Tensor> residual, si
 
 // ------------------------------------------------------------- forward ops
 
-struct Dropout : Function<Dropout> {
+using Forward = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, double, const Generator&,
+                                                       Seed, int64_t);
+using ForwardAdd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, double,
+                                                          const Generator&, Seed, int64_t);
+using Backward = at::Tensor (*)(const at::Tensor&, const at::Tensor&, double);
+
+// Element masks follow the output's memory order; unit masks (a bit per
+// channel) do not, and take `grad` in whatever layout it comes.
+at::Tensor grad_for(AutogradContext* ctx, const at::Tensor& grad, bool element_order) {
+  return element_order ? in_output_order(ctx, grad) : grad;
+}
+
+// (output, saved) = Op(input, p, ...); grad_input = Back(grad, saved, p):
+// dropout, dropout_low_memory and channel_dropout.
+template <Forward Op, Backward Back, bool kElementOrder>
+struct Masked : Function<Masked<Op, Back, kElementOrder>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p,
                                const Generator& g, Seed seed, int64_t offset) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mask] = regdrop::dropout(input, p, g, seed, offset);
-    save(ctx, out, mask, p);
-    return {out, mask};
+    auto [out, saved] = Op(input, p, g, seed, offset);
+    save(ctx, out, saved, p);
+    return {out, saved};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return gradients({}, std::nullopt, 4);
-    return gradients(dropout_backward(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx)),
+    return gradients(Back(grad_for(ctx, grads[0], kElementOrder), saved_tensor(ctx), saved_p(ctx)),
                      std::nullopt, 4);
   }
 };
 
-struct DropoutAdd : Function<DropoutAdd> {
+// The same with a residual added, whose gradient is `grad` itself:
+// dropout_add and dropout_add_low_memory.
+template <ForwardAdd Op, Backward Back>
+struct MaskedAdd : Function<MaskedAdd<Op, Back>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const at::Tensor& residual, double p, const Generator& g, Seed seed,
                                int64_t offset) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mask] = regdrop::dropout_add(input, residual, p, g, seed, offset);
-    save(ctx, out, mask, p);
-    return {out, mask};
+    auto [out, saved] = Op(input, residual, p, g, seed, offset);
+    save(ctx, out, saved, p);
+    return {out, saved};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return gradients({}, at::Tensor(), 4);
-    return gradients(dropout_backward(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx)),
-                     grads[0], 4);
+    return gradients(Back(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx)), grads[0],
+                     4);
   }
 };
 
-struct BiasDropoutAdd : Function<BiasDropoutAdd> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& bias,
-                               const at::Tensor& residual, double p, const Generator& g, Seed seed,
-                               int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mask] = regdrop::bias_dropout_add(input, bias, residual, p, g, seed, offset);
-    save(ctx, out, mask, p);
-    return {out, mask};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(7);
-    auto [grad_input, grad_bias] =
-        bias_dropout_add_backward(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx));
-    return {grad_input, grad_bias, grads[0], {}, {}, {}, {}};
-  }
-};
-
-struct DropoutLowMemory : Function<DropoutLowMemory> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p,
-                               const Generator& g, Seed seed, int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, rng_state] = regdrop::dropout_low_memory(input, p, g, seed, offset);
-    save(ctx, out, rng_state, p);
-    return {out, rng_state};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return gradients({}, std::nullopt, 4);
-    return gradients(
-        dropout_low_memory_backward(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx)),
-        std::nullopt, 4);
-  }
-};
-
-struct DropoutAddLowMemory : Function<DropoutAddLowMemory> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               const at::Tensor& residual, double p, const Generator& g, Seed seed,
-                               int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, rng_state] = regdrop::dropout_add_low_memory(input, residual, p, g, seed, offset);
-    save(ctx, out, rng_state, p);
-    return {out, rng_state};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return gradients({}, at::Tensor(), 4);
-    return gradients(
-        dropout_low_memory_backward(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx)),
-        grads[0], 4);
-  }
-};
-
-// Unit masks (a bit per channel or sample) do not depend on memory order:
-// `grad` is used in whatever layout it comes.
-struct ChannelDropout : Function<ChannelDropout> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p,
-                               const Generator& g, Seed seed, int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mask] = regdrop::channel_dropout(input, p, g, seed, offset);
-    save(ctx, out, mask, p);
-    return {out, mask};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return gradients({}, std::nullopt, 4);
-    return gradients(channel_dropout_backward(grads[0], saved_tensor(ctx), saved_p(ctx)),
-                     std::nullopt, 4);
-  }
-};
-
+// Drop-path masks are a bit per sample: any layout of `grad` will do.
 struct DropPath : Function<DropPath> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p,
                                bool scale_by_keep, const Generator& g, Seed seed, int64_t offset) {
@@ -192,10 +144,27 @@ struct DropPathAdd : Function<DropPathAdd> {
   }
 };
 
+struct BiasDropoutAdd : Function<BiasDropoutAdd> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& bias,
+                               const at::Tensor& residual, double p, const Generator& g, Seed seed,
+                               int64_t offset) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, mask] = regdrop::bias_dropout_add(input, bias, residual, p, g, seed, offset);
+    save(ctx, out, mask, p);
+    return {out, mask};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(7);
+    auto [grad_input, grad_bias] =
+        bias_dropout_add_backward(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx));
+    return {grad_input, grad_bias, grads[0], {}, {}, {}, {}};
+  }
+};
+
 // ------------------------------------------------------------ backward ops
 
 // grad_input = Op(grad, saved, ...): linear in grad, and its own adjoint.
-template <at::Tensor (*Op)(const at::Tensor&, const at::Tensor&, double), bool kElementOrder>
+template <Backward Op, bool kElementOrder>
 struct SelfAdjoint : Function<SelfAdjoint<Op, kElementOrder>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& saved,
                             double p) {
@@ -208,8 +177,7 @@ struct SelfAdjoint : Function<SelfAdjoint<Op, kElementOrder>> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(3);
-    const at::Tensor grad = kElementOrder ? in_output_order(ctx, grads[0]) : grads[0];
-    return {Op(grad, saved_tensor(ctx), saved_p(ctx)), {}, {}};
+    return {Op(grad_for(ctx, grads[0], kElementOrder), saved_tensor(ctx), saved_p(ctx)), {}, {}};
   }
 };
 
@@ -257,28 +225,33 @@ struct BiasDropoutAddBackward : Function<BiasDropoutAddBackward> {
 
 TORCH_LIBRARY_IMPL(regdrop, Autograd, m) {
   using namespace regdrop;
+  using Dropout = Masked<&dropout, &dropout_backward, true>;
+  using DropoutLowMemory = Masked<&dropout_low_memory, &dropout_low_memory_backward, true>;
+  using ChannelDropout = Masked<&channel_dropout, &channel_dropout_backward, false>;
+  using DropoutAdd = MaskedAdd<&dropout_add, &dropout_backward>;
+  using DropoutAddLowMemory = MaskedAdd<&dropout_add_low_memory, &dropout_low_memory_backward>;
   m.impl("dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
                        int64_t offset) { return pair(Dropout::apply(input, p, g, seed, offset)); });
-  m.impl("dropout_add", [](const at::Tensor& input, const at::Tensor& residual, double p,
-                           const Generator& g, Seed seed, int64_t offset) {
-    return pair(DropoutAdd::apply(input, residual, p, g, seed, offset));
-  });
-  m.impl("bias_dropout_add", [](const at::Tensor& input, const at::Tensor& bias,
-                                const at::Tensor& residual, double p, const Generator& g, Seed seed,
-                                int64_t offset) {
-    return pair(BiasDropoutAdd::apply(input, bias, residual, p, g, seed, offset));
-  });
   m.impl("dropout_low_memory", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
                                   int64_t offset) {
     return pair(DropoutLowMemory::apply(input, p, g, seed, offset));
+  });
+  m.impl("channel_dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
+                               int64_t offset) {
+    return pair(ChannelDropout::apply(input, p, g, seed, offset));
+  });
+  m.impl("dropout_add", [](const at::Tensor& input, const at::Tensor& residual, double p,
+                           const Generator& g, Seed seed, int64_t offset) {
+    return pair(DropoutAdd::apply(input, residual, p, g, seed, offset));
   });
   m.impl("dropout_add_low_memory", [](const at::Tensor& input, const at::Tensor& residual, double p,
                                       const Generator& g, Seed seed, int64_t offset) {
     return pair(DropoutAddLowMemory::apply(input, residual, p, g, seed, offset));
   });
-  m.impl("channel_dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
-                               int64_t offset) {
-    return pair(ChannelDropout::apply(input, p, g, seed, offset));
+  m.impl("bias_dropout_add", [](const at::Tensor& input, const at::Tensor& bias,
+                                const at::Tensor& residual, double p, const Generator& g, Seed seed,
+                                int64_t offset) {
+    return pair(BiasDropoutAdd::apply(input, bias, residual, p, g, seed, offset));
   });
   m.impl("drop_path", [](const at::Tensor& input, double p, bool scale_by_keep, const Generator& g,
                          Seed seed, int64_t offset) {

@@ -143,8 +143,8 @@ def drop_path_add(
 
 
 def _channel_dropout(input, p, training, inplace, generator, batched):
-    """Zero whole channels of an (N, C, *) tensor; ``batched=False`` adds N = 1."""
-    _check_probability(p)
+    """Zero whole channels of an (N, C, *) tensor; ``batched=False`` adds N = 1.
+    Its callers have checked ``p``."""
     if not training or p == 0.0:
         return input
     x = input if batched else input.unsqueeze(0)
