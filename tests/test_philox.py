@@ -65,14 +65,32 @@ def test_masks_do_not_depend_on_thread_count():
 
 
 _ISA_SCRIPT = """
-import json, sys, torch, regdrop_ext
+import json, torch, regdrop_ext
+ops = torch.ops.regdrop
 out = {}
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     # Built in Python: torch's own vectorized kernels differ across ISAs.
-    x = torch.tensor([((i * 37) % 1001 - 500) / 97.0 for i in range(1003)]).to(dtype)
-    y, mask = torch.ops.regdrop.dropout(x, 0.3, seed=11, offset=4)
-    g = torch.ops.regdrop.dropout_backward(x, mask, 0.3)
-    out[str(dtype)] = [mask.tolist(), y.double().tolist(), g.double().tolist()]
+    def values(n, shift):
+        return torch.tensor([((i * 37 + shift) % 1001 - 500) / 97.0 for i in range(n)]).to(dtype)
+    x, r = values(1003, 0), values(1003, 11)
+    rows, bias13, bias17 = values(3 * 17 * 13, 5), values(13, 3), values(17, 7)
+    calls = {
+        "dropout": lambda: ops.dropout(x, 0.3, seed=11, offset=4),
+        "dropout_add": lambda: ops.dropout_add(x, r, 0.3, seed=11, offset=4),
+        "bias_dropout_add": lambda: ops.bias_dropout_add(rows.view(-1, 13), bias13, rows.view(-1, 13), 0.3, seed=1),
+        "bias_dropout_add_17": lambda: ops.bias_dropout_add(rows.view(-1, 17), bias17, rows.view(-1, 17), 0.3, seed=1),
+        "drop_path": lambda: ops.drop_path(rows.view(39, 17), 0.5, seed=2),
+        "drop_path_add": lambda: ops.drop_path_add(rows.view(3, 221), rows.view(3, 221), 0.5, seed=2),
+        "channel": lambda: ops.channel_dropout(rows.view(3, 17, 13), 0.5, seed=3),
+        "channel_last": lambda: ops.channel_dropout(rows.view(3, 13, 17).transpose(1, 2), 0.5, seed=3),
+    }
+    for name, call in calls.items():
+        y, mask = call()
+        out[f"{dtype} {name}"] = [mask.tolist(), y.double().tolist()]
+    mask = ops.dropout(x, 0.3, seed=11, offset=4)[1]
+    grad, grad_bias = ops.bias_dropout_add_backward(rows.view(-1, 13), ops.dropout(rows, 0.3, seed=5)[1], 0.3)
+    out[f"{dtype} backward"] = [ops.dropout_backward(x, mask, 0.3).double().tolist(), grad.double().tolist()]
+    out[f"{dtype} bias grad"] = grad_bias.double().tolist()
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "results": out}))
 """
 
@@ -87,13 +105,20 @@ def _run_with_capability(capability):
 
 def test_every_cpu_instruction_set_gives_identical_results():
     """Each CPU kernel copy (baseline, AVX2, AVX-512) is selected through
-    ATEN_CPU_CAPABILITY; the vector Philox lanes, tails and conversions of each
-    must agree bit for bit with the others."""
+    ATEN_CPU_CAPABILITY; the vector Philox lanes, chunks, tails, bias columns
+    and conversions of each must agree bit for bit with the others, for every
+    op. Bias gradients are sums whose order depends on the vector width: they
+    agree to rounding."""
     runs = [_run_with_capability(c) for c in ("default", "avx2", "avx512")]
     seen = {r["capability"] for r in runs}
     assert "DEFAULT" in seen  # the baseline copy ran at least
     for run in runs[1:]:
-        assert run["results"] == runs[0]["results"]
+        for key, value in runs[0]["results"].items():
+            if key.endswith("bias grad"):
+                tolerance = 1e-2 if "16" in key else 1e-5
+                assert run["results"][key] == pytest.approx(value, rel=tolerance, abs=tolerance), key
+            else:
+                assert run["results"][key] == value, key
 
 
 @requires_cuda

@@ -170,11 +170,14 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-// A group's 8 elements are kParts native vectors of kWidth lanes of the
-// compute type (half types compute in float). The vector types are spelled
-// out, not computed in a template: GCC drops vector_size from dependent types.
-constexpr int kFloatWidth = std::min(kVectorBytes / 4, kUnitsPerGroup);
-constexpr int kDoubleWidth = std::min(kVectorBytes / 8, kUnitsPerGroup);
+// Elements are processed a chunk at a time: kParts native vectors of kWidth
+// lanes of the compute type (half types compute in float), which together
+// cover kGroups whole groups. AVX-512: 16 floats, two groups, or 8 doubles;
+// AVX2: 8 floats or 2 x 4 doubles; baseline: 2 x 4 floats or 4 x 2 doubles.
+// The vector types are spelled out, not computed in a template: GCC drops
+// vector_size from dependent types.
+constexpr int kFloatWidth = kVectorBytes / 4;
+constexpr int kDoubleWidth = kVectorBytes / 8;
 typedef float f32xW __attribute__((vector_size(kFloatWidth * 4)));
 typedef int32_t i32xW __attribute__((vector_size(kFloatWidth * 4)));
 typedef uint32_t u32xW __attribute__((vector_size(kFloatWidth * 4)));
@@ -206,7 +209,9 @@ struct Lanes : LaneTypes<T> {
   using typename LaneTypes<T>::V;
   using typename LaneTypes<T>::Keep;
   using LaneTypes<T>::kWidth;
-  static constexpr int kParts = kUnitsPerGroup / kWidth;
+  static constexpr int kChunk = std::max(kWidth, kUnitsPerGroup);  // elements
+  static constexpr int kGroups = kChunk / kUnitsPerGroup;
+  static constexpr int kParts = kChunk / kWidth;
 
   static V load(const T* p) {
     if constexpr (std::is_same_v<T, BFloat16>) {
@@ -214,7 +219,9 @@ struct Lanes : LaneTypes<T> {
       std::memcpy(&h, p, sizeof(h));
       return reinterpret_cast<f32xW>(__builtin_convertvector(h, u32xW) << 16);
     } else if constexpr (std::is_same_v<T, Half>) {
-#if defined(REGDROP_ISA_AVX2) || defined(REGDROP_ISA_AVX512)
+#if defined(REGDROP_ISA_AVX512)
+      return reinterpret_cast<V>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(REGDROP_ISA_AVX2)
       return reinterpret_cast<V>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
       typedef _Float16 f16xW __attribute__((vector_size(kFloatWidth * 2)));
@@ -238,7 +245,10 @@ struct Lanes : LaneTypes<T> {
       const u16xW h = __builtin_convertvector((rounded & ~is_nan) | (is_nan & 0x7FC0u), u16xW);
       std::memcpy(p, &h, sizeof(h));
     } else if constexpr (std::is_same_v<T, Half>) {
-#if defined(REGDROP_ISA_AVX2) || defined(REGDROP_ISA_AVX512)
+#if defined(REGDROP_ISA_AVX512)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                          _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(REGDROP_ISA_AVX2)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                        _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
 #else
@@ -264,14 +274,16 @@ struct Lanes : LaneTypes<T> {
   }
 };
 
-// The epilogue of one group. kSumColumns: also add the results into the
-// bias-gradient sums. kWholeUnits: bytes are mostly all-kept or all-dropped
+// The epilogue of one chunk. kSumColumns: also add the results into the
+// bias-gradient sums. kWholeUnits: chunks are mostly all-kept or all-dropped
 // (unit masks), worth a branch that skips the select, or the input.
 template <class T, Epilogue E, bool kSumColumns, bool kWholeUnits>
 struct Apply {
   using L = Lanes<T>;
   using V = typename L::V;
   using C = typename L::C;
+  static constexpr int kChunk = L::kChunk;
+  static constexpr uint32_t kAllKept = (uint64_t{1} << kChunk) - 1;
   const T* in;
   const T* residual;
   const T* bias;
@@ -280,23 +292,24 @@ struct Apply {
   int64_t bias_len;
   V scale;
 
-  // Elements e .. e + 7 (all inside the tensor), whose first column is `col`.
-  inline void group(int64_t e, uint32_t byte, int64_t col) const {
-    lanes(in + e, E == Epilogue::Scale ? nullptr : residual + e, out + e, byte, col);
+  // Elements e .. e + kChunk - 1 (all inside the tensor), with their keep
+  // bits (bit j for element e + j) and the first one's column.
+  inline void chunk(int64_t e, uint32_t bits, int64_t col) const {
+    lanes(in + e, E == Epilogue::Scale ? nullptr : residual + e, out + e, bits, col);
   }
 
-  // The last n < 8 elements go through the same code via stack copies.
-  inline void partial_group(int64_t e, int64_t n, uint32_t byte, int64_t col) const {
-    T x[8] = {}, r[8] = {}, y[8];
+  // The last n < kChunk elements go through the same code via stack copies.
+  inline void partial_chunk(int64_t e, int64_t n, uint32_t bits, int64_t col) const {
+    T x[kChunk] = {}, r[kChunk] = {}, y[kChunk];
     std::memcpy(x, in + e, sizeof(T) * n);
     if (E != Epilogue::Scale) std::memcpy(r, residual + e, sizeof(T) * n);
-    lanes(x, r, y, byte & ((1u << n) - 1), col);
+    lanes(x, r, y, bits & ((uint32_t{1} << n) - 1), col);
     std::memcpy(out + e, y, sizeof(T) * n);
   }
 
-  inline void lanes(const T* x, const T* r, T* y, uint32_t byte, int64_t col) const {
+  inline void lanes(const T* x, const T* r, T* y, uint32_t bits, int64_t col) const {
     if constexpr (kWholeUnits && E != Epilogue::AddBiasResidual) {
-      if (byte == 0) {  // dropped: the input is not even read
+      if (bits == 0) {  // dropped: the input is not even read
         for (int q = 0; q < L::kParts; ++q) {
           const int first = q * L::kWidth;
           L::store(y + first, E == Epilogue::Scale ? V{} : L::load(r + first));
@@ -304,13 +317,13 @@ struct Apply {
         return;
       }
     }
-    // Bias values and bias-gradient sums by column; a row that is a multiple
-    // of 8 wide never wraps inside a group.
-    const bool wraps = col + kUnitsPerGroup > bias_len;
-    T bias_lanes[kUnitsPerGroup];
-    C result_lanes[kUnitsPerGroup];
+    // Bias values and bias-gradient sums by column; a row whose width is a
+    // multiple of the chunk never wraps inside one.
+    const bool wraps = col + kChunk > bias_len;
+    T bias_lanes[kChunk];
+    C result_lanes[kChunk];
     if (E == Epilogue::AddBiasResidual && wraps) {
-      for (int j = 0; j < kUnitsPerGroup; ++j) bias_lanes[j] = bias[(col + j) % bias_len];
+      for (int j = 0; j < kChunk; ++j) bias_lanes[j] = bias[(col + j) % bias_len];
     }
     for (int q = 0; q < L::kParts; ++q) {
       const int first = q * L::kWidth;
@@ -320,9 +333,9 @@ struct Apply {
         bv = L::load(wraps ? bias_lanes + first : bias + col + first);
       }
       const V kept = kept_value<E>(L::load(x + first), rv, bv, scale);
-      const V result = kWholeUnits && byte == 0xFF
+      const V result = kWholeUnits && bits == kAllKept
                            ? kept
-                           : L::blend(L::keep_mask(byte >> first), kept, dropped_value<E>(rv));
+                           : L::blend(L::keep_mask(bits >> first), kept, dropped_value<E>(rv));
       L::store(y + first, result);
       if constexpr (kSumColumns) {
         if (!wraps) {
@@ -337,7 +350,7 @@ struct Apply {
     }
     if constexpr (kSumColumns) {
       if (wraps) {
-        for (int j = 0; j < kUnitsPerGroup; ++j) bias_grad[(col + j) % bias_len] += result_lanes[j];
+        for (int j = 0; j < kChunk; ++j) bias_grad[(col + j) % bias_len] += result_lanes[j];
       }
     }
   }
@@ -379,15 +392,21 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end, void*
       bytes = local;
     }
     if (c.out == nullptr) continue;  // only the mask was asked for
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t g = g0 + i;
-      if (g < full_groups) {
-        apply.group(g * kUnitsPerGroup, bytes[i], col);
+    constexpr int kGroups = Lanes<T>::kGroups;
+    for (int64_t i = 0; i < count; i += kGroups) {
+      const int64_t e = (g0 + i) * kUnitsPerGroup;
+      const int64_t n = std::min(std::min<int64_t>(kGroups, count - i) * kUnitsPerGroup, c.numel - e);
+      uint32_t bits = bytes[i];
+      if constexpr (kGroups == 2) {
+        if (i + 1 < count) bits |= uint32_t{bytes[i + 1]} << kUnitsPerGroup;
+      }
+      if (n == Lanes<T>::kChunk) {
+        apply.chunk(e, bits, col);
       } else {
-        apply.partial_group(g * kUnitsPerGroup, tail, bytes[i], col);
+        apply.partial_chunk(e, n, bits, col);
       }
       if constexpr (tracks_columns) {
-        col += kUnitsPerGroup;
+        col += n;
         while (col >= c.bias_len) col -= c.bias_len;
       }
     }
