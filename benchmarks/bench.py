@@ -168,4 +168,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    environment.pin_allocator()
     sys.exit(main())

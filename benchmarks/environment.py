@@ -4,8 +4,24 @@ thread count and the date. Printed first and written into every results file."""
 import datetime
 import os
 import platform
+import sys
 
 import torch
+
+# glibc serves a large allocation from fresh pages (mmap) or from memory an
+# earlier free left behind, depending on what ran before: the same op timed
+# twice could differ 5x. A fixed mmap threshold turns off that adaptation, so
+# that every implementation's large outputs are fresh pages, as x.clone()'s
+# are, and as they are in a training loop for tensors past glibc's 32 MiB.
+PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+
+
+def pin_allocator() -> None:
+    """Restart this process with PINNED_ALLOCATOR in its environment (glibc
+    reads it at start-up), unless it is there already."""
+    if all(os.environ.get(name) == value for name, value in PINNED_ALLOCATOR.items()):
+        return
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **PINNED_ALLOCATOR})
 
 
 def _cpu_name() -> str:
@@ -51,6 +67,7 @@ def describe(device: torch.device, threads: int) -> dict:
         # On the CPU, a new output's page faults cost more than the kernels;
         # PyTorch backs large allocations with huge pages when this is 1.
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -71,7 +88,8 @@ def header(env: dict) -> str:
             f"threads:  {env['threads']} (load average {env['load_average']:.1f} before this run, "
             f"{os.cpu_count()} logical cores)",
             f"memory:   huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE) "
-            f"{'on' if env.get('thp_mem_alloc') else 'off'}",
+            f"{'on' if env.get('thp_mem_alloc') else 'off'}; glibc mmap threshold "
+            f"{env.get('malloc_mmap_threshold') or 'adaptive (not pinned)'}",
             f"date:     {env['date']}",
         ]
     )
