@@ -14,7 +14,8 @@ trap 'rm -rf "$work"' EXIT
 (cd "$work" && REGDROP_SANITIZE=1 REGDROP_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
   "$PYTHON" -m pip install --quiet --no-build-isolation --no-deps --target "$work/site" .)
 library=$(ls "$work"/site/regdrop_ext/_C*.so)
-nm -D "$library" | grep -q __asan_report || { echo "the sanitized build has no ASan checks"; exit 1; }
+# grep reads all of nm's output (no -q): under pipefail, nm must not die of SIGPIPE.
+nm -D "$library" | grep __asan_report > /dev/null || { echo "the sanitized build has no ASan checks"; exit 1; }
 
 # torch is not instrumented, so the runtimes are preloaded; its own
 # allocations are not leaks we can act on.
