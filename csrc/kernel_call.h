@@ -32,10 +32,10 @@ enum class Epilogue : uint8_t {
 
 // Which unit element i (in memory order) belongs to:
 //   unit(i) = (i / block) * channels + (i / inner) % channels
-// element dropout       {1, 1, 1}
-// drop-path             {S, 1, S}      S = numel / N, one unit per sample
-// channel, contiguous   {S, C, C * S}  S = spatial size
-// channel, channels-last{1, C, C * S}
+//   element dropout         {1, 1, 1}
+//   drop-path               {S, 1, S}      S = numel / N, one unit per sample
+//   channel, contiguous     {S, C, C * S}  S = spatial size
+//   channel, channels-last  {1, C, C * S}
 struct UnitLayout {
   int64_t inner = 1;
   int64_t channels = 1;

@@ -1,6 +1,6 @@
 // Every regdrop op schema, written once. The kernels are registered per
-// device at the end of cpu/dropout_cpu.cpp and cuda/dropout_cuda.cu; fake
-// kernels and autograd formulas in regdrop_ext/_ops.py.
+// device at the end of cpu/dropout_cpu.cpp and cuda/dropout_cuda.cu, autograd
+// in autograd.cpp, and fake kernels in regdrop_ext/_ops.py.
 //
 // Conventions shared by all ops:
 //   * A mask is uint8 with ceil(units / 8) bytes; bit i % 8 of byte i / 8 is
