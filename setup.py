@@ -39,7 +39,8 @@ def build_cuda() -> bool:
 def extension():
     cuda = build_cuda()
     # One source list for every build; CMakeLists.txt globs the same folders.
-    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    # csrc/cuda/ is the CUDA backend: its .cpp includes CUDA headers too.
+    sources = sorted(f for f in glob.glob("csrc/**/*.cpp", recursive=True) if not f.startswith("csrc/cuda/"))
     # Results must not depend on the compiler fusing a * b + c: the CPU copies
     # for each instruction set and the CUDA kernels agree bit for bit.
     cxx = ["-O3", "-ffp-contract=off", "-Wno-psabi"]
@@ -59,7 +60,7 @@ def extension():
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-    sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "--fmad=false", "-lineinfo"]
     return CUDAExtension(
         "regdrop_ext._C",

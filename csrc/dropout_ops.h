@@ -80,6 +80,7 @@ inline KernelCall apply_call(const Walk& w, const at::Tensor& out, const at::Ten
   c.out = out.mutable_data_ptr();
   c.scale = scale;
   c.units = w.units;
+  c.unit_count = w.unit_count;
   if (w.residual.defined()) {
     c.residual = w.residual.const_data_ptr();
     c.epilogue = Epilogue::AddResidual;
@@ -259,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add(const at::Tensor& input, con
 }
 
 // grad_input = grad through the mask; grad_bias = its sums over all but the
-// last dimension, accumulated in the kernel (float; double for float64).
+// last dimension, added in the order column_sums.h fixes (in float; double
+// for float64) and rounded once to grad's dtype.
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad,
                                                              const at::Tensor& mask, double p) {
@@ -270,15 +272,14 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& g
   const Walk w = plan_walk(grad, {}, Granularity::Rows);
   check_mask(mask, w.unit_count, grad, "grad");
   at::Tensor out = at::empty_like(w.input);
-  const auto accumulate = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor sums = at::zeros({grad.size(-1)}, grad.options().dtype(accumulate));
+  at::Tensor sums = at::zeros({grad.size(-1)}, grad.options());
   if (w.input.numel() > 0) {
     KernelCall c = read_call(w, Granularity::Rows, out, mask, keep_scale(p));
     c.bias_len = grad.size(-1);
     c.bias_grad = sums.mutable_data_ptr();
     Backend::run(c);
   }
-  return {out, sums.to(grad.scalar_type())};
+  return {out, sums};
 }
 
 template <class Backend>

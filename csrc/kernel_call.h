@@ -86,9 +86,10 @@ struct KernelCall {
   // MaskSource::Elements and MaskSource::Units
   const uint8_t* mask_in = nullptr;
   UnitLayout units;
+  int64_t unit_count = 0;  // bits of mask_in (MaskSource::Units)
 
-  // Bias gradient: column sums (over i % bias_len) of what is written to out,
-  // bias_len accumulators of the compute type (double for Double, else float).
+  // Bias gradient: the column sums (over i % bias_len) of what is written to
+  // out, in the order column_sums.h fixes, as bias_len values of the dtype.
   void* bias_grad = nullptr;
 };
 

@@ -10,7 +10,9 @@
 //   Element  one unit per element, numbered in memory order;
 //   Sample   one unit per slice along dim 0 (drop-path), numbered by index;
 //   Channel  one unit per (n, c) of an (N, C, *) tensor, numbered n * C + c;
-//            native for contiguous and channels-last-like layouts;
+//            native for contiguous layouts, and for channels-last-like ones
+//            with 8 to 2^31 - 1 channels, whose groups of 8 elements then
+//            span at most two runs of channels (what the CUDA kernels use);
 //   Rows     element units, contiguous layout (bias broadcast over the last dim).
 #pragma once
 
@@ -59,7 +61,7 @@ inline bool unit_layout(const at::Tensor& x, Granularity g, UnitLayout& out) {
         return true;
       }
       out = UnitLayout{1, c, c * spatial};
-      return x.movedim(1, -1).is_contiguous();  // (N, *, C) in memory
+      return c >= 8 && c < (int64_t{1} << 31) && x.movedim(1, -1).is_contiguous();  // (N, *, C) in memory
     }
   }
   return false;

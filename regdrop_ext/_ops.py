@@ -1,7 +1,7 @@
 """The ops layer: fake kernels for torch.ops.regdrop, and autograd for the
 in-place ops.
 
-Read next to csrc/ops.cpp, which holds the schemas: every op here has the
+Read next to csrc/schemas.h, which holds the schemas: every op here has the
 same argument list. Fake kernels let torch.compile trace the ops without
 running them; they mirror the layouts chosen by csrc/walk.h. The other ops'
 autograd is in C++ (csrc/autograd.cpp), where it costs a fraction of Python's.
@@ -38,7 +38,7 @@ def _walkable(t: Tensor, granularity: str) -> bool:
         n = t.size(0)
         return n <= 1 or t.stride(0) == t.numel() // n
     if granularity == CHANNEL:
-        return t.is_contiguous() or t.movedim(1, -1).is_contiguous()
+        return t.is_contiguous() or (8 <= t.size(1) < 2**31 and t.movedim(1, -1).is_contiguous())
     return True
 
 

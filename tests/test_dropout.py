@@ -87,6 +87,46 @@ def test_dropped_nan_and_inf_become_zero_kept_ones_propagate(device, dtype):
     assert torch.equal(out[keep & torch.isinf(x)], x[keep & torch.isinf(x)])
 
 
+CANONICAL_NAN = {torch.float32: 0x7FFFFFFF, torch.float64: 0x7FFFFFFFFFFFFFFF, torch.float16: 0x7FFF,
+                 torch.bfloat16: 0x7FFF}
+INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+          torch.bfloat16: torch.int16}
+
+
+def nan_payloads(dtype, n, device):
+    """NaNs of both signs with assorted payloads, as `dtype`."""
+    bits = {torch.float32: [0x7F800001, 0xFFC00000, 0x7FC12345, 0xFFFFFFFF],
+            torch.float64: [0x7FF0000000000001, -0x8000000000000, 0x7FF8123456789ABC, -1],
+            torch.float16: [0x7C01, 0xFE00, 0x7E55, 0xFFFF],
+            torch.bfloat16: [0x7F81, 0xFFC0, 0x7FD5, 0xFFFF]}[dtype]
+    base = torch.tensor(bits * (n // len(bits)), dtype=torch.int64)
+    return base.to(INT_OF[dtype]).view(dtype).to(device)
+
+
+def test_kept_nans_are_written_as_the_canonical_nan(device, dtype):
+    """Contract (README, "Semantics"): a kept NaN comes out as the dtype's
+    canonical NaN on both devices (0x7FFF for 16-bit types, 0x7FFFFFFF,
+    0x7FFFFFFFFFFFFFFF), whatever its payload. A dropped element is 0, or the
+    residual: its bits unchanged in float32 and float64, canonical in the
+    16-bit types, as every NaN a 16-bit kernel writes."""
+    x = nan_payloads(dtype, 1024, device)
+    r = nan_payloads(dtype, 1024, device).flip(0)
+    int_dtype, canonical = INT_OF[dtype], CANONICAL_NAN[dtype]
+    out, mask = ops.dropout(x, 0.5, seed=3)
+    keep = element_keep(mask, out)
+    assert 0 < int(keep.sum()) < 1024
+    assert (out.view(int_dtype)[keep] == canonical).all()
+    assert (out.view(int_dtype)[~keep] == 0).all()
+    out, mask = ops.dropout_add(x, r, 0.5, seed=4)
+    keep = element_keep(mask, out)
+    assert (out.view(int_dtype)[keep] == canonical).all()
+    dropped = out.view(int_dtype)[~keep]
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(dropped, r.view(int_dtype)[~keep])
+    else:
+        assert (dropped == canonical).all()
+
+
 @pytest.mark.parametrize(
     "make",
     [

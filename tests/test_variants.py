@@ -79,12 +79,22 @@ def test_drop_path_module_is_a_drop_in_for_timm():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", [0.2, 0.5])
 def test_channel_dropout_matches_dropout2d_semantics(device, dtype, layout, p):
-    x = LAYOUTS[layout](nonzero_input((4, 6, 5, 7), dtype, device))
+    x = LAYOUTS[layout](nonzero_input((4, 10, 5, 7), dtype, device))
     out, mask = ops.channel_dropout(x, p, **SEED)
-    assert mask.shape == (3,)  # 24 channels -> 3 bytes
+    assert mask.shape == (5,)  # 40 channels -> 5 bytes
     exact(out, masked_reference(x, channel_keep(mask, x), 1 / (1 - p)))
     if layout != "sliced":
         assert out.stride() == x.stride()
+
+
+def test_channels_last_with_fewer_than_8_channels_goes_through_a_contiguous_copy(device):
+    """Masks are numbered n * C + c whatever the layout, so the copy changes
+    only the output's strides."""
+    x = nonzero_input((4, 6, 5, 7), torch.float32, device).contiguous(memory_format=torch.channels_last)
+    out, mask = ops.channel_dropout(x, 0.5, **SEED)
+    out_contiguous, mask_contiguous = ops.channel_dropout(x.contiguous(), 0.5, **SEED)
+    assert torch.equal(mask, mask_contiguous) and torch.equal(out, out_contiguous)
+    assert out.is_contiguous()
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (2, 3, 9), (2, 3, 2, 3, 4)], ids=str)

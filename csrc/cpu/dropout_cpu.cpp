@@ -3,8 +3,8 @@
 // the widest instruction set both this CPU and PyTorch use (kernels.h).
 //
 // Masks depend only on each group's index, so the split does not change
-// them; bias gradients are summed over fixed chunks in a fixed order, so
-// they do not depend on the thread count either.
+// them; bias gradients are summed in the order column_sums.h fixes, so they
+// depend neither on the thread count nor on the device.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -19,43 +19,40 @@ namespace regdrop::cpu {
 namespace {
 
 constexpr int64_t kGrainGroups = 4096;  // 32K elements: below this, one thread
-constexpr int64_t kBiasGradChunks = 64;
 
 // Follows at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY, so
 // one environment variable selects PyTorch's kernels and these together.
-RunGroupsFn select_kernels() {
+KernelSet select_kernels() {
 #if defined(__x86_64__)
   const std::string capability = at::get_cpu_capability();
   __builtin_cpu_init();
   if (capability == "AVX512" && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq")) {
-    return avx512::run_groups;
+    return avx512::kernels;
   }
   if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    return avx2::run_groups;
+    return avx2::kernels;
   }
 #endif
-  return baseline::run_groups;
+  return baseline::kernels;
 }
 
-template <class Acc>
-void run_with_bias_grad(RunGroupsFn run_groups, const KernelCall& c, int64_t groups) {
-  const int64_t chunk = std::max(kGrainGroups, (groups + kBiasGradChunks - 1) / kBiasGradChunks);
-  const int64_t chunks = (groups + chunk - 1) / chunk;
-  std::vector<Acc> partial(static_cast<size_t>(chunks * c.bias_len), Acc(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      run_groups(c, k * chunk, std::min(groups, (k + 1) * chunk), &partial[k * c.bias_len]);
-    }
+// A bias gradient: the plan's (chunk, tile) tasks in parallel, each writing
+// its own accumulators, then the chunks added in order, column by column.
+void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
+  const ColumnSumPlan plan = ColumnSumPlan::make(c.numel / c.bias_len, c.bias_len);
+  const size_t accumulator = c.dtype == ScalarKind::Double ? sizeof(double) : sizeof(float);
+  std::vector<uint8_t> partial(plan.chunks > 1 ? static_cast<size_t>(plan.chunks * plan.cols) * accumulator : 0);
+  void* target = plan.chunks > 1 ? static_cast<void*>(partial.data()) : c.bias_grad;
+  at::parallel_for(0, plan.chunks * plan.tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) kernels.column_sums(c, plan, task, target);
   });
-  Acc* sums = static_cast<Acc*>(c.bias_grad);
-  for (int64_t col = 0; col < c.bias_len; ++col) {
-    Acc sum = 0;
-    for (int64_t k = 0; k < chunks; ++k) sum += partial[k * c.bias_len + col];
-    sums[col] = sum;
-  }
+  if (plan.chunks == 1) return;
+  at::parallel_for(0, plan.cols, kGrainGroups, [&](int64_t begin, int64_t end) {
+    kernels.fold_chunks(c, plan, partial.data(), begin, end);
+  });
 }
 
 }  // namespace
@@ -73,24 +70,16 @@ struct CpuBackend {
   }
 
   static void run(const KernelCall& c) {
-    static const RunGroupsFn run_groups = select_kernels();
+    static const KernelSet kernels = select_kernels();
     if (c.rng_state_out != nullptr) {
       uint64_t seed, offset;
       c.rng.unpack(seed, offset);
       c.rng_state_out[0] = static_cast<int64_t>(seed);
       c.rng_state_out[1] = static_cast<int64_t>(offset);
     }
-    const int64_t groups = mask_bytes(c.numel);
-    if (c.bias_grad != nullptr) {
-      if (c.dtype == ScalarKind::Double) {
-        run_with_bias_grad<double>(run_groups, c, groups);
-      } else {
-        run_with_bias_grad<float>(run_groups, c, groups);
-      }
-      return;
-    }
-    at::parallel_for(0, groups, kGrainGroups,
-                     [&](int64_t begin, int64_t end) { run_groups(c, begin, end, nullptr); });
+    if (c.bias_grad != nullptr) return run_column_sums(kernels, c);
+    at::parallel_for(0, mask_bytes(c.numel), kGrainGroups,
+                     [&](int64_t begin, int64_t end) { kernels.run_groups(c, begin, end); });
   }
 };
 

@@ -6,31 +6,45 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+#include "../column_sums.h"
 #include "../epilogue.h"
 #include "../kernel_call.h"
 #include "../philox.h"
 
 namespace regdrop::cpu {
 
-using RunGroupsFn = void (*)(const KernelCall& call, int64_t group_begin, int64_t group_end,
-                             void* bias_grad);
+// What each copy provides:
+//   run_groups   groups [begin, end) of an element-wise call;
+//   column_sums  one (chunk, tile) task of a bias gradient (column_sums.h),
+//                into `target`: the chunk's accumulators, or the result;
+//   fold_chunks  columns [begin, end) of a bias gradient, from the chunks' sums.
+struct KernelSet {
+  void (*run_groups)(const KernelCall& call, int64_t group_begin, int64_t group_end);
+  void (*column_sums)(const KernelCall& call, const ColumnSumPlan& plan, int64_t task, void* target);
+  void (*fold_chunks)(const KernelCall& call, const ColumnSumPlan& plan, const void* partial,
+                      int64_t col_begin, int64_t col_end);
+};
 
-namespace baseline {
-void run_groups(const KernelCall&, int64_t, int64_t, void*);
-}
+#define REGDROP_DECLARE_KERNEL_SET(isa)                                                        \
+  namespace isa {                                                                               \
+  void run_groups(const KernelCall&, int64_t, int64_t);                                         \
+  void column_sums(const KernelCall&, const ColumnSumPlan&, int64_t, void*);                    \
+  void fold_chunks(const KernelCall&, const ColumnSumPlan&, const void*, int64_t, int64_t);     \
+  inline constexpr KernelSet kernels{run_groups, column_sums, fold_chunks};                     \
+  }
+
+REGDROP_DECLARE_KERNEL_SET(baseline)
 #if defined(__x86_64__)
-namespace avx2 {
-void run_groups(const KernelCall&, int64_t, int64_t, void*);
-}
-namespace avx512 {
-void run_groups(const KernelCall&, int64_t, int64_t, void*);
-}
+REGDROP_DECLARE_KERNEL_SET(avx2)
+REGDROP_DECLARE_KERNEL_SET(avx512)
 #endif
+#undef REGDROP_DECLARE_KERNEL_SET
 
 }  // namespace regdrop::cpu

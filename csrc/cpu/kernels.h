@@ -1,9 +1,10 @@
-// The CPU kernel family: one pass over a range of element groups.
+// The CPU kernel family: one pass over a range of element groups, and the
+// bias gradient's column sums (column_sums.h).
 //
 // kernels_{baseline,avx2,avx512}.cpp each include this file once, after
 // `#pragma GCC target(...)` and with REGDROP_CPU_ISA naming a namespace, so
 // every copy is compiled for its own instruction set and no copy can be linked
-// in place of another (everything but the entry point has internal linkage).
+// in place of another (everything but the entry points has internal linkage).
 // dropout_cpu.cpp picks a copy at run time.
 //
 // Work is done per group of 8 elements, which shares one mask byte. For each
@@ -15,8 +16,8 @@
 // The bytes stay in L1 between the two steps: the tensor is read and written
 // once, and the mask is written once (or not at all in low-memory mode).
 //
-// Requires, included before the pragma: <algorithm>, <cstring>, <immintrin.h>
-// (on x86), "../philox.h", "../epilogue.h".
+// Requires, included before the pragma: <algorithm>, <cstring>, <limits>,
+// <immintrin.h> (on x86), "../column_sums.h", "../epilogue.h", "../philox.h".
 
 #if !defined(REGDROP_CPU_ISA)
 #error "define REGDROP_CPU_ISA before including kernels.h"
@@ -182,6 +183,7 @@ typedef float f32xW __attribute__((vector_size(kFloatWidth * 4)));
 typedef int32_t i32xW __attribute__((vector_size(kFloatWidth * 4)));
 typedef uint32_t u32xW __attribute__((vector_size(kFloatWidth * 4)));
 typedef uint16_t u16xW __attribute__((vector_size(kFloatWidth * 2)));
+typedef int16_t i16xW __attribute__((vector_size(kFloatWidth * 2)));
 typedef double f64xW __attribute__((vector_size(kDoubleWidth * 8)));
 typedef int64_t i64xW __attribute__((vector_size(kDoubleWidth * 8)));
 
@@ -238,24 +240,26 @@ struct Lanes : LaneTypes<T> {
 
   static void store(T* p, V v) {
     if constexpr (std::is_same_v<T, BFloat16>) {
-      // Round to nearest even; NaN becomes 0x7FC0, as c10::BFloat16 does.
+      // Round to nearest even; any NaN becomes the canonical 0x7FFF.
       const u32xW u = reinterpret_cast<u32xW>(v);
       const u32xW rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
       const u32xW is_nan = reinterpret_cast<u32xW>((u & 0x7FFFFFFFu) > 0x7F800000u);
-      const u16xW h = __builtin_convertvector((rounded & ~is_nan) | (is_nan & 0x7FC0u), u16xW);
+      const u16xW h = __builtin_convertvector((rounded & ~is_nan) | (is_nan & 0x7FFFu), u16xW);
       std::memcpy(p, &h, sizeof(h));
     } else if constexpr (std::is_same_v<T, Half>) {
+      u16xW h;
 #if defined(REGDROP_ISA_AVX512)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                          _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+      h = reinterpret_cast<u16xW>(_mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
 #elif defined(REGDROP_ISA_AVX2)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                       _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+      h = reinterpret_cast<u16xW>(_mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
 #else
       typedef _Float16 f16xW __attribute__((vector_size(kFloatWidth * 2)));
-      const f16xW h = __builtin_convertvector(v, f16xW);
-      std::memcpy(p, &h, sizeof(h));
+      h = reinterpret_cast<u16xW>(__builtin_convertvector(v, f16xW));
 #endif
+      // The conversion keeps NaN payloads; any NaN becomes the canonical 0x7FFF.
+      const u16xW is_nan = __builtin_convertvector(v != v, i16xW) != 0;
+      h = (h & ~is_nan) | (is_nan & 0x7FFFu);
+      std::memcpy(p, &h, sizeof(h));
     } else {
       std::memcpy(p, &v, sizeof(v));
     }
@@ -272,23 +276,33 @@ struct Lanes : LaneTypes<T> {
     return reinterpret_cast<V>((reinterpret_cast<Keep>(kept) & keep) |
                                (reinterpret_cast<Keep>(dropped) & ~keep));
   }
+
+  // A kept value, with any NaN written as the canonical NaN (README,
+  // "Semantics"; the CUDA kernels do the same). The 16-bit types get it
+  // from store(); float and double here.
+  static V kept_canonical(V v) {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      const Keep is_nan = v != v;
+      const Keep canonical = Keep{} + static_cast<I>(std::numeric_limits<std::make_unsigned_t<I>>::max() >> 1);
+      return reinterpret_cast<V>((reinterpret_cast<Keep>(v) & ~is_nan) | (canonical & is_nan));
+    } else {
+      return v;
+    }
+  }
 };
 
-// The epilogue of one chunk. kSumColumns: also add the results into the
-// bias-gradient sums. kWholeUnits: chunks are mostly all-kept or all-dropped
-// (unit masks), worth a branch that skips the select, or the input.
-template <class T, Epilogue E, bool kSumColumns, bool kWholeUnits>
+// The epilogue of one chunk. kWholeUnits: chunks are mostly all-kept or
+// all-dropped (unit masks), worth a branch that skips the select, or the input.
+template <class T, Epilogue E, bool kWholeUnits>
 struct Apply {
   using L = Lanes<T>;
   using V = typename L::V;
-  using C = typename L::C;
   static constexpr int kChunk = L::kChunk;
   static constexpr uint32_t kAllKept = (uint64_t{1} << kChunk) - 1;
   const T* in;
   const T* residual;
   const T* bias;
   T* out;
-  C* bias_grad;  // column sums of out (kSumColumns)
   int64_t bias_len;
   V scale;
 
@@ -317,11 +331,10 @@ struct Apply {
         return;
       }
     }
-    // Bias values and bias-gradient sums by column; a row whose width is a
-    // multiple of the chunk never wraps inside one.
+    // Bias values by column; a row whose width is a multiple of the chunk
+    // never wraps inside one.
     const bool wraps = col + kChunk > bias_len;
     T bias_lanes[kChunk];
-    C result_lanes[kChunk];
     if (E == Epilogue::AddBiasResidual && wraps) {
       for (int j = 0; j < kChunk; ++j) bias_lanes[j] = bias[(col + j) % bias_len];
     }
@@ -332,48 +345,32 @@ struct Apply {
       if constexpr (E == Epilogue::AddBiasResidual) {
         bv = L::load(wraps ? bias_lanes + first : bias + col + first);
       }
-      const V kept = kept_value<E>(L::load(x + first), rv, bv, scale);
+      const V kept = L::kept_canonical(kept_value<E>(L::load(x + first), rv, bv, scale));
       const V result = kWholeUnits && bits == kAllKept
                            ? kept
                            : L::blend(L::keep_mask(bits >> first), kept, dropped_value<E>(rv));
       L::store(y + first, result);
-      if constexpr (kSumColumns) {
-        if (!wraps) {
-          V sums;
-          std::memcpy(&sums, bias_grad + col + first, sizeof(sums));
-          sums += result;
-          std::memcpy(bias_grad + col + first, &sums, sizeof(sums));
-        } else {
-          for (int j = 0; j < L::kWidth; ++j) result_lanes[first + j] = result[j];
-        }
-      }
-    }
-    if constexpr (kSumColumns) {
-      if (wraps) {
-        for (int j = 0; j < kChunk; ++j) bias_grad[(col + j) % bias_len] += result_lanes[j];
-      }
     }
   }
 };
 
-template <class T, Epilogue E, MaskSource S, bool kSumColumns = false>
-void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end, void* bias_grad) {
+template <class T, Epilogue E, MaskSource S>
+void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   using C = typename Lanes<T>::C;
-  const Apply<T, E, kSumColumns, S == MaskSource::Units> apply{static_cast<const T*>(c.in),
-                          static_cast<const T*>(c.residual),
-                          static_cast<const T*>(c.bias),
-                          static_cast<T*>(c.out),
-                          static_cast<C*>(bias_grad),
-                          c.bias_len,
-                          typename Lanes<T>::V{} + static_cast<C>(c.scale)};
+  const Apply<T, E, S == MaskSource::Units> apply{static_cast<const T*>(c.in),
+                                                  static_cast<const T*>(c.residual),
+                                                  static_cast<const T*>(c.bias),
+                                                  static_cast<T*>(c.out),
+                                                  c.bias_len,
+                                                  typename Lanes<T>::V{} + static_cast<C>(c.scale)};
   uint64_t seed = 0, offset = 0;
   if constexpr (S == MaskSource::Draw) {
     c.rng.unpack(seed, offset);
   }
   const int64_t full_groups = c.numel / kUnitsPerGroup;
   const int64_t tail = c.numel % kUnitsPerGroup;
-  // Only bias reads and bias-gradient sums need each group's column.
-  constexpr bool tracks_columns = E == Epilogue::AddBiasResidual || kSumColumns;
+  // Only bias reads need each group's column.
+  constexpr bool tracks_columns = E == Epilogue::AddBiasResidual;
   int64_t col = tracks_columns ? (g_begin * kUnitsPerGroup) % c.bias_len : 0;
   uint8_t local[kBlockGroups];
 
@@ -414,20 +411,16 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end, void*
 }
 
 template <class T>
-void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end, void* bias_grad) {
-  if (bias_grad != nullptr) {  // only bias_dropout_add_backward sums columns
-    return run_groups_typed<T, Epilogue::Scale, MaskSource::Elements, true>(c, g_begin, g_end,
-                                                                           bias_grad);
-  }
+void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   auto with_source = [&](auto epilogue) {
     constexpr Epilogue E = decltype(epilogue)::value;
     switch (c.source) {
       case MaskSource::Draw:
-        return run_groups_typed<T, E, MaskSource::Draw>(c, g_begin, g_end, nullptr);
+        return run_groups_typed<T, E, MaskSource::Draw>(c, g_begin, g_end);
       case MaskSource::Elements:
-        return run_groups_typed<T, E, MaskSource::Elements>(c, g_begin, g_end, nullptr);
+        return run_groups_typed<T, E, MaskSource::Elements>(c, g_begin, g_end);
       case MaskSource::Units:
-        return run_groups_typed<T, E, MaskSource::Units>(c, g_begin, g_end, nullptr);
+        return run_groups_typed<T, E, MaskSource::Units>(c, g_begin, g_end);
     }
   };
   switch (c.epilogue) {
@@ -440,20 +433,152 @@ void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end, v
   }
 }
 
+// ------------------------------------------------------ bias gradients
+
+// The keep bits of elements e .. e + n - 1 (n <= 16), at any bit offset.
+inline uint32_t bits_at(const uint8_t* mask, int64_t e, int n) {
+  uint32_t window = 0;
+  std::memcpy(&window, mask + (e >> 3), static_cast<size_t>(((e & 7) + n + 7) >> 3));
+  return (window >> (e & 7)) & ((uint32_t{1} << n) - 1);
+}
+
+// v rounded to T (round to nearest even, canonical NaN), as store() rounds.
+template <class T>
+inline void store_one(T* p, typename Lanes<T>::C v) {
+  T lanes[Lanes<T>::kWidth];
+  Lanes<T>::store(lanes, Lanes<T>::kept_canonical(typename Lanes<T>::V{} + v));
+  *p = lanes[0];
+}
+
+// One (chunk, tile) of a bias gradient (column_sums.h): grad_input = keep ?
+// grad * s : 0 over the chunk's rows and the tile's columns, its lane sums
+// in row order, folded in lane order into `target`: the chunk's row of
+// accumulators, or, with one chunk, the T result.
+template <class T>
+void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, int64_t task, void* target) {
+  using L = Lanes<T>;
+  using C = typename L::C;
+  using V = typename L::V;
+  constexpr int kChunk = L::kChunk;
+  const int64_t chunk = task / plan.tiles, tile = task % plan.tiles;
+  const int64_t width = int64_t{kUnitsPerGroup} * plan.column_groups;
+  const int64_t col0 = tile * width, cols = std::min(plan.cols - col0, width);
+  const int64_t begin = chunk * plan.chunk_rows, end = std::min(plan.rows, begin + plan.chunk_rows);
+  const T* grad = static_cast<const T*>(c.in);
+  T* out = static_cast<T*>(c.out);
+  const V scale = V{} + static_cast<C>(c.scale);
+  // At most lanes x cols <= 8 x kColumnSumThreads sums, in rows rounded up
+  // to whole vectors, or in one run with a vector of slack.
+  alignas(64) C sums[kColumnSumThreads * std::max(kUnitsPerGroup, kChunk) + kChunk];
+
+  // grad_input of elements [e, e + count), added into acc[0, count). Whole
+  // vectors: past `count` it adds +0, which changes no sum.
+  auto segment = [&](int64_t e, int64_t count, C* acc) {
+    for (int64_t k = 0; k < count; k += kChunk) {
+      const int n = static_cast<int>(std::min<int64_t>(kChunk, count - k));
+      const uint32_t bits = bits_at(c.mask_in, e + k, n);
+      T x[kChunk] = {}, y[kChunk];
+      const T* src = n == kChunk ? grad + e + k : x;
+      T* dst = n == kChunk ? out + e + k : y;
+      if (n < kChunk) std::memcpy(x, grad + e + k, sizeof(T) * n);
+      for (int q = 0; q < L::kParts; ++q) {
+        const int first = q * L::kWidth;
+        const V kept = L::kept_canonical(L::load(src + first) * scale);
+        const V value = L::blend(L::keep_mask(bits >> first), kept, V{});
+        L::store(dst + first, value);
+        V sum;
+        std::memcpy(&sum, acc + k + first, sizeof(V));
+        sum += value;
+        std::memcpy(acc + k + first, &sum, sizeof(V));
+      }
+      if (n < kChunk) std::memcpy(out + e + k, y, sizeof(T) * n);
+    }
+  };
+
+  // Lane l's sum of column j is sums[l * stride + j].
+  int64_t stride;
+  if (plan.tiles == 1) {
+    // The tile is whole rows: the chunk is one run of memory, and element
+    // i of it adds into sums[i % (lanes * cols)], so long runs of elements
+    // add into long runs of sums, narrow rows included.
+    stride = cols;
+    const int64_t period = plan.lanes * cols;
+    std::fill(sums, sums + period + kChunk, C(0));
+    for (int64_t i = 0, n = (end - begin) * cols; i < n;) {
+      const int64_t count = std::min(n - i, period - i % period);
+      segment(begin * cols + i, count, sums + i % period);
+      i += count;
+    }
+  } else {
+    // A row of sums per lane, whole vectors apart.
+    stride = (width + kChunk - 1) / kChunk * kChunk;
+    std::fill(sums, sums + plan.lanes * stride, C(0));
+    for (int64_t r = begin; r < end; ++r) segment(r * plan.cols + col0, cols, sums + (r - begin) % plan.lanes * stride);
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    C sum = 0;
+    for (uint32_t l = 0; l < plan.lanes; ++l) sum += sums[l * stride + j];
+    if (plan.chunks == 1) {
+      store_one(static_cast<T*>(target) + col0 + j, sum);
+    } else {
+      static_cast<C*>(target)[chunk * plan.cols + col0 + j] = sum;
+    }
+  }
+}
+
+// Columns [begin, end) of the result: the chunks' sums added in order.
+template <class T>
+void fold_chunks_typed(const ColumnSumPlan& plan, const void* partial, void* result, int64_t begin,
+                       int64_t end) {
+  using C = typename Lanes<T>::C;
+  const C* sums = static_cast<const C*>(partial);
+  for (int64_t col = begin; col < end; ++col) {
+    C sum = 0;
+    for (int64_t k = 0; k < plan.chunks; ++k) sum += sums[k * plan.cols + col];
+    store_one(static_cast<T*>(result) + col, sum);
+  }
+}
+
 }  // namespace
 
-// Groups [g_begin, g_end) of the call. bias_grad, when the call asks for bias
-// gradients, is this range's own array of bias_len accumulators.
-void run_groups(const KernelCall& c, int64_t g_begin, int64_t g_end, void* bias_grad) {
+// The entry points, one set per instruction set (kernel_isa.h).
+void run_groups(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   switch (c.dtype) {
     case ScalarKind::Float:
-      return run_groups_for_dtype<float>(c, g_begin, g_end, bias_grad);
+      return run_groups_for_dtype<float>(c, g_begin, g_end);
     case ScalarKind::Double:
-      return run_groups_for_dtype<double>(c, g_begin, g_end, bias_grad);
+      return run_groups_for_dtype<double>(c, g_begin, g_end);
     case ScalarKind::Half:
-      return run_groups_for_dtype<Half>(c, g_begin, g_end, bias_grad);
+      return run_groups_for_dtype<Half>(c, g_begin, g_end);
     case ScalarKind::BFloat16:
-      return run_groups_for_dtype<BFloat16>(c, g_begin, g_end, bias_grad);
+      return run_groups_for_dtype<BFloat16>(c, g_begin, g_end);
+  }
+}
+
+void column_sums(const KernelCall& c, const ColumnSumPlan& plan, int64_t task, void* target) {
+  switch (c.dtype) {
+    case ScalarKind::Float:
+      return column_sums_typed<float>(c, plan, task, target);
+    case ScalarKind::Double:
+      return column_sums_typed<double>(c, plan, task, target);
+    case ScalarKind::Half:
+      return column_sums_typed<Half>(c, plan, task, target);
+    case ScalarKind::BFloat16:
+      return column_sums_typed<BFloat16>(c, plan, task, target);
+  }
+}
+
+void fold_chunks(const KernelCall& c, const ColumnSumPlan& plan, const void* partial, int64_t begin,
+                 int64_t end) {
+  switch (c.dtype) {
+    case ScalarKind::Float:
+      return fold_chunks_typed<float>(plan, partial, c.bias_grad, begin, end);
+    case ScalarKind::Double:
+      return fold_chunks_typed<double>(plan, partial, c.bias_grad, begin, end);
+    case ScalarKind::Half:
+      return fold_chunks_typed<Half>(plan, partial, c.bias_grad, begin, end);
+    case ScalarKind::BFloat16:
+      return fold_chunks_typed<BFloat16>(plan, partial, c.bias_grad, begin, end);
   }
 }
 

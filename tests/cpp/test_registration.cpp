@@ -8,7 +8,7 @@
 
 namespace {
 
-// The ops of csrc/ops.cpp, each with a function in regdrop/regdrop.h.
+// The ops of csrc/schemas.h, each with a function in regdrop/regdrop.h.
 const std::set<std::string> kOps = {
     "regdrop::dropout",
     "regdrop::dropout_",

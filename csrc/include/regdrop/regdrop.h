@@ -1,4 +1,4 @@
-// The regdrop ops for C++ programs: one function per op of csrc/ops.cpp, with
+// The regdrop ops for C++ programs: one function per op of csrc/schemas.h, with
 // the same arguments, defaults, results and errors as torch.ops.regdrop.* in
 // Python. Errors are c10::Error: c10::ValueError where Python raises
 // ValueError (a bad p), c10::TypeError where it raises TypeError (a bad dtype).

@@ -1,0 +1,248 @@
+// How a KernelCall becomes CUDA launches: which kernel instantiation, which
+// grid, and each launch's parameters. Host code with no CUDA or ATen types,
+// run by two executors: the real launcher (kernels.cu) and the host
+// emulation (tests/cuda_emulation), which thereby checks the launch shapes
+// as well as the thread bodies. An Executor provides
+//
+//   template <class T, Epilogue E, BitSource S>
+//   void elementwise(const ElementwiseParams&, Grid);   // thread = blockIdx.x * threads_x + threadIdx.x
+//   void draw_mask(const DrawMaskParams&, Grid);
+//   template <class T>
+//   void column_sums(const ColumnSumParams&, Grid);     // block (tile, chunk), thread (column group, lane)
+//   template <class T>
+//   void fold_chunks(const void* partial, void* result, const ColumnSumPlan&, Grid);
+//   void* workspace(size_t bytes);                       // device memory for this call
+//
+// Only the combinations the ops launch are instantiated: drawing with every
+// epilogue (forward), reading element masks with Scale (backward), reading
+// unit masks with Scale (channel dropout, drop-path, their backward) and
+// sample units with AddResidual (drop_path_add).
+#pragma once
+
+#include <cstdint>
+#include <algorithm>
+#include <stdexcept>
+
+#include "../column_sums.h"
+#include "../kernel_call.h"
+#include "thread_bodies.h"
+
+namespace regdrop::cuda {
+
+struct Grid {
+  uint32_t blocks_x = 1, blocks_y = 1;
+  uint32_t threads_x = 1, threads_y = 1;
+};
+
+// Launches cover at most max_launch_elements elements, so that every index,
+// and every remainder plus index, of a launch fits in 32 bits; divisors of
+// divisor_limit and more are normalized (see normalize()). The emulation
+// lowers both to reach these paths with small tensors.
+struct LaunchLimits {
+  int64_t max_launch_elements = int64_t{1} << 30;  // a multiple of 8, at most divisor_limit
+  uint32_t divisor_limit = uint32_t{1} << 31;
+};
+
+namespace plan_detail {
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int element_size(ScalarKind t) {
+  return t == ScalarKind::Double ? 8 : t == ScalarKind::Float ? 4 : 2;
+}
+
+// (rem + e) / divisor for the elements e of a launch, as a 32-bit divisor
+// and remainder. A divisor of `limit` or more, which a launch (at most
+// `limit` elements) crosses at most once, becomes `limit`, with the
+// remainder shifted so that quotients and the crossing stay put.
+inline void normalize(int64_t divisor, int64_t rem, uint32_t limit, FastDivmod& div, uint32_t& rem32) {
+  if (divisor < limit) {
+    div = FastDivmod(static_cast<uint32_t>(divisor));
+    rem32 = static_cast<uint32_t>(rem);
+    return;
+  }
+  div = FastDivmod(limit);
+  const int64_t before_limit = divisor - limit;
+  rem32 = rem >= before_limit ? static_cast<uint32_t>(rem - before_limit) : 0;
+}
+
+inline uint32_t threads_for(ScalarKind t) { return element_size(t) == 2 ? 256 : 512; }
+
+inline uint32_t blocks_for(int64_t threads_needed, uint32_t threads) {
+  return static_cast<uint32_t>((threads_needed + threads - 1) / threads);
+}
+
+// How units lie in memory order (kernel_call.h): runs of `inner` elements
+// (element, sample and contiguous channel units), or channels-last.
+inline bool unit_runs(const UnitLayout& u) { return u.inner * u.channels == u.block; }
+
+inline BitSource unit_source(const UnitLayout& u) {
+  if (!unit_runs(u)) return BitSource::UnitChannelsLast;
+  return u.inner % kUnitsPerGroup == 0 ? BitSource::UnitPerGroup : BitSource::UnitRuns;
+}
+
+// The unit walk of the launch whose first element is `first`, over a mask of
+// `units` bits; advances `mask` to the byte of the launch's first unit.
+inline UnitWalk unit_walk(const UnitLayout& u, int64_t units, int64_t first, uint32_t limit,
+                          const uint8_t*& mask) {
+  UnitWalk w;
+  int64_t first_unit;
+  if (unit_runs(u)) {
+    first_unit = first / u.inner;
+    normalize(u.inner, first % u.inner, limit, w.inner, w.inner_rem);
+  } else {
+    if (u.channels < kUnitsPerGroup || u.channels >= limit) {
+      throw std::logic_error("a channels-last walk needs 8 to 2^31 - 1 channels (walk.h)");
+    }
+    first_unit = first / u.block * u.channels;
+    w.channels = FastDivmod(static_cast<uint32_t>(u.channels));
+    w.channel0 = static_cast<uint32_t>(first % u.channels);
+    normalize(u.block, first % u.block, limit, w.block, w.block_rem);
+  }
+  mask += first_unit / 8;
+  w.unit_offset = static_cast<uint32_t>(first_unit % 8);
+  w.last_byte = static_cast<uint32_t>(std::min<int64_t>((units - 1) / 8 - first_unit / 8, UINT32_MAX));
+  return w;
+}
+
+template <class T, Epilogue E, BitSource S, class Executor>
+void launch_elementwise(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
+  const int size = element_size(c.dtype);
+  const uint32_t threads = threads_for(c.dtype);
+  for (int64_t first = 0; first < c.numel; first += limits.max_launch_elements) {
+    const int64_t count = std::min(limits.max_launch_elements, c.numel - first);
+    ElementwiseParams p;
+    p.in = static_cast<const uint8_t*>(c.in) + first * size;
+    p.out = static_cast<uint8_t*>(c.out) + first * size;
+    if (c.residual != nullptr) p.residual = static_cast<const uint8_t*>(c.residual) + first * size;
+    p.numel = static_cast<uint32_t>(count);
+    p.groups = static_cast<uint32_t>(mask_bytes(count));
+    p.scale_f = static_cast<float>(c.scale);
+    p.scale_d = c.scale;
+    p.vector = aligned16(p.in) && aligned16(p.out) && (p.residual == nullptr || aligned16(p.residual));
+    if constexpr (S == BitSource::Draw) {
+      p.rng = c.rng;
+      p.threshold = c.threshold;
+      p.group_base = static_cast<uint64_t>(first / kUnitsPerGroup);
+      if (c.mask_out != nullptr) p.mask_out = c.mask_out + first / kUnitsPerGroup;
+      if (first == 0) p.rng_state_out = c.rng_state_out;
+    } else if constexpr (S == BitSource::Elements) {
+      p.mask_in = c.mask_in + first / kUnitsPerGroup;
+    } else {
+      const uint8_t* mask = c.mask_in;
+      p.units = unit_walk(c.units, c.unit_count, first, limits.divisor_limit, mask);
+      p.mask_in = mask;
+    }
+    if constexpr (E == Epilogue::AddBiasResidual) {
+      const int64_t col = first % c.bias_len;
+      p.bias_row = static_cast<const uint8_t*>(c.bias) + col * size;
+      p.bias_len = c.bias_len;
+      normalize(c.bias_len, col, limits.divisor_limit, p.bias_rows, p.bias_rem);
+      p.bias_vector = c.bias_len % kUnitsPerGroup == 0 && aligned16(c.bias);
+    }
+    exec.template elementwise<T, E, S>(p, Grid{blocks_for(p.groups, threads), 1, threads, 1});
+  }
+}
+
+// Channels-last units come only from channel dropout, which has no residual
+// form: AddResidual reads sample units, always runs.
+template <class T, Epilogue E, class Executor>
+void launch_unit_source(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
+  switch (unit_source(c.units)) {
+    case BitSource::UnitPerGroup:
+      return launch_elementwise<T, E, BitSource::UnitPerGroup>(c, exec, limits);
+    case BitSource::UnitRuns:
+      return launch_elementwise<T, E, BitSource::UnitRuns>(c, exec, limits);
+    default:
+      if constexpr (E == Epilogue::Scale) {
+        return launch_elementwise<T, E, BitSource::UnitChannelsLast>(c, exec, limits);
+      } else {
+        throw std::logic_error("no CUDA kernel for channels-last units with a residual");
+      }
+  }
+}
+
+template <class T, class Executor>
+void launch_column_sums(const KernelCall& c, Executor& exec) {
+  using Acc = Accumulator<T>;
+  ColumnSumParams p;
+  p.plan = ColumnSumPlan::make(c.numel / c.bias_len, c.bias_len);
+  p.grad = c.in;
+  p.out = c.out;
+  p.mask = c.mask_in;
+  p.scale_f = static_cast<float>(c.scale);
+  p.scale_d = c.scale;
+  p.vector = c.bias_len % kUnitsPerGroup == 0 && aligned16(c.in) && aligned16(c.out);
+  const ColumnSumPlan& plan = p.plan;
+  p.partial = plan.chunks == 1 ? c.bias_grad
+                               : exec.workspace(static_cast<size_t>(plan.chunks * plan.cols) * sizeof(Acc));
+  exec.template column_sums<T>(p, Grid{static_cast<uint32_t>(plan.tiles), static_cast<uint32_t>(plan.chunks),
+                                       plan.column_groups, plan.lanes});
+  if (plan.chunks > 1) {
+    exec.template fold_chunks<T>(p.partial, c.bias_grad, plan,
+                                 Grid{blocks_for(plan.cols, 256), 1, 256, 1});
+  }
+}
+
+template <class T, class Executor>
+void launch_typed(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
+  if (c.bias_grad != nullptr) return launch_column_sums<T>(c, exec);
+  switch (c.source) {
+    case MaskSource::Draw:
+      switch (c.epilogue) {
+        case Epilogue::Scale:
+          return launch_elementwise<T, Epilogue::Scale, BitSource::Draw>(c, exec, limits);
+        case Epilogue::AddResidual:
+          return launch_elementwise<T, Epilogue::AddResidual, BitSource::Draw>(c, exec, limits);
+        case Epilogue::AddBiasResidual:
+          return launch_elementwise<T, Epilogue::AddBiasResidual, BitSource::Draw>(c, exec, limits);
+      }
+      break;
+    case MaskSource::Elements:
+      if (c.epilogue == Epilogue::Scale) {
+        return launch_elementwise<T, Epilogue::Scale, BitSource::Elements>(c, exec, limits);
+      }
+      break;
+    case MaskSource::Units:
+      if (c.epilogue == Epilogue::Scale) return launch_unit_source<T, Epilogue::Scale>(c, exec, limits);
+      if (c.epilogue == Epilogue::AddResidual) return launch_unit_source<T, Epilogue::AddResidual>(c, exec, limits);
+      break;
+  }
+  throw std::logic_error("no CUDA kernel for this mask source and epilogue");
+}
+
+template <class Executor>
+void launch_draw_mask(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
+  for (int64_t first = 0; first < c.numel; first += limits.max_launch_elements) {
+    DrawMaskParams p;
+    p.mask_out = c.mask_out + first / kUnitsPerGroup;
+    p.rng = c.rng;
+    p.threshold = c.threshold;
+    p.group_base = static_cast<uint64_t>(first / kUnitsPerGroup);
+    p.units = static_cast<uint32_t>(std::min(limits.max_launch_elements, c.numel - first));
+    exec.draw_mask(p, Grid{blocks_for(mask_bytes(p.units), 256), 1, 256, 1});
+  }
+}
+
+}  // namespace plan_detail
+
+// Runs `c` through `exec`: element-wise kernels, a unit-mask draw (a call
+// with a mask to draw and no output), or a bias gradient.
+template <class Executor>
+void launch(const KernelCall& c, Executor& exec, const LaunchLimits& limits = {}) {
+  using namespace plan_detail;
+  if (c.numel == 0) return;
+  if (c.out == nullptr) return launch_draw_mask(c, exec, limits);
+  switch (c.dtype) {
+    case ScalarKind::Float:
+      return launch_typed<float>(c, exec, limits);
+    case ScalarKind::Double:
+      return launch_typed<double>(c, exec, limits);
+    case ScalarKind::Half:
+      return launch_typed<Half>(c, exec, limits);
+    case ScalarKind::BFloat16:
+      return launch_typed<BFloat16>(c, exec, limits);
+  }
+}
+
+}  // namespace regdrop::cuda

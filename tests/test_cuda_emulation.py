@@ -1,0 +1,301 @@
+"""The CUDA kernels, checked without a GPU.
+
+tests/cuda_emulation/emulated_backend.cpp registers every op a second time
+(torch.ops.regdrop_cuda_emulation.*) with a backend that runs the CUDA launch
+plan on the host: the kernels' thread bodies, compiled by the host compiler
+from the same source nvcc compiles, for every block and thread of every
+launch, block-level phases in order. Here each op is run both ways and the
+outputs, masks, rng_states and bias gradients must be equal bit for bit
+(NaN payloads included) to the CPU kernels'.
+
+Covered: every op and dtype; element, sample and channel units (runs that
+are whole groups, runs that are not, channels-last); tails of 1 to 7
+elements; several blocks; 16-byte aligned operands (the vector path, whose
+128-bit accesses the emulation performs as 16-byte copies and refuses when
+misaligned) and misaligned ones (the scalar path); bias rows that are whole
+groups and rows that are not; bias gradients with one chunk and with many;
+special values (NaN payloads, infinities, subnormals, fp16 overflow); and,
+with the launch limits lowered, calls split into many launches with
+normalized divisors. `pytest -k emulation` selects these tests.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.cpp_extension import load
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+@pytest.fixture(scope="module")
+def emulation():
+    """torch.ops.regdrop_cuda_emulation, built once (about a minute)."""
+    cflags, ldflags, name = ["-O2", "-ffp-contract=off"], [], "regdrop_cuda_emulation"
+    if os.environ.get("REGDROP_SANITIZE") == "1":  # .ci/sanitize.sh: the kernels' bodies under ASan/UBSan too
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cflags, ldflags, name = cflags + sanitize + ["-g"], sanitize, name + "_sanitized"
+    load(
+        name=name,
+        sources=[str(ROOT / "tests/cuda_emulation/emulated_backend.cpp")],
+        extra_include_paths=[str(ROOT / "csrc")],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        is_python_module=False,
+    )
+    return torch.ops.regdrop_cuda_emulation
+
+
+@pytest.fixture
+def small_launches(emulation):
+    """Launches of 32 elements and divisors of 32 or more normalized: the
+    paths of tensors past 2^30 elements and of dimensions past 2^31."""
+    emulation.set_launch_limits(32, 32)
+    yield
+    emulation.set_launch_limits()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert a.stride() == b.stride() or a.numel() <= 1, f"{what}: strides {a.stride()} != {b.stride()}"
+    view = INT_VIEW[a.element_size()]
+    a_bits, b_bits = a.contiguous().view(view), b.contiguous().view(view)
+    if not torch.equal(a_bits, b_bits):
+        where = (a_bits != b_bits).nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: bits differ at {where}")
+
+
+def compare(emulation, op, *args, **kwargs):
+    """op on the CPU kernels and on the emulated CUDA kernels; tensors are
+    cloned per side (with their strides and storage offsets), generators
+    given to both in the same state."""
+
+    def copies():
+        out = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                storage = a.untyped_storage().clone()  # a fresh allocation: offsets keep their alignment
+                out.append(torch.empty(0, dtype=a.dtype).set_(storage, a.storage_offset(), a.shape, a.stride()))
+            elif isinstance(a, torch.Generator):
+                out.append(torch.Generator().set_state(a.get_state()))
+            else:
+                out.append(a)
+        return out
+
+    cpu_args, emulated_args = copies(), copies()
+    expected = getattr(torch.ops.regdrop, op)(*cpu_args, **kwargs)
+    actual = getattr(emulation, op)(*emulated_args, **kwargs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    actual = actual if isinstance(actual, tuple) else (actual,)
+    for k, (e, a) in enumerate(zip(expected, actual)):
+        same_bits(a, e, f"{op} output {k}")
+    for k, (e, a) in enumerate(zip(cpu_args, emulated_args)):  # in-place ops write their input
+        if isinstance(e, torch.Tensor):
+            same_bits(a, e, f"{op} argument {k}")
+    return expected
+
+
+def special_values(dtype):
+    """Bit patterns the kernels must treat alike on both devices: NaNs with
+    payloads and signs, infinities, signed zeros, subnormals, and values
+    that overflow float16 when scaled."""
+    if dtype == torch.float32:
+        bits = [0x7F800001, 0xFFC00000, 0x7FC12345, 0x7F800000, 0xFF800000, 0x80000000, 0x00000001, 0x807FFFFF]
+        return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(dtype)
+    if dtype == torch.float64:
+        bits = [0x7FF0000000000001, -0x8000000000000 * 1, 0x7FF8123456789ABC, 0x7FF0000000000000, 0x1, -1]
+        return torch.tensor(bits, dtype=torch.int64).view(dtype)
+    if dtype == torch.float16:
+        bits = [0x7C01, 0xFE00, 0x7E55, 0x7C00, 0xFC00, 0x8000, 0x0001, 0x83FF, 0x7BFF, 0x7BFE]
+    else:
+        bits = [0x7F81, 0xFFC0, 0x7FD5, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x807F, 0x7F7F]
+    return torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def make(shape, dtype, seed=0, aligned=True, channels_last=False, special=True):
+    """A random tensor of `shape`, with special values sprinkled in; not
+    16-byte aligned unless `aligned` (one element into a larger storage)."""
+    g = torch.Generator().manual_seed(seed)
+    numel = 1
+    for s in shape:
+        numel *= s
+    values = (torch.randn(numel + 1, generator=g, dtype=torch.float64) * 3).to(dtype)
+    if special and numel:
+        extra = special_values(dtype)
+        where = torch.randint(0, numel + 1, (len(extra),), generator=g)
+        values[where] = extra
+    flat = values[:numel] if aligned else values[1:]
+    x = flat.view(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last) if aligned else _misaligned_channels_last(x)
+    return x
+
+
+def _misaligned_channels_last(x):
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
+    out = storage[1:].as_strided(x.shape, x.contiguous(memory_format=torch.channels_last).stride(), 1)
+    out.copy_(x)
+    return out
+
+
+SIZES = [1, 5, 7, 8, 13, 64, 4096 + 3, 2 * 4096 * 2 + 1]  # tails of 0-7 elements; several blocks
+P = [0.0, 0.3, 1.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_emulation_element_ops(emulation, dtype, numel, aligned):
+    x = make((numel,), dtype, seed=numel, aligned=aligned)
+    r = make((numel,), dtype, seed=numel + 1, aligned=aligned)
+    g = make((numel,), dtype, seed=numel + 2, aligned=aligned)
+    for p in P:
+        _, mask = compare(emulation, "dropout", x, p, seed=numel, offset=4)
+        compare(emulation, "dropout_add", x, r, p, seed=numel, offset=8)
+        compare(emulation, "dropout_backward", g, mask, p)
+        _, rng_state = compare(emulation, "dropout_low_memory", x, p, seed=7, offset=12)
+        compare(emulation, "dropout_add_low_memory", x, r, p, seed=7, offset=16)
+        compare(emulation, "dropout_low_memory_backward", g, rng_state, p)
+        compare(emulation, "dropout_", x, p, seed=3)
+    compare(emulation, "dropout", x, 0.5, torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4, 16), (5, 5), (3, 13), (6, 1), (3, 2, 4, 9), (17, 8 * 129 + 3)], ids=str)
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_emulation_sample_units(emulation, dtype, shape, aligned):
+    """drop_path: per-sample sizes that are whole groups, smaller than one,
+    and neither."""
+    x = make(shape, dtype, seed=1, aligned=aligned)
+    r = make(shape, dtype, seed=2, aligned=aligned)
+    for p in P + [0.5]:
+        for scale_by_keep in (True, False):
+            _, mask = compare(emulation, "drop_path", x, p, scale_by_keep, seed=5, offset=4)
+            compare(emulation, "drop_path_add", x, r, p, scale_by_keep, seed=5, offset=4)
+            compare(emulation, "drop_path_backward", r, mask, p, scale_by_keep)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((2, 3, 4, 4), False), ((2, 5, 2, 3), False), ((3, 4, 3, 3), False), ((2, 3, 7), False), ((4, 2, 1), False),
+     ((2, 8, 3, 3), True), ((2, 12, 2, 5), True), ((3, 16, 1, 3), True), ((2, 6, 3, 3), True), ((5, 9, 7, 1), True)],
+    ids=str,
+)
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_emulation_channel_units(emulation, dtype, shape, channels_last, aligned):
+    """Channel dropout: contiguous with spatial sizes that are whole groups,
+    smaller than one and neither; channels-last with 8 channels or more, and
+    fewer (walked through a contiguous copy)."""
+    x = make(shape, dtype, seed=3, aligned=aligned, channels_last=channels_last)
+    for p in P + [0.5]:
+        _, mask = compare(emulation, "channel_dropout", x, p, seed=9, offset=4)
+        compare(emulation, "channel_dropout_backward", x, mask, p)
+        compare(emulation, "channel_dropout_", x, p, seed=9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, cols", [(1, 1), (5, 3), (4, 8), (64, 24), (3, 31), (7, 33), (300, 256), (2, 1000),
+                                        (70, 1), (9, 8 * 1025 + 1)])
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_emulation_bias_dropout_add_and_its_gradient(emulation, dtype, rows, cols, aligned):
+    """Bias rows that are whole groups and rows that are not; the bias
+    gradient's column sums with one chunk, with many, and with few rows."""
+    x = make((rows, cols), dtype, seed=4, aligned=aligned)
+    r = make((rows, cols), dtype, seed=5, aligned=aligned)
+    b = make((cols,), dtype, seed=6, aligned=aligned)
+    for p in P + [0.5]:
+        _, mask = compare(emulation, "bias_dropout_add", x, b, r, p, seed=13, offset=4)
+        compare(emulation, "bias_dropout_add_backward", r, mask, p)
+
+
+def test_emulation_reaches_every_kernel_the_ops_launch(emulation):
+    """Every kernel instantiation that csrc/cuda/kernels.cu builds, named as
+    the machine-code gate names them, runs in one small sweep of the ops."""
+    dtypes = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+    expected = {"draw_mask (unit bits)"}
+    for name in dtypes:
+        expected |= {f"column_sums {name}", f"fold_chunks {name}"}
+        for epilogue, source in [("Scale", "Draw"), ("AddResidual", "Draw"), ("AddBiasResidual", "Draw"),
+                                 ("Scale", "Elements"), ("Scale", "UnitPerGroup"), ("Scale", "UnitRuns"),
+                                 ("Scale", "UnitChannelsLast"), ("AddResidual", "UnitPerGroup"),
+                                 ("AddResidual", "UnitRuns")]:
+            expected.add(f"elementwise {name} {epilogue} {source}")
+    emulation.take_kernels_run()
+    for dtype in dtypes.values():
+        x, r = make((64, 40), dtype, seed=1), make((64, 40), dtype, seed=2)
+        mask = compare(emulation, "bias_dropout_add", x, make((40,), dtype, seed=3), r, 0.5, seed=1)[1]
+        compare(emulation, "bias_dropout_add_backward", make((4096, 40), dtype, seed=4),
+                torch.ops.regdrop.dropout(torch.empty(4096, 40), 0.5, seed=1)[1], 0.5)  # several chunks
+        compare(emulation, "dropout_backward", r, mask, 0.5)
+        compare(emulation, "dropout", x, 0.5, seed=1)
+        compare(emulation, "dropout_add", x, r, 0.5, seed=1)
+        for shape in [(4, 16), (4, 5)]:  # per-sample sizes: whole groups, and not
+            compare(emulation, "drop_path", make(shape, dtype, seed=5), 0.5, seed=1)
+            compare(emulation, "drop_path_add", make(shape, dtype, seed=5), make(shape, dtype, seed=6), 0.5, seed=1)
+        compare(emulation, "channel_dropout", make((2, 8, 3, 3), dtype, seed=7, channels_last=True), 0.5, seed=1)
+    assert set(emulation.take_kernels_run()) == expected
+
+
+def test_emulation_bias_gradient_of_many_rows(emulation):
+    """Chunks, lanes and the chunk fold at a size where each is more than one."""
+    for dtype in DTYPES:
+        g = make((4096, 40), dtype, seed=8)
+        mask = torch.ops.regdrop.dropout(g, 0.5, seed=2)[1]
+        compare(emulation, "bias_dropout_add_backward", g, mask, 0.5)
+
+
+def test_emulation_many_launches_and_large_divisors(emulation, small_launches):
+    """With 32-element launches and divisors of 32 and more normalized, every
+    op that splits a call or divides goes through those paths."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r = make((1000,), dtype, seed=1), make((1000,), dtype, seed=2)
+        _, mask = compare(emulation, "dropout", x, 0.4, seed=1, offset=4)
+        compare(emulation, "dropout_add", x, r, 0.4, seed=1)
+        compare(emulation, "dropout_backward", r, mask, 0.4)
+        _, state = compare(emulation, "dropout_low_memory", x, 0.4, seed=1)
+        compare(emulation, "dropout_low_memory_backward", r, state, 0.4)
+        for shape in [(3, 100), (10, 37), (4, 5, 9)]:  # samples of 100, 37 and 45 elements
+            s, t = make(shape, dtype, seed=3), make(shape, dtype, seed=4)
+            _, mask = compare(emulation, "drop_path", s, 0.5, seed=2)
+            compare(emulation, "drop_path_add", s, t, 0.5, seed=2)
+            compare(emulation, "drop_path_backward", t, mask, 0.5)
+        for shape, channels_last in [((3, 2, 40), False), ((2, 3, 7, 7), False), ((3, 12, 5, 5), True),
+                                     ((2, 9, 4, 1), True)]:
+            c = make(shape, dtype, seed=5, channels_last=channels_last)
+            _, mask = compare(emulation, "channel_dropout", c, 0.5, seed=3)
+            compare(emulation, "channel_dropout_backward", c, mask, 0.5)
+        for rows, cols in [(10, 100), (30, 33), (5, 8)]:
+            a, b, res = make((rows, cols), dtype, seed=6), make((cols,), dtype, seed=7), make((rows, cols), dtype, 8)
+            _, mask = compare(emulation, "bias_dropout_add", a, b, res, 0.5, seed=4)
+            compare(emulation, "bias_dropout_add_backward", res, mask, 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_emulation_agrees_with_the_gpu(emulation, dtype, aligned):
+    """Where a GPU is present: the emulated kernels and the real ones give the
+    same bits, so the emulation is a faithful stand-in where none is."""
+
+    def both(op, *args, **kwargs):
+        on_gpu = getattr(torch.ops.regdrop, op)(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args),
+                                                **kwargs)
+        emulated = getattr(emulation, op)(*args, **kwargs)
+        for k, (g, e) in enumerate(zip(on_gpu, emulated)):
+            same_bits(g.cpu(), e, f"{op} output {k}")
+        return emulated
+
+    x, r = make((37, 129), dtype, seed=1, aligned=aligned), make((37, 129), dtype, seed=2, aligned=aligned)
+    b = make((129,), dtype, seed=3, aligned=aligned)
+    _, mask = both("dropout", x, 0.3, seed=1, offset=8)
+    both("dropout_add", x, r, 0.3, seed=1)
+    both("bias_dropout_add", x, b, r, 0.3, seed=1)
+    both("bias_dropout_add_backward", r, mask, 0.3)
+    both("drop_path_add", x, r, 0.3, seed=1)
+    c = make((4, 12, 5, 5), dtype, seed=4, aligned=aligned, channels_last=True)
+    both("channel_dropout", c, 0.3, seed=1)
+    both("channel_dropout", c.contiguous(), 0.3, seed=1)
