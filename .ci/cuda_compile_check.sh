@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the extension with CUDA forced, for sm_90, against a CUDA 13.0 build of
 # torch and the nvcc on PATH, then checks that every regdrop op has a CUDA
-# kernel. Nothing CUDA runs: this machine has no GPU. A .cu that does not
-# compile fails here.
+# kernel, and runs the machine-code gate (.ci/sass_gate.py) on the sm_90 code
+# it built. Nothing CUDA runs: this machine has no GPU. A .cu that does not
+# compile, or whose kernels spill, call slow paths, lack 128-bit accesses or
+# issue too many instructions per group, fails here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_CUDA=${TORCH_CUDA:-torch==2.14.1}
@@ -29,7 +31,7 @@ trap 'rm -rf "$work"' EXIT
 git ls-files -z | xargs -0 cp --parents -t "$work"
 (cd "$work" && "$venv/bin/pip" install --quiet --no-build-isolation --no-deps --target "$work/site" .)
 
-cd "$work/site" && PYTHONPATH="$work/site" "$venv/bin/python" - <<'PY'
+(cd "$work/site" && PYTHONPATH="$work/site" "$venv/bin/python" - <<'PY'
 import torch
 import regdrop_ext  # loads the CUDA-enabled library
 ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("regdrop::"))
@@ -37,3 +39,9 @@ missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(
 print(f"{len(ops)} ops, CUDA kernels missing for: {missing or 'none'}")
 assert ops and not missing, missing
 PY
+)
+
+# The toolkit has no cuobjdump; the triton wheel beside torch ships one.
+echo "== machine-code gate (sm_90)"
+"$venv/bin/python" .ci/sass_gate.py "$(ls "$work"/site/regdrop_ext/_C*.so)" \
+  --cuobjdump "$site/triton/backends/nvidia/bin/cuobjdump"

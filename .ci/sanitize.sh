@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the CPU extension with AddressSanitizer and UndefinedBehaviorSanitizer
 # and runs, under them, the tests that reach every CPU kernel copy (baseline,
-# AVX2, AVX-512: test_philox.py runs each), every op, layout, tail and dtype.
-# Any out-of-bounds access or undefined behaviour aborts the run.
+# AVX2, AVX-512: test_philox.py runs each), every op, layout, tail and dtype,
+# and the host emulation of the CUDA kernels, built with the sanitizers too
+# (REGDROP_SANITIZE=1): an access past a tensor by a CUDA thread body shows
+# here. Any out-of-bounds access or undefined behaviour aborts the run.
 #   PYTHON: the interpreter of a venv with torch and the test requirements.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,6 +29,6 @@ export PYTHONPATH="$work/site"
 # Run from the sanitized build: the repository's own regdrop_ext/ would shadow it.
 cd "$work/site"
 "$PYTHON" -c "import regdrop_ext, sys; assert regdrop_ext.__file__.startswith('$work/site'), regdrop_ext.__file__"
-"$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys \
+REGDROP_SANITIZE=1 "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys \
   "$repo/tests/test_philox.py" "$repo/tests/test_dropout.py" "$repo/tests/test_variants.py" \
-  "$repo/tests/test_hostile_inputs.py" "$repo/tests/test_concurrency.py"
+  "$repo/tests/test_hostile_inputs.py" "$repo/tests/test_concurrency.py" "$repo/tests/test_cuda_emulation.py"
