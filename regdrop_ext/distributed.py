@@ -47,34 +47,49 @@ class SharedRandomState:
     generators get their states back, as if the block had drawn nothing.
     Blocks do not nest.
 
+    The CUDA device is the one current when a block is entered, not when the
+    object is made: one built before ``torch.cuda.set_device(local_rank)``
+    still draws on the rank's own device. Each device gets its shared stream
+    from ``seed`` on its first block.
+
     Args:
         seed: the same on every rank.
     """
 
     def __init__(self, seed: int) -> None:
-        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None
-        own = self._states()
+        self.seed = seed
+        own = torch.get_rng_state()
         torch.default_generator.manual_seed(seed)
-        if self._cuda_device is not None:
-            torch.cuda.default_generators[self._cuda_device].manual_seed(seed)
-        self._shared = self._states()
-        self._load(own)
+        self._shared_cpu = torch.get_rng_state()
+        torch.set_rng_state(own)
+        self._shared_cuda = {}  # device index -> state, from its first block on
+        self._entered = None
 
-    def _states(self):
-        cuda = None if self._cuda_device is None else torch.cuda.get_rng_state(self._cuda_device)
-        return torch.get_rng_state(), cuda
-
-    def _load(self, states) -> None:
-        cpu, cuda = states
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, self._cuda_device)
+    def _shared_cuda_state(self, device: int) -> torch.Tensor:
+        if device not in self._shared_cuda:
+            generator = torch.cuda.default_generators[device]
+            own = generator.get_state()
+            generator.manual_seed(self.seed)
+            self._shared_cuda[device] = generator.get_state()
+            generator.set_state(own)
+        return self._shared_cuda[device]
 
     def __enter__(self) -> "SharedRandomState":
-        self._own = self._states()
-        self._load(self._shared)
+        if self._entered is not None:
+            raise RuntimeError("SharedRandomState blocks do not nest")
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        own_cuda = None if device is None else torch.cuda.get_rng_state(device)
+        self._entered = (device, torch.get_rng_state(), own_cuda)
+        torch.set_rng_state(self._shared_cpu)
+        if device is not None:
+            torch.cuda.set_rng_state(self._shared_cuda_state(device), device)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._shared = self._states()
-        self._load(self._own)
+        device, own_cpu, own_cuda = self._entered
+        self._entered = None
+        self._shared_cpu = torch.get_rng_state()
+        torch.set_rng_state(own_cpu)
+        if device is not None:
+            self._shared_cuda[device] = torch.cuda.get_rng_state(device)
+            torch.cuda.set_rng_state(own_cuda, device)

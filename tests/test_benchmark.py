@@ -153,3 +153,28 @@ def test_a_wrong_kernel_gets_no_time():
         assert row.check.ran and not row.check.passed and row.failed
         assert "output" in row.check.error
         assert row.time_ms is None and row.gbps is None
+
+
+def _row(op, phase, variant, kind, pct, size=1 << 27):
+    from benchmarks.results import Row
+
+    return Row(op=op, phase=phase, implementation=variant, variant=variant, kind=kind, dtype="bf16", size=size,
+               shape=[size], time_ms=1.0, pct_copy=pct)
+
+
+def test_bandwidth_gate_judges_the_best_of_ours_at_the_largest_size():
+    from benchmarks.bandwidth_gate import shortfalls
+
+    rows = [
+        _row("dropout", "forward", "raw", "ours", 97.0),
+        _row("dropout", "forward", "module", "ours", 90.0),
+        _row("dropout", "backward", "module", "ours", 88.0),
+        _row("dropout", "backward", "low_memory", "ours", 20.0),  # reported elsewhere, not gated
+        _row("dropout", "forward", "raw", "ours", 10.0, size=4096),  # small sizes are latency-bound
+        _row("dropout", "forward", "eager", "eager", 40.0),
+    ]
+    assert shortfalls(rows, 85.0)[1] == []
+    rows.append(_row("dropout_add", "backward", "raw", "ours", 84.9))
+    failures = shortfalls(rows, 85.0)[1]
+    assert len(failures) == 1 and failures[0].startswith("dropout_add backward bf16")
+    assert shortfalls([_row("dropout", "forward", "eager", "eager", 99.0)], 85.0)[1], "nothing of ours judged"
