@@ -8,12 +8,32 @@ Environment:
   TORCH_CUDA_ARCH_LIST  GPU architectures; without it and without a visible
                         GPU, DEFAULT_CUDA_ARCHS is used.
   MAX_JOBS              parallel compile jobs (ninja).
+
+_C links against the torch it is compiled with and loads into no other, so it
+is built against the torch installed in the environment, without pip's build
+isolation, and its wheel requires exactly that torch version:
+
+  pip install --no-build-isolation .       (-e . for development)
+
+torch is deliberately not a build requirement: a build-isolated `pip install .`
+would download a different torch to build against. Without torch importable
+this script stops at once and says so.
 """
 
 import glob
 import os
 
-import torch
+try:
+    import torch
+except ImportError:
+    raise SystemExit(
+        "\nregdrop_ext compiles against the torch it will run with, and no torch is importable here.\n"
+        "A plain `pip install .` builds in an isolated environment that hides your torch\n"
+        "(and would fetch another one: the result would not load into yours).\n"
+        "Install torch first, then build without build isolation:\n\n"
+        "    pip install torch\n"
+        "    pip install --no-build-isolation .        # or -e . for development\n"
+    ) from None
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -70,8 +90,34 @@ def extension():
     )
 
 
+BUILT_AGAINST = os.path.join("regdrop_ext", "_built_against.py")
+
+
+class BuildAgainstInstalledTorch(BuildExtension):
+    """torch's BuildExtension, plus BUILT_AGAINST, written beside _C: the torch
+    it was compiled against, which regdrop_ext checks before loading _C."""
+
+    def run(self):
+        super().run()
+        cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
+        record = (
+            "# Written by setup.py when _C was built: the torch it was compiled against.\n"
+            f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+            f"TORCH_CUDA = {torch.version.cuda if cuda else None!r}  # None: _C has no CUDA kernels\n"
+        )
+        # In place (editable installs): _C was copied into the source tree.
+        for folder in [self.build_lib] + (["."] if self.inplace else []):
+            path = os.path.join(folder, BUILT_AGAINST)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(record)
+
+
 setup(
     packages=find_packages(include=["regdrop_ext", "regdrop_ext.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildAgainstInstalledTorch},
+    # The torch release _C was compiled against (without the local label:
+    # a CPU-only _C also loads into the CUDA build of the same release).
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
 )

@@ -4,10 +4,11 @@ Importing the package loads the C++/CUDA library, which registers the ops as
 ``torch.ops.regdrop.*``, then their fake kernels and autograd (``_ops``).
 """
 
-import torch  # noqa: F401  (loads libtorch, which _C links against)
+from ._library import load_compiled_library
 
-from . import _C  # noqa: F401  (registers torch.ops.regdrop)
-from . import _ops  # noqa: F401  (fake kernels and autograd)
+load_compiled_library()  # registers torch.ops.regdrop, or says why it cannot
+
+from . import _ops  # noqa: E402, F401  (fake kernels and autograd)
 from .convert import ConversionSummary, convert
 from .distributed import SharedRandomState, seed_ranks
 from .functional import (
