@@ -19,6 +19,7 @@ from torch import nn
 
 import regdrop_ext
 from test_dropout import binomial_bounds
+from third_party import import_or_skip
 
 TORCH_TO_FUSED = {
     nn.Dropout: regdrop_ext.Dropout,
@@ -185,14 +186,14 @@ def test_stochastic_depth_row_mode_becomes_drop_path_and_batch_mode_is_left_alon
 
 
 def test_real_timm_drop_path():
-    timm_layers = pytest.importorskip("timm.layers", reason="timm is not installed")
+    timm_layers = import_or_skip("timm.layers")
     model = nn.Sequential(timm_layers.DropPath(0.2, scale_by_keep=False))
     regdrop_ext.convert(model)
     assert type(model[0]) is regdrop_ext.DropPath and not model[0].scale_by_keep
 
 
 def test_real_torchvision_stochastic_depth():
-    tv_ops = pytest.importorskip("torchvision.ops", reason="torchvision is not installed")
+    tv_ops = import_or_skip("torchvision.ops")
     model = nn.Sequential(tv_ops.StochasticDepth(0.2, "row"), tv_ops.StochasticDepth(0.2, "batch"))
     _, summary = regdrop_ext.convert(model)
     assert type(model[0]) is regdrop_ext.DropPath and list(summary.skipped) == ["1"]
