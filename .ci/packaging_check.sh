@@ -2,7 +2,8 @@
 # The install paths of a new user (README "Build"), where they are cheap to check:
 #   1. a plain `pip install .` (build isolation) stops within seconds, before
 #      fetching any torch, and prints the command that works;
-#   2. a wheel built with --no-build-isolation pins the torch it was built against, installs into a fresh venv beside that
+#   2. a wheel built with --no-build-isolation ships _C stripped, pins the
+#      torch it was built against, installs into a fresh venv beside that
 #      torch and imports from another directory;
 #   3. Python run from the checkout root, with that wheel installed, explains
 #      that it found the unbuilt source instead of a circular-import error;
@@ -43,12 +44,18 @@ echo "exit status $status after $((SECONDS - begin)) s"
 grep -q 'pip install --no-build-isolation \.' "$work/isolated.log" || fail "no --no-build-isolation advice"
 ! grep -qi 'torch-[0-9].*\.whl\|Collecting torch' "$work/isolated.log" || fail "pip fetched a torch to build against"
 
-step "wheel built with --no-build-isolation: torch pinned"
+step "wheel built with --no-build-isolation: stripped, torch pinned"
+# In place, so the build folder of `make test` is reused: only the link runs.
 PATH="$(dirname "$PYTHON"):$PATH" "$PYTHON" -m pip wheel --quiet --no-build-isolation --no-deps -w "$work/dist" . 2>&1 | quiet
 wheel=$(ls "$work"/dist/regdrop_ext-*.whl)
 built_torch=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')
 unzip -p "$wheel" '*.dist-info/METADATA' > "$work/METADATA"
 grep -x "Requires-Dist: torch==$built_torch" "$work/METADATA" || fail "METADATA does not pin torch==$built_torch"
+(cd "$work" && unzip -q -o "$wheel" 'regdrop_ext/_C*' -d unpacked)
+library=$(ls "$work"/unpacked/regdrop_ext/_C*.so)
+ls -l "$library"
+readelf -S "$library" > "$work/sections"
+! grep -q '\.debug_info' "$work/sections" || fail "_C has debug info"
 
 step "the wheel installs into a fresh venv beside $TORCH and imports from another directory"
 "$work/fresh/bin/pip" install --quiet "$TORCH" "$wheel" 2>&1 | quiet
