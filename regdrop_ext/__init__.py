@@ -21,7 +21,8 @@ from .functional import (
     dropout3d,
     dropout_add,
 )
-from .mc import MCPrediction, is_dropout_layer, mc_dropout, mc_predict
+from .dropout_layers import is_dropout_layer
+from .mc import MCPrediction, mc_dropout, mc_predict, mc_unreachable_random_calls
 from .modules import (
     BiasDropoutAdd,
     DropPath,
@@ -32,6 +33,7 @@ from .modules import (
     Dropout3d,
     DropoutAdd,
 )
+from .trace import RandomCall, RandomOpTrace, trace_random_ops
 
 __all__ = [
     "BiasDropoutAdd",
@@ -44,6 +46,8 @@ __all__ = [
     "Dropout3d",
     "DropoutAdd",
     "MCPrediction",
+    "RandomCall",
+    "RandomOpTrace",
     "SharedRandomState",
     "bias_dropout_add",
     "convert",
@@ -57,5 +61,7 @@ __all__ = [
     "is_dropout_layer",
     "mc_dropout",
     "mc_predict",
+    "mc_unreachable_random_calls",
     "seed_ranks",
+    "trace_random_ops",
 ]
