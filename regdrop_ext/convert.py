@@ -101,6 +101,11 @@ def convert(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Conve
     The summary counts layers, not random ops. :func:`trace_random_ops` runs
     one forward on an example input and lists the random ops that still run
     natively, and where, and the dropout layers that were never called.
+
+    The converted model compiles with ``torch.jit.script`` wherever the
+    original did (``torch.jit.load`` needs ``import regdrop_ext`` first: it
+    registers the ops). Scripted, ``inplace=True`` layers compute out of place
+    and copy the result back.
     """
     if not inplace:
         model = copy.deepcopy(model)
