@@ -126,10 +126,14 @@ def fused_dropout_only(x):
 )
 def test_compiled_masks_equal_eager_only_when_every_random_op_is_regdrops(device, function, fallback_random, masks_match):
     """README, Guarantees: the regdrop op reads the generator as in eager mode,
-    but Inductor draws a graph's native random numbers its own way, from a
-    seed it takes from the generator when the graph starts, which moves every
-    later draw; fallback_random makes it draw native ops as eager does. Equal
-    masks by chance: probability 2^-4096."""
+    but Inductor draws a graph's native random numbers its own way, from seeds
+    it takes from the generator when the graph starts, so the regdrop op reads
+    the generator at another point; fallback_random makes Inductor draw native
+    ops as eager does. On the CPU's Mersenne Twister that point always differs
+    (equal masks by chance: probability 2^-4096). On CUDA the two draws may
+    happen to advance the Philox offset equally, so only equality is checked."""
+    if device == "cuda" and not masks_match:
+        pytest.skip("on CUDA the masks may match by an equal offset advance: nothing to assert")
     torch._dynamo.reset()
     compiled = torch.compile(function, fullgraph=True, backend="inductor")
     x = torch.randn(4096, device=device)
