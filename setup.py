@@ -119,10 +119,11 @@ class BuildAgainstInstalledTorch(BuildExtension):
     """torch's BuildExtension, plus two things:
 
     - objects go to one folder per Python and torch version that outlives the
-      build, so ninja recompiles only changed sources; an editable install
-      would otherwise compile everything in a fresh temporary folder. The
-      torch version is in the name because its headers are not among the
-      dependencies ninja tracks.
+      build, so ninja recompiles only changed sources (torch's headers
+      included); an editable install would otherwise compile everything in a
+      fresh temporary folder. One folder per torch version keeps each one's
+      objects when switching (make test TORCH=...), and never links objects
+      of one torch against another, whatever the file times say.
     - BUILT_AGAINST, written beside _C, names the torch it was compiled
       against; regdrop_ext checks it before loading _C.
     """

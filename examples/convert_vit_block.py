@@ -87,7 +87,11 @@ def main() -> None:
         assert torch.equal(original.eval()(x), model.eval()(x))
     print("eval outputs identical, state_dict unchanged")
 
-    model.train()
+    # convert sees layers; one traced forward shows every random op that still runs natively.
+    trace = regdrop_ext.trace_random_ops(model.train(), x)
+    print(trace)
+    assert not trace.native, "this block calls no dropout as a function"
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     target = torch.randn(batch, tokens, dim)
     start = time.perf_counter()
