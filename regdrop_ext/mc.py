@@ -72,7 +72,7 @@ def _warn_about_unreachable_random_calls(model: nn.Module, batch: Tensor) -> Non
     except Exception as error:  # a model that cannot run in training mode on its inputs alone
         warnings.warn(
             "mc_predict could not check for random ops that Monte Carlo dropout cannot reach: "
-            f"a training-mode forward raised {type(error).__name__}: {error}",
+            f"a traced forward of two copies of x raised {type(error).__name__}: {error}",
             stacklevel=3,
         )
         return
