@@ -8,12 +8,38 @@ Environment:
   TORCH_CUDA_ARCH_LIST  GPU architectures; without it and without a visible
                         GPU, DEFAULT_CUDA_ARCHS is used.
   MAX_JOBS              parallel compile jobs (ninja).
+  REGDROP_DEBUG=1       keep debug info and symbols in _C. By default _C ships
+                        stripped: Python's CFLAGS carry -g, which makes it
+                        about 16 MB instead of 1 MB.
+
+_C links against the torch it is compiled with and loads into no other, so it
+is built against the torch installed in the environment, without pip's build
+isolation, and its wheel requires exactly that torch version:
+
+  pip install --no-build-isolation .       (-e . for development)
+
+torch is deliberately not a build requirement: a build-isolated `pip install .`
+would download a different torch to build against. Without torch importable
+this script stops at once and says so. Objects live in
+build/temp-<python>-torch-<version>/, which ninja updates incrementally, for
+editable installs too: only changed sources are recompiled.
 """
 
 import glob
 import os
+import sys
 
-import torch
+try:
+    import torch
+except ImportError:
+    raise SystemExit(
+        "\nregdrop_ext compiles against the torch it will run with, and no torch is importable here.\n"
+        "A plain `pip install .` builds in an isolated environment that hides your torch\n"
+        "(and would fetch another one: the result would not load into yours).\n"
+        "Install torch first, then build without build isolation:\n\n"
+        "    pip install torch\n"
+        "    pip install --no-build-isolation .        # or -e . for development\n"
+    ) from None
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -71,8 +97,63 @@ def extension():
     )
 
 
+def strip_unless_debug(ext):
+    """No debug info in _C unless REGDROP_DEBUG=1 (or a sanitizer build, which
+    needs it for its reports): -g0 after Python's -g, and the linker strips."""
+    debug = os.environ.get("REGDROP_DEBUG", "0")
+    if debug not in ("0", "1"):
+        raise SystemExit(f"REGDROP_DEBUG must be 0 or 1, got {debug!r}")
+    if debug == "1":
+        ext.extra_compile_args["cxx"].append("-g")
+        if "nvcc" in ext.extra_compile_args:
+            ext.extra_compile_args["nvcc"].append("-g")
+    elif os.environ.get("REGDROP_SANITIZE") != "1":
+        ext.extra_compile_args["cxx"].append("-g0")
+        ext.extra_link_args.append("-s")
+    return ext
+
+
+BUILT_AGAINST = os.path.join("regdrop_ext", "_built_against.py")
+
+
+class BuildAgainstInstalledTorch(BuildExtension):
+    """torch's BuildExtension, plus two things:
+
+    - objects go to one folder per Python and torch version that outlives the
+      build, so ninja recompiles only changed sources (torch's headers
+      included); an editable install would otherwise compile everything in a
+      fresh temporary folder. One folder per torch version keeps each one's
+      objects when switching (make test TORCH=...), and never links objects
+      of one torch against another, whatever the file times say.
+    - BUILT_AGAINST, written beside _C, names the torch it was compiled
+      against; regdrop_ext checks it before loading _C.
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join("build", f"temp-{sys.implementation.cache_tag}-torch-{torch.__version__}")
+
+    def run(self):
+        super().run()
+        cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
+        record = (
+            "# Written by setup.py when _C was built: the torch it was compiled against.\n"
+            f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+            f"TORCH_CUDA = {torch.version.cuda if cuda else None!r}  # None: _C has no CUDA kernels\n"
+        )
+        # In place (editable installs): _C was copied into the source tree.
+        for folder in [self.build_lib] + (["."] if self.inplace else []):
+            path = os.path.join(folder, BUILT_AGAINST)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(record)
+
+
 setup(
     packages=find_packages(include=["regdrop_ext", "regdrop_ext.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    ext_modules=[strip_unless_debug(extension())],
+    cmdclass={"build_ext": BuildAgainstInstalledTorch},
+    # The torch release _C was compiled against (without the local label:
+    # a CPU-only _C also loads into the CUDA build of the same release).
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
 )

@@ -17,7 +17,7 @@ import regdrop_ext
 
 try:
     from timm.layers import DropPath
-except ImportError:
+except Exception:  # not installed, or broken: timm imports torchvision, which can raise RuntimeError
     DropPath = None
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     model, summary = regdrop_ext.convert(original, inplace=False)
     print(summary)
     if DropPath is None:
-        print("(timm is not installed: the drop paths are nn.Identity)")
+        print("(timm is not usable here: the drop paths are nn.Identity)")
 
     state, converted_state = original.state_dict(), model.state_dict()
     assert list(state) == list(converted_state) and all(torch.equal(state[k], converted_state[k]) for k in state)
@@ -87,7 +87,11 @@ def main() -> None:
         assert torch.equal(original.eval()(x), model.eval()(x))
     print("eval outputs identical, state_dict unchanged")
 
-    model.train()
+    # convert sees layers; one traced forward shows every random op that still runs natively.
+    trace = regdrop_ext.trace_random_ops(model.train(), x)
+    print(trace)
+    assert not trace.native, "this block calls no dropout as a function"
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     target = torch.randn(batch, tokens, dim)
     start = time.perf_counter()

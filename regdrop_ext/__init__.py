@@ -4,10 +4,11 @@ Importing the package loads the C++/CUDA library, which registers the ops as
 ``torch.ops.regdrop.*``, then their fake kernels and autograd (``_ops``).
 """
 
-import torch  # noqa: F401  (loads libtorch, which _C links against)
+from ._library import load_compiled_library
 
-from . import _C  # noqa: F401  (registers torch.ops.regdrop)
-from . import _ops  # noqa: F401  (fake kernels and autograd)
+load_compiled_library()  # registers torch.ops.regdrop, or says why it cannot
+
+from . import _ops  # noqa: E402, F401  (fake kernels and autograd)
 from .convert import ConversionSummary, convert
 from .distributed import SharedRandomState, seed_ranks
 from .functional import (
@@ -20,7 +21,8 @@ from .functional import (
     dropout3d,
     dropout_add,
 )
-from .mc import MCPrediction, is_dropout_layer, mc_dropout, mc_predict
+from .dropout_layers import is_dropout_layer
+from .mc import MCPrediction, mc_dropout, mc_predict, mc_unreachable_random_calls
 from .modules import (
     BiasDropoutAdd,
     DropPath,
@@ -31,6 +33,7 @@ from .modules import (
     Dropout3d,
     DropoutAdd,
 )
+from .trace import RandomCall, RandomOpTrace, trace_random_ops
 
 __all__ = [
     "BiasDropoutAdd",
@@ -43,6 +46,8 @@ __all__ = [
     "Dropout3d",
     "DropoutAdd",
     "MCPrediction",
+    "RandomCall",
+    "RandomOpTrace",
     "SharedRandomState",
     "bias_dropout_add",
     "convert",
@@ -56,5 +61,7 @@ __all__ = [
     "is_dropout_layer",
     "mc_dropout",
     "mc_predict",
+    "mc_unreachable_random_calls",
     "seed_ranks",
+    "trace_random_ops",
 ]

@@ -7,13 +7,13 @@ These layers hold no parameters or buffers, so the state_dict is unchanged.
 """
 
 import copy
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
 
 from . import modules
+from .dropout_layers import stochastic_depth_class, timm_drop_path_classes
 
 __all__ = ["ConversionSummary", "convert"]
 
@@ -24,25 +24,6 @@ _TORCH_DROPOUT = {
     nn.Dropout3d: modules.Dropout3d,
 }
 _FUSED = (*_TORCH_DROPOUT.values(), modules.DropPath, modules.DropoutAdd, modules.BiasDropoutAdd)
-
-
-def _loaded_class(module_name: str, class_name: str) -> Optional[type]:
-    """A class of a module that is already imported, else None. A model that
-    holds a timm or torchvision layer has imported its module, so there is
-    nothing to import here, and nothing is imported where they are absent."""
-    return getattr(sys.modules.get(module_name), class_name, None)
-
-
-def timm_drop_path_classes() -> set[type]:
-    """timm's DropPath: ``timm.layers`` and its older home ``timm.models.layers``
-    (an alias of the same class in recent timm, a class of its own before)."""
-    found = (_loaded_class("timm.layers", "DropPath"), _loaded_class("timm.models.layers", "DropPath"))
-    return {cls for cls in found if cls is not None}
-
-
-def stochastic_depth_class() -> Optional[type]:
-    """torchvision's StochasticDepth, if torchvision.ops is imported."""
-    return _loaded_class("torchvision.ops", "StochasticDepth")
 
 
 def _type_name(cls: type) -> str:
@@ -63,7 +44,14 @@ class ConversionSummary:
             for name, (old, new) in self.replaced.items()
         ]
         lines += [f"  {name or '<model>'}: left alone, {reason}" for name, reason in self.skipped.items()]
+        lines.append(CANNOT_SEE)
         return "\n".join(lines)
+
+
+CANNOT_SEE = (
+    "(layers only: dropout the model calls as a function stays native, and a replaced layer may "
+    "never be called; regdrop_ext.trace_random_ops(model, example_input) shows both)"
+)
 
 
 def _fused(module: nn.Module) -> tuple[Optional[nn.Module], Optional[str]]:
@@ -103,6 +91,21 @@ def convert(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Conve
     Returns:
         ``(converted model, ConversionSummary)``. The converted model is
         ``model`` itself unless ``inplace=False`` or ``model`` is a dropout layer.
+
+    What it cannot know: ``convert`` sees the layers, not the forward. Dropout
+    that the model calls as a function stays native: ``F.dropout(x,
+    self.drop_rate, self.training)`` in timm's classifier heads,
+    ``F.scaled_dot_product_attention(..., dropout_p=...)`` in fused attention
+    (timm, Hugging Face, torchvision). A replaced layer may also never be
+    called: timm keeps ``attn_drop`` but passes its ``p`` to fused attention.
+    The summary counts layers, not random ops. :func:`trace_random_ops` runs
+    one forward on an example input and lists the random ops that still run
+    natively, and where, and the dropout layers that were never called.
+
+    The converted model compiles with ``torch.jit.script`` wherever the
+    original did (``torch.jit.load`` needs ``import regdrop_ext`` first: it
+    registers the ops). Scripted, ``inplace=True`` layers compute out of place
+    and copy the result back.
     """
     if not inplace:
         model = copy.deepcopy(model)

@@ -1,9 +1,14 @@
 """The functional layer: drop-in replacements for torch.nn.functional and timm.
 
-Each function takes the arguments of its torch (or timm) counterpart, plus a
-keyword-only ``generator``, and returns ``input`` itself when it would not
-change it (p == 0 or not training), as torch and timm do. The fused residual
-forms return ``residual + input`` (one add) in that case.
+Each function takes the arguments of its torch (or timm) counterpart, then
+``generator`` (and ``low_memory`` where there is one), and returns ``input``
+itself when it would not change it (p == 0 or not training), as torch and
+timm do. The fused residual forms return ``residual + input`` (one add) in
+that case.
+
+Every function compiles with ``torch.jit.script``, and so do the modules that
+call them: hence no keyword-only arguments, which TorchScript refuses when
+they have defaults, and plain ops where eager mode uses an autograd.Function.
 """
 
 import warnings
@@ -38,7 +43,6 @@ def dropout(
     p: float = 0.5,
     training: bool = True,
     inplace: bool = False,
-    *,
     generator: Optional[torch.Generator] = None,
     low_memory: bool = False,
 ) -> Tensor:
@@ -63,6 +67,8 @@ def dropout(
     if not training or p == 0.0:
         return input
     if inplace:
+        if torch.jit.is_scripting():  # no autograd.Function in TorchScript: out of place, then copied
+            return input.copy_(ops.dropout(input, p, generator)[0])
         return InplaceDropout.apply(input, p, generator, ELEMENT)
     if low_memory:
         return ops.dropout_low_memory(input, p, generator)[0]
@@ -74,7 +80,6 @@ def dropout_add(
     residual: Tensor,
     p: float,
     training: bool = True,
-    *,
     generator: Optional[torch.Generator] = None,
     low_memory: bool = False,
 ) -> Tensor:
@@ -97,7 +102,6 @@ def bias_dropout_add(
     residual: Tensor,
     p: float,
     training: bool = True,
-    *,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """``residual + dropout(input + bias, p)`` in one pass, ``bias`` broadcast
@@ -114,7 +118,6 @@ def drop_path(
     p: float = 0.0,
     training: bool = False,
     scale_by_keep: bool = True,
-    *,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Drop whole samples (stochastic depth), as ``timm.layers.drop_path``:
@@ -132,7 +135,6 @@ def drop_path_add(
     p: float,
     training: bool = True,
     scale_by_keep: bool = True,
-    *,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """``residual + drop_path(input, p)`` in one pass (forward and backward)."""
@@ -142,14 +144,19 @@ def drop_path_add(
     return ops.drop_path_add(input, residual, p, scale_by_keep, generator)[0]
 
 
-def _channel_dropout(input, p, training, inplace, generator, batched):
+def _channel_dropout(
+    input: Tensor, p: float, training: bool, inplace: bool, generator: Optional[torch.Generator], batched: bool
+) -> Tensor:
     """Zero whole channels of an (N, C, *) tensor; ``batched=False`` adds N = 1.
     Its callers have checked ``p``."""
     if not training or p == 0.0:
         return input
     x = input if batched else input.unsqueeze(0)
     if inplace:
-        InplaceDropout.apply(x, p, generator, CHANNEL)
+        if torch.jit.is_scripting():  # as in dropout
+            x.copy_(ops.channel_dropout(x, p, generator)[0])
+        else:
+            InplaceDropout.apply(x, p, generator, CHANNEL)
         return input
     out = ops.channel_dropout(x, p, generator)[0]
     return out if batched else out.squeeze(0)
@@ -170,7 +177,6 @@ def dropout1d(
     p: float = 0.5,
     training: bool = True,
     inplace: bool = False,
-    *,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Drop-in for ``F.dropout1d``: (N, C, L) or unbatched (C, L) inputs;
@@ -191,7 +197,6 @@ def dropout2d(
     p: float = 0.5,
     training: bool = True,
     inplace: bool = False,
-    *,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Drop-in for ``F.dropout2d``, including its rules for other ranks: any
@@ -216,7 +221,6 @@ def dropout3d(
     p: float = 0.5,
     training: bool = True,
     inplace: bool = False,
-    *,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Drop-in for ``F.dropout3d``: (N, C, D, H, W) or unbatched (C, D, H, W)."""

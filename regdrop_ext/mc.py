@@ -3,51 +3,87 @@
 ``mc_dropout`` puts only the dropout layers of a model in training mode;
 ``mc_predict`` runs many stochastic forwards as a few large batches and
 returns their mean and spread.
+
+Dropout that a model calls as a function follows the training flag of the
+module that calls it, which is not a dropout layer and stays in eval mode:
+``F.dropout(x, self.drop_rate, self.training)`` in a classifier head,
+``dropout_p=p if self.training else 0.0`` in fused attention (timm, Hugging
+Face, torchvision). Monte Carlo dropout cannot reach it, converted model or
+not; ``mc_unreachable_random_calls`` finds it and ``mc_predict`` warns.
 """
 
 import contextlib
-from typing import NamedTuple, Optional
+import warnings
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import modules
-from .convert import stochastic_depth_class, timm_drop_path_classes
+from .dropout_layers import is_dropout_layer
+from .trace import RandomCall, trace_random_ops
 
-__all__ = ["MCPrediction", "is_dropout_layer", "mc_dropout", "mc_predict"]
-
-_DROPOUT_LAYERS = (
-    nn.Dropout,  # also regdrop_ext's Dropout, which subclass torch's
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    modules.DropPath,  # also DropPathAdd
-    modules.DropoutAdd,
-    modules.BiasDropoutAdd,
-)
-
-
-def is_dropout_layer(module: nn.Module) -> bool:
-    """True for torch's, regdrop_ext's, timm's and torchvision's dropout and drop-path layers."""
-    third_party = (*timm_drop_path_classes(), stochastic_depth_class())
-    return isinstance(module, _DROPOUT_LAYERS + tuple(cls for cls in third_party if cls is not None))
+__all__ = ["MCPrediction", "mc_dropout", "mc_predict", "mc_unreachable_random_calls"]
 
 
 @contextlib.contextmanager
-def mc_dropout(model: nn.Module):
-    """Within the block, the dropout layers of ``model`` are in training mode
-    and every other module (BatchNorm included) in eval mode. On exit every
-    module gets its previous mode back, also when the block raised."""
+def _modes(model: nn.Module, training: Callable[[nn.Module], bool]):
+    """Each module of ``model`` in training mode where ``training(module)``;
+    every module gets its previous mode back on exit, also after an exception."""
     previous = {module: module.training for module in model.modules()}
     try:
         for module in previous:
-            module.training = is_dropout_layer(module)
+            module.training = training(module)
         yield model
     finally:
-        for module, training in previous.items():
-            module.training = training
+        for module, mode in previous.items():
+            module.training = mode
+
+
+def mc_dropout(model: nn.Module):
+    """Within the block, the dropout layers of ``model`` are in training mode
+    and every other module (BatchNorm included) in eval mode. On exit every
+    module gets its previous mode back, also when the block raised.
+
+    Random ops that follow another module's training flag stay off: see
+    :func:`mc_unreachable_random_calls`."""
+    return _modes(model, is_dropout_layer)
+
+
+def mc_unreachable_random_calls(model: nn.Module, *args, **kwargs) -> list[RandomCall]:
+    """The random ops of a training-mode forward of ``model`` on the example
+    inputs that do not run under :func:`mc_dropout`: randomness that Monte
+    Carlo predictions leave out. Typically functional dropout in a module
+    that is not a dropout layer; fix it in the model (a dropout layer instead
+    of the call), or put that module in training mode too if nothing else in
+    it depends on the mode.
+
+    Runs two forwards through :func:`trace_random_ops` (no gradients; the
+    model's state and the random generators are left as they were)."""
+    with _modes(model, lambda module: True):
+        training = trace_random_ops(model, *args, **kwargs)
+    with mc_dropout(model):
+        reached = {(call.module, call.function, call.op) for call in trace_random_ops(model, *args, **kwargs).calls}
+    return [call for call in training.calls if (call.module, call.function, call.op) not in reached]
+
+
+def _warn_about_unreachable_random_calls(model: nn.Module, batch: Tensor) -> None:
+    try:
+        missed = mc_unreachable_random_calls(model, batch)
+    except Exception as error:  # a model that cannot run in training mode on its inputs alone
+        warnings.warn(
+            "mc_predict could not check for random ops that Monte Carlo dropout cannot reach: "
+            f"a traced forward of two copies of x raised {type(error).__name__}: {error}",
+            stacklevel=3,
+        )
+        return
+    if missed:
+        warnings.warn(
+            f"mc_predict: {sum(call.count for call in missed)} random ops of a training-mode forward do not "
+            "run under mc_dropout, which switches on only the dropout layers; the prediction leaves "
+            "their randomness out (see regdrop_ext.mc_unreachable_random_calls):\n"
+            + "\n".join(f"  {call}" for call in missed),
+            stacklevel=3,
+        )
 
 
 class MCPrediction(NamedTuple):
@@ -94,6 +130,11 @@ def mc_predict(
     Rows must not interact, which holds for every layer once BatchNorm is in
     eval mode, except torchvision's StochasticDepth in "batch" mode.
 
+    First it warns if the model has random ops that Monte Carlo dropout cannot
+    reach (:func:`mc_unreachable_random_calls`, two extra forwards of two
+    copies of ``x``, without gradients, leaving the model's state and the
+    random generators as they were).
+
     Args:
         model: maps a batch ``x`` of N rows to an output of N rows.
         x: the inputs, N rows along dim 0.
@@ -111,6 +152,7 @@ def mc_predict(
         raise ValueError(f"samples must be at least 2, got {samples}")
     if reduce not in (None, "softmax"):
         raise ValueError(f"reduce must be None or 'softmax', got {reduce!r}")
+    _warn_about_unreachable_random_calls(model, x.expand(2, *x.shape).flatten(0, 1))
     rows = x.size(0)
     per_forward = samples if batch_size is None else max(1, batch_size // rows)
     draws = []

@@ -1,7 +1,8 @@
-"""Monte Carlo dropout: which modules mc_dropout turns on, and what
-mc_predict returns, statistically."""
+"""Monte Carlo dropout: which modules mc_dropout turns on, which random ops
+it cannot reach, and what mc_predict returns, statistically."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 import regdrop_ext
 from test_convert import StochasticDepth, TimmDropPath, stand_ins  # noqa: F401  (fixture)
+from test_trace import DROPOUT, SDPA, Classifier
 
 
 def regressor(p: float) -> nn.Module:
@@ -128,11 +130,12 @@ def test_samples_run_as_batches_of_at_most_batch_size_rows():
     rows = []
     model.register_forward_hook(lambda module, args, out: rows.append(args[0].size(0)))
     x = torch.randn(8, 6)
+    check = [16, 16]  # first, the check for unreachable random ops: two forwards of two copies of x
     prediction = regdrop_ext.mc_predict(model, x, samples=10, batch_size=35)  # 4 copies of x per forward
-    assert rows == [32, 32, 16] and prediction.mean.shape == (8, 3)
+    assert rows == check + [32, 32, 16] and prediction.mean.shape == (8, 3)
     rows.clear()
     regdrop_ext.mc_predict(model, x, samples=3, batch_size=5)  # fewer rows than x: one copy per forward
-    assert rows == [8, 8, 8]
+    assert rows == check + [8, 8, 8]
 
 
 def test_softmax_gives_probabilities_and_their_entropy():
@@ -161,3 +164,48 @@ def test_arguments_are_checked():
         regdrop_ext.mc_predict(model, torch.randn(2, 6), samples=1)
     with pytest.raises(ValueError, match="reduce"):
         regdrop_ext.mc_predict(model, torch.randn(2, 6), reduce="mean")
+
+
+# --- random ops that Monte Carlo dropout cannot reach ----------------------------------
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["native", "converted"])
+def test_functional_dropout_is_unreachable_converted_or_not(converted):
+    """The attention's dropout_p and the head's F.dropout follow the training flag of
+    modules that are not dropout layers; the proj_drop layers are reached."""
+    model = Classifier()
+    if converted:
+        regdrop_ext.convert(model)
+    missed = regdrop_ext.mc_unreachable_random_calls(model, torch.randn(4, 5, 16))
+    assert [(call.module, call.function) for call in missed] == [("blocks.0", SDPA), ("blocks.1", SDPA), ("", DROPOUT)]
+
+
+def test_mc_predict_warns_about_unreachable_random_ops_and_names_them():
+    with pytest.warns(UserWarning, match="3 random ops of a training-mode forward do not run under mc_dropout") as record:
+        prediction = regdrop_ext.mc_predict(Classifier().eval(), torch.randn(4, 5, 16), samples=4)
+    assert f"  <model> (Classifier): {DROPOUT} -> aten." in str(record[0].message)
+    assert prediction.mean.shape == (4, 3)
+
+
+def test_no_warning_when_every_random_op_is_a_dropout_layer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        regdrop_ext.mc_predict(regressor(0.3), torch.randn(1, 6), samples=4)  # one row: BatchNorm still checks
+    assert regdrop_ext.mc_unreachable_random_calls(regressor(0.3), torch.randn(2, 6)) == []
+
+
+def test_a_model_that_cannot_run_in_training_mode_is_predicted_with_a_warning():
+    class EvalOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = regressor(0.3)
+
+        def forward(self, x):
+            if self.training:
+                raise RuntimeError("targets are required in training mode")
+            return self.body(x)
+
+    model = EvalOnly().eval()
+    with pytest.warns(UserWarning, match="could not check .* RuntimeError: targets are required"):
+        prediction = regdrop_ext.mc_predict(model, torch.randn(3, 6), samples=4)
+    assert prediction.std.max() > 0
