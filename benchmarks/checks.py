@@ -1,9 +1,11 @@
 """The checks every implementation passes before it is timed.
 
 Every op computes ``output = [residual +] (keep ? ([input + bias]) * scale : 0)``
-with ``scale = 1 / (1 - p)`` and one keep flag per unit: an element, a sample
-along dim 0, or an (n, c) channel. Units are contiguous runs of elements,
-since the benchmark's inputs are contiguous.
+with one keep flag per unit: an element, a sample along dim 0, or an (n, c)
+channel, and ``scale`` the inverse of the keep probability: ``1 / (1 - p)``
+for PyTorch, ``1 / (1 - round(65536 p) / 65536)`` for regdrop, whose p is
+quantized to 2^-16 steps (keep_scale). Units are contiguous runs of
+elements, since the benchmark's inputs are contiguous.
 
 - The keep flags come from the implementation's own mask where it returns
   one; otherwise they are read off its output (inputs are positive, so a kept
@@ -71,25 +73,32 @@ def reference_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dropped(values: Tensor, keep: Tensor, p: float) -> Tensor:
-    """keep ? values / (1 - p) : 0, in place: references of 16M+ elements
+def keep_scale(p: float, quantized: bool) -> float:
+    """The kept units' scale: 1 / (1 - p), or, ``quantized`` (regdrop), the
+    inverse of the keep probability its 16-bit threshold gives."""
+    keep = 1.0 - math.floor(p * 65536.0 + 0.5) / 65536.0 if quantized else 1.0 - p
+    return 1.0 / keep if keep > 0 else 0.0
+
+
+def _dropped(values: Tensor, keep: Tensor, scale: float) -> Tensor:
+    """keep ? values * scale : 0, in place: references of 16M+ elements
     are cheaper with fewer temporaries."""
-    return values.div_(1.0 - p).masked_fill_(keep.logical_not(), 0.0)
+    return values.mul_(scale).masked_fill_(keep.logical_not(), 0.0)
 
 
-def expected_output(operands: Dict[str, Tensor], keep: Tensor, p: float) -> Tensor:
+def expected_output(operands: Dict[str, Tensor], keep: Tensor, scale: float) -> Tensor:
     x = operands["input"]
     y = x.to(reference_dtype(x.dtype), copy=True)
     if "bias" in operands:
         y += operands["bias"]
-    _dropped(y, keep, p)
+    _dropped(y, keep, scale)
     if "residual" in operands:
         y += operands["residual"]
     return y
 
 
-def expected_grads(operands: Dict[str, Tensor], grad: Tensor, keep: Tensor, p: float):
-    grad_input = _dropped(grad.to(reference_dtype(grad.dtype), copy=True), keep, p)
+def expected_grads(operands: Dict[str, Tensor], grad: Tensor, keep: Tensor, scale: float):
+    grad_input = _dropped(grad.to(reference_dtype(grad.dtype), copy=True), keep, scale)
     grads = {"input": grad_input}
     if "bias" in operands:
         grads["bias"] = grad_input.reshape(-1, grad_input.shape[-1]).sum(0, dtype=torch.float64)
@@ -127,16 +136,18 @@ def assert_keep_rate(unit_keep: Tensor, p: float) -> None:
         )
 
 
-def check(operands, output, unit_keep, grad, grads, p: float) -> None:
+def check(operands, output, unit_keep, grad, grads, p: float, quantized: bool) -> None:
     """Raise CheckFailed unless ``output`` and ``grads`` are the op's, given
-    ``unit_keep``; ``grads`` may hold a subset of the differentiable operands."""
+    ``unit_keep``; ``grads`` may hold a subset of the differentiable operands.
+    ``quantized``: the implementation is regdrop's (see keep_scale)."""
     x = operands["input"]
     if output.dtype != x.dtype:
         raise CheckFailed(f"output dtype {output.dtype}, expected {x.dtype}")
     keep = expand(unit_keep, x.shape)
+    scale = keep_scale(p, quantized)
     assert_keep_rate(unit_keep, p)
-    assert_matches("output", output, expected_output(operands, keep, p))
-    for name, expected in expected_grads(operands, grad, keep, p).items():
+    assert_matches("output", output, expected_output(operands, keep, scale))
+    for name, expected in expected_grads(operands, grad, keep, scale).items():
         if name in grads:
             terms = x.numel() // x.shape[-1] if name == "bias" else 1
             assert_matches(f"grad of {name}", grads[name], expected, terms)

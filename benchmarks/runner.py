@@ -121,7 +121,7 @@ def _measure(settings: Settings, op: Op, impl, operands, grad):
     try:
         with torch.no_grad():
             unit_keep = call.unit_keep(output, mask, unit_count(x.shape, op.unit))
-            check(operands, output, unit_keep, grad, grads, settings.p)
+            check(operands, output, unit_keep, grad, grads, settings.p, quantized=base["kind"] == "ours")
     except Exception as error:  # CheckFailed, or results too malformed to compare
         return untimed(Check(passed=False, error=_first_line(error)))
 

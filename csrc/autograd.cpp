@@ -4,278 +4,334 @@
 // a backward op, and the residual's gradient is the incoming gradient itself.
 // Backward ops are linear in `grad` and their own adjoints: double backward.
 //
-// In C++ rather than through torch.library.register_autograd: the Python
-// layers cost about 60 us per forward+backward on the CPU (against 20 us for
-// the kernels), the whole cost of a call below ~64K elements. The in-place
-// ops' autograd stays in regdrop_ext/_ops.py, as a torch.autograd.Function.
+// The kernels build graph nodes the way PyTorch's generated VariableType
+// code does (a Node per call, set_history, rebase_history), not through
+// torch::autograd::Function, which functorch refuses: so torch.func.grad,
+// vjp and vmap-of-grad (per-sample gradients) work on every op. In C++
+// rather than torch.library.register_autograd: the Python layers cost about
+// 60 us per forward+backward on the CPU (against 20 us for the kernels), the
+// whole cost of a call below ~64K elements.
+//
+// The in-place ops (dropout_, channel_dropout_) get what torch's own in-place
+// ops get: autograd through the overwritten tensor (views included), the
+// refusals of torch (a leaf that requires grad, a view of one, an inference
+// tensor outside inference mode) made before anything is written, and a
+// version-counter bump on the ADInplaceOrView key.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "include/regdrop/regdrop.h"
 
 namespace regdrop {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::Function;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using Generator = std::optional<at::Generator>;
 using Seed = std::optional<int64_t>;
 
-// What every backward needs: the saved mask or rng_state, p, and the strides
-// of the output whose memory order element masks follow.
-void save(AutogradContext* ctx, const at::Tensor& out, const at::Tensor& saved, double p) {
-  ctx->mark_non_differentiable({saved});
-  ctx->save_for_backward({saved});
-  ctx->saved_data["p"] = p;
-  ctx->saved_data["strides"] = out.sym_strides();
+// Which backward op a gradient goes through.
+enum class MaskKind : uint8_t {
+  Elements,   // dropout_backward: element masks, in the forward output's memory order
+  LowMemory,  // dropout_low_memory_backward: drawn again from the saved rng_state
+  Channels,   // channel_dropout_backward
+  Samples,    // drop_path_backward
+  Rows,       // bias_dropout_add_backward: element masks, and the bias gradient
+};
+
+bool element_order(MaskKind kind) {
+  return kind == MaskKind::Elements || kind == MaskKind::LowMemory || kind == MaskKind::Rows;
 }
 
-at::Tensor saved_tensor(AutogradContext* ctx) { return ctx->get_saved_variables()[0]; }
-
-double saved_p(AutogradContext* ctx) { return ctx->saved_data["p"].toDouble(); }
+// What a gradient needs from its forward call.
+struct Saved {
+  SavedVariable mask;  // or the rng_state
+  double p = 0;
+  bool scale_by_keep = true;
+  std::vector<c10::SymInt> strides;  // the forward output's, for element masks
+};
 
 // `grad` laid out like the forward output, as element masks require.
-at::Tensor in_output_order(AutogradContext* ctx, const at::Tensor& grad) {
-  const std::vector<c10::SymInt> strides = ctx->saved_data["strides"].toSymIntVector();
-  if (grad.sym_strides() == c10::SymIntArrayRef(strides)) return grad;
-  return at::empty_strided_symint(grad.sym_sizes(), strides, grad.options()).copy_(grad);
+at::Tensor in_output_order(const at::Tensor& grad, c10::SymIntArrayRef strides) {
+  if (grad.sym_strides() == strides) return grad;
+  return grad.new_empty_strided_symint(grad.sym_sizes(), strides).copy_(grad);  // a batched grad stays batched
 }
 
-std::tuple<at::Tensor, at::Tensor> pair(const variable_list& outputs) {
-  return {outputs[0], outputs[1]};
+// Contiguous strides for `t`'s sizes, from a meta tensor: nothing is allocated.
+std::vector<c10::SymInt> contiguous_strides(const at::Tensor& t) {
+  return at::empty_symint(t.sym_sizes(), t.options().device(at::kMeta)).sym_strides().vec();
 }
 
-// Gradients for (input, [residual,] then `rest` non-differentiable arguments).
-variable_list gradients(at::Tensor input, std::optional<at::Tensor> residual, size_t rest) {
-  variable_list grads{std::move(input)};
-  if (residual) grads.push_back(*residual);
-  grads.resize(grads.size() + rest);
-  return grads;
+// grad through the mask of `kind` (the bias gradient too, for Rows). Called
+// through the dispatcher with grad mode as the engine sets it, so a
+// create_graph backward records these ops for double backward.
+std::pair<at::Tensor, at::Tensor> through_mask(MaskKind kind, const Saved& s, const at::Tensor& grad) {
+  const at::Tensor g = element_order(kind) ? in_output_order(grad, s.strides) : grad;
+  const at::Tensor mask = s.mask.unpack();
+  switch (kind) {
+    case MaskKind::Elements:
+      return {dropout_backward(g, mask, s.p), {}};
+    case MaskKind::LowMemory:
+      return {dropout_low_memory_backward(g, mask, s.p), {}};
+    case MaskKind::Channels:
+      return {channel_dropout_backward(g, mask, s.p), {}};
+    case MaskKind::Samples:
+      return {drop_path_backward(g, mask, s.p, s.scale_by_keep), {}};
+    case MaskKind::Rows: {
+      auto [grad_input, grad_bias] = bias_dropout_add_backward(g, mask, s.p);
+      return {grad_input, grad_bias};
+    }
+  }
+  return {};
 }
 
-// ------------------------------------------------------------- forward ops
+// The gradient of a forward op, whose differentiable inputs are, in order,
+// input, then bias (Rows), then residual (the residual forms).
+struct ForwardGradient : Node {
+  ForwardGradient(std::string name, MaskKind kind, bool has_residual)
+      : name_(std::move(name)), kind_(kind), has_residual_(has_residual) {}
 
-using Forward = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, double, const Generator&,
-                                                       Seed, int64_t);
-using ForwardAdd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, double,
-                                                          const Generator&, Seed, int64_t);
-using Backward = at::Tensor (*)(const at::Tensor&, const at::Tensor&, double);
-
-// Element masks follow the output's memory order; unit masks (a bit per
-// channel) do not, and take `grad` in whatever layout it comes.
-at::Tensor grad_for(AutogradContext* ctx, const at::Tensor& grad, bool element_order) {
-  return element_order ? in_output_order(ctx, grad) : grad;
-}
-
-// (output, saved) = Op(input, p, ...); grad_input = Back(grad, saved, p):
-// dropout, dropout_low_memory and channel_dropout.
-template <Forward Op, Backward Back, bool kElementOrder>
-struct Masked : Function<Masked<Op, Back, kElementOrder>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p,
-                               const Generator& g, Seed seed, int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, saved] = Op(input, p, g, seed, offset);
-    save(ctx, out, saved, p);
-    return {out, saved};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return gradients({}, std::nullopt, 4);
-    return gradients(Back(grad_for(ctx, grads[0], kElementOrder), saved_tensor(ctx), saved_p(ctx)),
-                     std::nullopt, 4);
-  }
-};
-
-// The same with a residual added, whose gradient is `grad` itself:
-// dropout_add and dropout_add_low_memory.
-template <ForwardAdd Op, Backward Back>
-struct MaskedAdd : Function<MaskedAdd<Op, Back>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               const at::Tensor& residual, double p, const Generator& g, Seed seed,
-                               int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, saved] = Op(input, residual, p, g, seed, offset);
-    save(ctx, out, saved, p);
-    return {out, saved};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return gradients({}, at::Tensor(), 4);
-    return gradients(Back(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx)), grads[0],
-                     4);
-  }
-};
-
-// Drop-path masks are a bit per sample: any layout of `grad` will do.
-struct DropPath : Function<DropPath> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p,
-                               bool scale_by_keep, const Generator& g, Seed seed, int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mask] = regdrop::drop_path(input, p, scale_by_keep, g, seed, offset);
-    save(ctx, out, mask, p);
-    ctx->saved_data["scale_by_keep"] = scale_by_keep;
-    return {out, mask};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return gradients({}, std::nullopt, 5);
-    return gradients(drop_path_backward(grads[0], saved_tensor(ctx), saved_p(ctx),
-                                        ctx->saved_data["scale_by_keep"].toBool()),
-                     std::nullopt, 5);
-  }
-};
-
-struct DropPathAdd : Function<DropPathAdd> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               const at::Tensor& residual, double p, bool scale_by_keep,
-                               const Generator& g, Seed seed, int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mask] = regdrop::drop_path_add(input, residual, p, scale_by_keep, g, seed, offset);
-    save(ctx, out, mask, p);
-    ctx->saved_data["scale_by_keep"] = scale_by_keep;
-    return {out, mask};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return gradients({}, at::Tensor(), 5);
-    return gradients(drop_path_backward(grads[0], saved_tensor(ctx), saved_p(ctx),
-                                        ctx->saved_data["scale_by_keep"].toBool()),
-                     grads[0], 5);
-  }
-};
-
-struct BiasDropoutAdd : Function<BiasDropoutAdd> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& bias,
-                               const at::Tensor& residual, double p, const Generator& g, Seed seed,
-                               int64_t offset) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mask] = regdrop::bias_dropout_add(input, bias, residual, p, g, seed, offset);
-    save(ctx, out, mask, p);
-    return {out, mask};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(7);
-    auto [grad_input, grad_bias] =
-        bias_dropout_add_backward(in_output_order(ctx, grads[0]), saved_tensor(ctx), saved_p(ctx));
-    return {grad_input, grad_bias, grads[0], {}, {}, {}, {}};
-  }
-};
-
-// ------------------------------------------------------------ backward ops
-
-// grad_input = Op(grad, saved, ...): linear in grad, and its own adjoint.
-template <Backward Op, bool kElementOrder>
-struct SelfAdjoint : Function<SelfAdjoint<Op, kElementOrder>> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& saved,
-                            double p) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor out = Op(grad, saved, p);
-    ctx->save_for_backward({saved});
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["strides"] = out.sym_strides();
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    auto [grad_input, grad_bias] = through_mask(kind_, saved, grad);
+    size_t k = 0;
+    out[k++] = grad_input;
+    if (kind_ == MaskKind::Rows) out[k++] = grad_bias;
+    if (has_residual_) out[k] = grad;
     return out;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(3);
-    return {Op(grad_for(ctx, grads[0], kElementOrder), saved_tensor(ctx), saved_p(ctx)), {}, {}};
-  }
+  std::string name() const override { return name_; }
+  void release_variables() override { saved.mask.reset_data(); }
+
+  Saved saved;
+
+ private:
+  std::string name_;
+  MaskKind kind_;
+  bool has_residual_;
 };
 
-struct DropPathBackward : Function<DropPathBackward> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& mask,
-                            double p, bool scale_by_keep) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    ctx->save_for_backward({mask});
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["scale_by_keep"] = scale_by_keep;
-    return drop_path_backward(grad, mask, p, scale_by_keep);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(4);
-    return {drop_path_backward(grads[0], saved_tensor(ctx), saved_p(ctx),
-                               ctx->saved_data["scale_by_keep"].toBool()),
-            {}, {}, {}};
-  }
-};
+// The gradient of a backward op (double backward): the same op again, which
+// is its own adjoint; for bias_dropout_add_backward, the adjoint of
+// (mask * s * g, its row sums) sends (a, b) to mask * s * (a + b broadcast).
+struct BackwardGradient : Node {
+  BackwardGradient(std::string name, MaskKind kind) : name_(std::move(name)), kind_(kind) {}
 
-// (grad_input, grad_bias) = (mask * s * grad, its row sums): the adjoint
-// sends (a, b) to mask * s * (a + b broadcast over the rows).
-struct BiasDropoutAddBackward : Function<BiasDropoutAddBackward> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& mask,
-                               double p) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_input, grad_bias] = bias_dropout_add_backward(grad, mask, p);
-    save(ctx, grad_input, mask, p);
-    ctx->saved_data["sizes"] = grad.sym_sizes();
-    return {grad_input, grad_bias};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
     at::Tensor total = grads[0];
-    if (grads[1].defined()) {
-      const auto sizes = ctx->saved_data["sizes"].toSymIntVector();
+    if (kind_ == MaskKind::Rows && grads.size() > 1 && grads[1].defined()) {
       total = total.defined() ? total.add(grads[1]) : grads[1].expand_symint(sizes);
     }
-    if (!total.defined()) return variable_list(3);
-    return {dropout_backward(in_output_order(ctx, total), saved_tensor(ctx), saved_p(ctx)), {}, {}};
+    if (!total.defined()) return out;
+    out[0] = through_mask(kind_ == MaskKind::Rows ? MaskKind::Elements : kind_, saved, total).first;
+    return out;
   }
+  std::string name() const override { return name_; }
+  void release_variables() override { saved.mask.reset_data(); }
+
+  Saved saved;
+  std::vector<c10::SymInt> sizes;  // of grad (Rows)
+
+ private:
+  std::string name_;
+  MaskKind kind_;
 };
+
+// A forward op: `call` runs it below autograd and returns (output, mask or
+// rng_state); `inputs` are its differentiable tensors, in argument order.
+template <class Call>
+std::tuple<at::Tensor, at::Tensor> forward(const char* name, MaskKind kind, std::vector<at::Tensor> inputs,
+                                           bool has_residual, double p, bool scale_by_keep, Call&& call) {
+  c10::intrusive_ptr<ForwardGradient> node;
+  if (torch::autograd::compute_requires_grad(inputs)) {
+    node = c10::make_intrusive<ForwardGradient>(name, kind, has_residual);
+    node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  }
+  at::Tensor out, saved;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(out, saved) = call();
+  }
+  if (node) {
+    torch::autograd::set_history(out, node);
+    node->saved = Saved{SavedVariable(saved, true), p, scale_by_keep,
+                        element_order(kind) ? out.sym_strides().vec() : std::vector<c10::SymInt>{}};
+  }
+  return {out, saved};
+}
+
+// An in-place op: torch's checks first, then the op (the ADInplaceOrView
+// kernel bumps the version), then `input`'s history rebased on the node
+// (through CopySlices for a view). Element masks follow the memory order the
+// op walked `input` in: its own, or, for an input that is not dense, a
+// contiguous copy's.
+template <class Call>
+at::Tensor forward_inplace(const char* name, MaskKind kind, const at::Tensor& input, double p, Call&& call) {
+  const bool requires_grad = torch::autograd::compute_requires_grad(input);
+  torch::autograd::check_inplace(input, requires_grad);
+  c10::intrusive_ptr<ForwardGradient> node;
+  std::vector<c10::SymInt> strides;
+  if (requires_grad) {
+    node = c10::make_intrusive<ForwardGradient>(name, kind, false);
+    node->set_next_edges(torch::autograd::collect_next_edges(input));
+    if (element_order(kind)) {
+      strides = input.is_non_overlapping_and_dense() ? input.sym_strides().vec() : contiguous_strides(input);
+    }
+  }
+  at::Tensor mask;
+  {
+    at::AutoDispatchBelowAutograd below_autograd;
+    mask = call();
+  }
+  if (node) {
+    torch::autograd::rebase_history(input, node);
+    node->saved = Saved{SavedVariable(mask, true), p, true, std::move(strides)};
+  }
+  return mask;
+}
+
+// A backward op: `call` runs it below autograd.
+template <class Call>
+auto backward(const char* name, MaskKind kind, const at::Tensor& grad, const at::Tensor& mask, double p,
+              bool scale_by_keep, Call&& call) {
+  c10::intrusive_ptr<BackwardGradient> node;
+  if (torch::autograd::compute_requires_grad(grad)) {
+    node = c10::make_intrusive<BackwardGradient>(name, kind);
+    node->set_next_edges(torch::autograd::collect_next_edges(grad, mask));
+  }
+  decltype(call()) result;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    result = call();
+  }
+  if (node) {
+    at::Tensor grad_input;
+    if constexpr (std::is_same_v<decltype(result), at::Tensor>) {
+      grad_input = result;
+      torch::autograd::set_history(result, node);
+    } else {
+      grad_input = std::get<0>(result);
+      torch::autograd::set_history({std::get<0>(result), std::get<1>(result)}, node);
+      node->sizes = grad.sym_sizes().vec();
+    }
+    node->saved = Saved{SavedVariable(mask, false), p, scale_by_keep,
+                        element_order(kind) ? grad_input.sym_strides().vec() : std::vector<c10::SymInt>{}};
+  }
+  return result;
+}
+
+// The ADInplaceOrView kernel of an in-place op: the op, then the
+// version-counter bump that tells autograd the tensor changed. An inference
+// tensor outside inference mode has no version counter to bump: refused
+// before it is written.
+template <class Call>
+at::Tensor bump_version_after(const at::Tensor& input, Call&& call) {
+  TORCH_CHECK(!input.is_inference() || c10::InferenceMode::is_enabled(),
+              "Inplace update to inference tensor outside InferenceMode is not allowed. "
+              "You can make a clone to get a normal tensor before doing inplace update.");
+  at::Tensor mask;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    mask = call();
+  }
+  torch::autograd::increment_version(input);
+  return mask;
+}
 
 }  // namespace
 }  // namespace regdrop
 
 TORCH_LIBRARY_IMPL(regdrop, Autograd, m) {
   using namespace regdrop;
-  using Dropout = Masked<&dropout, &dropout_backward, true>;
-  using DropoutLowMemory = Masked<&dropout_low_memory, &dropout_low_memory_backward, true>;
-  using ChannelDropout = Masked<&channel_dropout, &channel_dropout_backward, false>;
-  using DropoutAdd = MaskedAdd<&dropout_add, &dropout_backward>;
-  using DropoutAddLowMemory = MaskedAdd<&dropout_add_low_memory, &dropout_low_memory_backward>;
-  m.impl("dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
-                       int64_t offset) { return pair(Dropout::apply(input, p, g, seed, offset)); });
+  m.impl("dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset) {
+    return forward("RegdropDropoutBackward", MaskKind::Elements, {input}, false, p, true,
+                   [&] { return dropout(input, p, g, seed, offset); });
+  });
   m.impl("dropout_low_memory", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
                                   int64_t offset) {
-    return pair(DropoutLowMemory::apply(input, p, g, seed, offset));
+    return forward("RegdropDropoutLowMemoryBackward", MaskKind::LowMemory, {input}, false, p, true,
+                   [&] { return dropout_low_memory(input, p, g, seed, offset); });
   });
   m.impl("channel_dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
                                int64_t offset) {
-    return pair(ChannelDropout::apply(input, p, g, seed, offset));
+    return forward("RegdropChannelDropoutBackward", MaskKind::Channels, {input}, false, p, true,
+                   [&] { return channel_dropout(input, p, g, seed, offset); });
   });
-  m.impl("dropout_add", [](const at::Tensor& input, const at::Tensor& residual, double p,
-                           const Generator& g, Seed seed, int64_t offset) {
-    return pair(DropoutAdd::apply(input, residual, p, g, seed, offset));
+  m.impl("dropout_add", [](const at::Tensor& input, const at::Tensor& residual, double p, const Generator& g,
+                           Seed seed, int64_t offset) {
+    return forward("RegdropDropoutAddBackward", MaskKind::Elements, {input, residual}, true, p, true,
+                   [&] { return dropout_add(input, residual, p, g, seed, offset); });
   });
   m.impl("dropout_add_low_memory", [](const at::Tensor& input, const at::Tensor& residual, double p,
                                       const Generator& g, Seed seed, int64_t offset) {
-    return pair(DropoutAddLowMemory::apply(input, residual, p, g, seed, offset));
+    return forward("RegdropDropoutAddLowMemoryBackward", MaskKind::LowMemory, {input, residual}, true, p, true,
+                   [&] { return dropout_add_low_memory(input, residual, p, g, seed, offset); });
   });
-  m.impl("bias_dropout_add", [](const at::Tensor& input, const at::Tensor& bias,
-                                const at::Tensor& residual, double p, const Generator& g, Seed seed,
+  m.impl("bias_dropout_add", [](const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual,
+                                double p, const Generator& g, Seed seed, int64_t offset) {
+    return forward("RegdropBiasDropoutAddBackward", MaskKind::Rows, {input, bias, residual}, true, p, true,
+                   [&] { return bias_dropout_add(input, bias, residual, p, g, seed, offset); });
+  });
+  m.impl("drop_path", [](const at::Tensor& input, double p, bool scale_by_keep, const Generator& g, Seed seed,
+                         int64_t offset) {
+    return forward("RegdropDropPathBackward", MaskKind::Samples, {input}, false, p, scale_by_keep,
+                   [&] { return drop_path(input, p, scale_by_keep, g, seed, offset); });
+  });
+  m.impl("drop_path_add", [](const at::Tensor& input, const at::Tensor& residual, double p, bool scale_by_keep,
+                             const Generator& g, Seed seed, int64_t offset) {
+    return forward("RegdropDropPathAddBackward", MaskKind::Samples, {input, residual}, true, p, scale_by_keep,
+                   [&] { return drop_path_add(input, residual, p, scale_by_keep, g, seed, offset); });
+  });
+  m.impl("dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset) {
+    return forward_inplace("RegdropDropoutBackward", MaskKind::Elements, input, p,
+                           [&] { return dropout_(input, p, g, seed, offset); });
+  });
+  m.impl("channel_dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
                                 int64_t offset) {
-    return pair(BiasDropoutAdd::apply(input, bias, residual, p, g, seed, offset));
-  });
-  m.impl("drop_path", [](const at::Tensor& input, double p, bool scale_by_keep, const Generator& g,
-                         Seed seed, int64_t offset) {
-    return pair(DropPath::apply(input, p, scale_by_keep, g, seed, offset));
-  });
-  m.impl("drop_path_add", [](const at::Tensor& input, const at::Tensor& residual, double p,
-                             bool scale_by_keep, const Generator& g, Seed seed, int64_t offset) {
-    return pair(DropPathAdd::apply(input, residual, p, scale_by_keep, g, seed, offset));
+    return forward_inplace("RegdropChannelDropoutBackward", MaskKind::Channels, input, p,
+                           [&] { return channel_dropout_(input, p, g, seed, offset); });
   });
   m.impl("dropout_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p) {
-    return SelfAdjoint<&dropout_backward, true>::apply(grad, mask, p);
+    return backward("RegdropDropoutBackwardBackward", MaskKind::Elements, grad, mask, p, true,
+                    [&] { return dropout_backward(grad, mask, p); });
   });
-  m.impl("dropout_low_memory_backward", [](const at::Tensor& grad, const at::Tensor& rng_state,
-                                           double p) {
-    return SelfAdjoint<&dropout_low_memory_backward, true>::apply(grad, rng_state, p);
+  m.impl("dropout_low_memory_backward", [](const at::Tensor& grad, const at::Tensor& rng_state, double p) {
+    return backward("RegdropDropoutLowMemoryBackwardBackward", MaskKind::LowMemory, grad, rng_state, p, true,
+                    [&] { return dropout_low_memory_backward(grad, rng_state, p); });
   });
   m.impl("channel_dropout_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p) {
-    return SelfAdjoint<&channel_dropout_backward, false>::apply(grad, mask, p);
+    return backward("RegdropChannelDropoutBackwardBackward", MaskKind::Channels, grad, mask, p, true,
+                    [&] { return channel_dropout_backward(grad, mask, p); });
   });
-  m.impl("drop_path_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p,
-                                  bool scale_by_keep) {
-    return DropPathBackward::apply(grad, mask, p, scale_by_keep);
+  m.impl("drop_path_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p, bool scale_by_keep) {
+    return backward("RegdropDropPathBackwardBackward", MaskKind::Samples, grad, mask, p, scale_by_keep,
+                    [&] { return drop_path_backward(grad, mask, p, scale_by_keep); });
   });
   m.impl("bias_dropout_add_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p) {
-    return pair(BiasDropoutAddBackward::apply(grad, mask, p));
+    return backward("RegdropBiasDropoutAddBackwardBackward", MaskKind::Rows, grad, mask, p, true,
+                    [&] { return bias_dropout_add_backward(grad, mask, p); });
+  });
+}
+
+TORCH_LIBRARY_IMPL(regdrop, ADInplaceOrView, m) {
+  using namespace regdrop;
+  m.impl("dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset) {
+    return bump_version_after(input, [&] { return dropout_(input, p, g, seed, offset); });
+  });
+  m.impl("channel_dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
+                                int64_t offset) {
+    return bump_version_after(input, [&] { return channel_dropout_(input, p, g, seed, offset); });
   });
 }

@@ -41,7 +41,19 @@ inline void check_matches(const at::Tensor& other, const char* name, const at::T
               like.sizes(), ", got ", other.sizes(), " (broadcasting is not supported)");
 }
 
+// Whether `t`'s storage holds its elements: a resized or borrowed storage
+// may not.
+inline void check_storage(const at::Tensor& t, const char* name) {
+  const int64_t needed = (t.storage_offset() + t.numel()) * static_cast<int64_t>(t.element_size());
+  TORCH_CHECK(t.numel() == 0 || (t.has_storage() && static_cast<int64_t>(t.storage().nbytes()) >= needed),
+              name, "'s storage holds fewer bytes than its ", t.numel(), " elements need");
+}
+
 // A bit mask for `units` units: uint8, 1-D, contiguous, ceil(units / 8) bytes.
+// A mask's meaning is the forward call that returned it: a backward op needs
+// the mask of a tensor of the same shape and layout. That cannot be proved
+// from the mask; its size is checked here, and its padding bits, which
+// forward ops leave 0, by check_mask_padding where the mask is in host memory.
 inline void check_mask(const at::Tensor& mask, int64_t units, const at::Tensor& like,
                        const char* like_name) {
   TORCH_CHECK(mask.defined(), "mask must be a tensor, got None");
@@ -53,6 +65,16 @@ inline void check_mask(const at::Tensor& mask, int64_t units, const at::Tensor& 
               mask.strides());
   TORCH_CHECK(mask.numel() == mask_bytes(units), "mask must have ceil(", units, " / 8) = ",
               mask_bytes(units), " bytes for ", like_name, ", got ", mask.numel());
+  check_storage(mask, "mask");
+}
+
+// Bits past `units` in the last byte are 0 in every mask a forward op
+// returns; one with such bits set was drawn for more units than `like` has.
+inline void check_mask_padding(const at::Tensor& mask, int64_t units, const char* like_name) {
+  if (units % 8 == 0) return;
+  const uint8_t last = mask.const_data_ptr<uint8_t>()[mask.numel() - 1];
+  TORCH_CHECK((last >> (units % 8)) == 0, "mask has bits set past the ", units, " units of ", like_name,
+              ": it was returned for a tensor with more units (a mask belongs to the shape of its forward call)");
 }
 
 // The (seed, offset) a low-memory forward recorded: int64[2] on grad's device.
@@ -65,6 +87,15 @@ inline void check_rng_state(const at::Tensor& rng_state, const at::Tensor& like)
   TORCH_CHECK(rng_state.dim() == 1 && rng_state.numel() == 2 && rng_state.is_contiguous(),
               "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset), got shape ",
               rng_state.sizes());
+  check_storage(rng_state, "rng_state");
+}
+
+// An rng_state in host memory: its offset lies in [0, 2^63), as forward
+// requires of an offset. (On a GPU the values are read by the kernel, not
+// here: checking them would wait for the device.)
+inline void check_rng_state_values(const at::Tensor& rng_state) {
+  const int64_t offset = rng_state.const_data_ptr<int64_t>()[1];
+  TORCH_CHECK_VALUE(offset >= 0, "rng_state's offset must lie in [0, 2^63), got ", offset);
 }
 
 inline void check_rng_args(const std::optional<at::Generator>& generator,
@@ -72,6 +103,8 @@ inline void check_rng_args(const std::optional<at::Generator>& generator,
   TORCH_CHECK(!(generator.has_value() && generator->defined() && seed.has_value()),
               "pass either generator or seed, not both");
   TORCH_CHECK_VALUE(offset >= 0, "offset must be non-negative, got ", offset);
+  TORCH_CHECK_VALUE(seed.has_value() || offset == 0, "offset=", offset,
+                    " needs seed= too: a generator chooses its own offset");
 }
 
 inline void check_writable(const at::Tensor& t, const char* name) {

@@ -5,7 +5,10 @@
 //   static PhiloxSource generator_source(const std::optional<at::Generator>&, at::Device);
 //       locks the generator and reserves a Philox stream from it;
 //   static void run(const KernelCall&);
-//       runs the call on the current device (and stream).
+//       runs the call on the current device (and stream);
+//   static constexpr bool kHostMemory;
+//       whether tensors live in host memory, where checks may read a mask's
+//       or an rng_state's values without waiting for a device.
 //
 // Each device's kernel file ends with
 //   TORCH_LIBRARY_IMPL(regdrop, <Device>, m) { register_ops<Backend>(m); }
@@ -40,8 +43,13 @@ inline ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 
-// 1 / (1 - p); 0 for p == 1, where no element is kept and nothing may be inf.
-inline double keep_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
+// 1 / q for the keep probability q = 1 - round(p * 2^16) / 2^16 that the
+// threshold gives (philox.h), so that E[output] = input for every p; 0 where
+// nothing is kept (p within 2^-17 of 1), so that nothing may be inf.
+inline double keep_scale(double p) {
+  const uint32_t threshold = keep_threshold(p);
+  return threshold < 65536 ? 65536.0 / (65536 - threshold) : 0.0;
+}
 
 inline double drop_path_scale(double p, bool scale_by_keep) {
   return scale_by_keep ? keep_scale(p) : 1.0;
@@ -182,6 +190,7 @@ at::Tensor masked_backward(Granularity g, const at::Tensor& grad, const at::Tens
   c10::DeviceGuard guard(grad.device());
   const Walk w = plan_walk(grad, {}, g);
   check_mask(mask, w.unit_count, grad, "grad");
+  if constexpr (Backend::kHostMemory) check_mask_padding(mask, w.unit_count, "grad");
   at::Tensor out = at::empty_like(w.input);
   if (w.input.numel() > 0) Backend::run(read_call(w, g, out, mask, scale));
   return out;
@@ -271,6 +280,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& g
   c10::DeviceGuard guard(grad.device());
   const Walk w = plan_walk(grad, {}, Granularity::Rows);
   check_mask(mask, w.unit_count, grad, "grad");
+  if constexpr (Backend::kHostMemory) check_mask_padding(mask, w.unit_count, "grad");
   at::Tensor out = at::empty_like(w.input);
   at::Tensor sums = at::zeros({grad.size(-1)}, grad.options());
   if (w.input.numel() > 0) {
@@ -384,6 +394,7 @@ at::Tensor dropout_low_memory_backward(const at::Tensor& grad, const at::Tensor&
   check_probability(p);
   check_floating(grad, "grad");
   check_rng_state(rng_state, grad);
+  if constexpr (Backend::kHostMemory) check_rng_state_values(rng_state);
   c10::DeviceGuard guard(grad.device());
   const Walk w = plan_walk(grad, {}, Granularity::Element);
   at::Tensor out = at::empty_like(w.input);

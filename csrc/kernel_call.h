@@ -93,6 +93,6 @@ struct KernelCall {
   void* bias_grad = nullptr;
 };
 
-inline int64_t mask_bytes(int64_t units) { return (units + 7) / 8; }
+inline int64_t mask_bytes(int64_t units) { return units / 8 + (units % 8 != 0); }
 
 }  // namespace regdrop

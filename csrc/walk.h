@@ -17,6 +17,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/safe_numerics.h>
 
 #include "kernel_call.h"
 
@@ -71,8 +72,12 @@ inline int64_t unit_count(const at::Tensor& x, Granularity g) {
   switch (g) {
     case Granularity::Sample:
       return x.size(0);
-    case Granularity::Channel:
-      return x.size(0) * x.size(1);
+    case Granularity::Channel: {
+      int64_t units = 0;
+      TORCH_CHECK(!c10::mul_overflows(x.size(0), x.size(1), &units), "input of shape ", x.sizes(),
+                  " has more than 2^63 - 1 channels (N * C)");
+      return units;
+    }
     default:
       return x.numel();
   }

@@ -1,14 +1,18 @@
 """regdrop_ext: fused one-pass dropout kernels for PyTorch, with 1-bit masks.
 
 Importing the package loads the C++/CUDA library, which registers the ops as
-``torch.ops.regdrop.*``, then their fake kernels and autograd (``_ops``).
+``torch.ops.regdrop.*`` and their autograd, then their fake kernels
+(``_ops``) and vmap rules (``batching``).
 """
 
 from ._library import load_compiled_library
 
 load_compiled_library()  # registers torch.ops.regdrop, or says why it cannot
 
-from . import _ops  # noqa: E402, F401  (fake kernels and autograd)
+from . import _ops  # noqa: E402, F401  (fake kernels)
+from . import batching  # noqa: E402
+
+batching.register()
 from .convert import ConversionSummary, convert
 from .distributed import SharedRandomState, seed_ranks
 from .functional import (

@@ -1,10 +1,9 @@
-"""The ops layer: fake kernels for torch.ops.regdrop, and autograd for the
-in-place ops.
+"""The ops layer: fake kernels for torch.ops.regdrop.
 
 Read next to csrc/schemas.h, which holds the schemas: every op here has the
 same argument list. Fake kernels let torch.compile trace the ops without
-running them; they mirror the layouts chosen by csrc/walk.h. The other ops'
-autograd is in C++ (csrc/autograd.cpp), where it costs a fraction of Python's.
+running them; they mirror the layouts chosen by csrc/walk.h. Autograd is in
+C++ (csrc/autograd.cpp), where it costs a fraction of Python's.
 """
 
 import torch
@@ -60,103 +59,226 @@ def _new_mask(like: Tensor, units) -> Tensor:
     return like.new_empty(((units + 7) // 8,), dtype=torch.uint8)
 
 
-def _with_stride(grad: Tensor, stride) -> Tensor:
-    """Element masks follow the memory order of the forward output: give ``grad`` its strides."""
-    if grad.stride() == tuple(stride):
-        return grad
-    return grad.new_empty_strided(grad.shape, stride).copy_(grad)
+# --- the checks of csrc/checks.h --------------------------------------------
+#
+# Fake kernels run where the real ones do not: under torch.compile, on meta
+# tensors, and for any call that mixes a meta tensor with real ones. So they
+# check what the real ops check, in the same order and with the same
+# exceptions, and a call that the real op refuses is refused here too.
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_probability(p) -> None:
+    if not 0.0 <= p <= 1.0:  # also rejects NaN
+        raise ValueError(f"p must be a probability in [0, 1], got {p}")
+
+
+def _check_floating(t, name: str) -> None:
+    if t is None:
+        raise RuntimeError(f"{name} must be a tensor, got None")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if t.layout != torch.strided:
+        raise RuntimeError(f"{name} must be a strided (dense) tensor, got {t.layout}")
+
+
+def _check_same_device(t, name: str, like, like_name: str) -> None:
+    if t.device != like.device:
+        raise RuntimeError(f"{name} must be on the same device as {like_name} ({like.device}), got {t.device}")
+
+
+def _check_matches(other, name: str, like, like_name: str) -> None:
+    _check_floating(other, name)
+    _check_same_device(other, name, like, like_name)
+    if other.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {other.dtype}")
+    if other.shape != like.shape:
+        raise RuntimeError(
+            f"{name} must have the shape of {like_name} {list(like.shape)}, got {list(other.shape)} "
+            "(broadcasting is not supported)"
+        )
+
+
+def _check_forward(input, p, generator, seed, offset, needs_dims: int = 0) -> None:
+    _check_probability(p)
+    _check_floating(input, "input")
+    if generator is not None and seed is not None:
+        raise RuntimeError("pass either generator or seed, not both")
+    if offset < 0:
+        raise ValueError(f"offset must be non-negative, got {offset}")
+    if seed is None and offset != 0:
+        raise ValueError(f"offset={offset} needs seed= too: a generator chooses its own offset")
+    if input.dim() < needs_dims:
+        what = "have shape (N, C, *) for channel dropout" if needs_dims == 2 else "have a sample dimension (dim 0)"
+        raise RuntimeError(f"input must {what}, got {list(input.shape)}")
+
+
+def _check_bias(input, bias) -> None:
+    if input.dim() < 1:
+        raise RuntimeError("input must have at least 1 dimension for a bias, got a 0-d tensor")
+    _check_floating(bias, "bias")
+    _check_same_device(bias, "bias", input, "input")
+    if bias.dtype != input.dtype:
+        raise TypeError(f"bias must have the dtype of input ({input.dtype}), got {bias.dtype}")
+    if bias.dim() != 1 or bias.shape[0] != input.shape[-1]:
+        raise RuntimeError(
+            f"bias must be 1-D with the size of input's last dimension ({input.shape[-1]}), got shape "
+            f"{list(bias.shape)}"
+        )
+
+
+def _check_backward(grad, p, needs_dims: int = 0) -> None:
+    _check_probability(p)
+    _check_floating(grad, "grad")
+    if grad.dim() < needs_dims:
+        raise RuntimeError(f"grad must have at least {needs_dims} dimensions, got {list(grad.shape)}")
+
+
+def _check_mask(mask, units, grad) -> None:
+    if mask is None:
+        raise RuntimeError("mask must be a tensor, got None")
+    if mask.dtype != torch.uint8:
+        raise TypeError(f"mask must be uint8, got {mask.dtype}")
+    _check_same_device(mask, "mask", grad, "grad")
+    if mask.dim() != 1 or not mask.is_contiguous():
+        raise RuntimeError(f"mask must be a contiguous 1-D tensor, got shape {list(mask.shape)}")
+    torch._check(
+        mask.numel() == (units + 7) // 8,
+        lambda: f"mask must have ceil({units} / 8) = {(units + 7) // 8} bytes for grad, got {mask.numel()}",
+    )
+
+
+def _check_rng_state(rng_state, grad) -> None:
+    if rng_state is None:
+        raise RuntimeError("rng_state must be a tensor, got None")
+    if rng_state.dtype != torch.int64:
+        raise TypeError(f"rng_state must be int64, got {rng_state.dtype}")
+    _check_same_device(rng_state, "rng_state", grad, "grad")
+    if rng_state.dim() != 1 or rng_state.numel() != 2 or not rng_state.is_contiguous():
+        raise RuntimeError(
+            f"rng_state must be a contiguous int64 tensor of 2 elements (seed, offset), got shape "
+            f"{list(rng_state.shape)}"
+        )
 
 
 # --- fake kernels -------------------------------------------------------------
 
 
+def _like(x: Tensor) -> Tensor:
+    """The output the kernels allocate for walked operand ``x``: its strides,
+    size-1 dimensions' included (at::empty_like copies them)."""
+    return x.new_empty_strided(x.shape, x.stride())
+
+
 def _fake_forward(granularity, input, residual=None):
     x = _walked(input, granularity, residual)
-    return torch.empty_like(x), _new_mask(x, _units(x, granularity))
+    return _like(x), _new_mask(x, _units(x, granularity))
 
 
 def _fake_low_memory(input, residual=None):
-    return torch.empty_like(_walked(input, ELEMENT, residual)), input.new_empty((2,), dtype=torch.int64)
+    return _like(_walked(input, ELEMENT, residual)), input.new_empty((2,), dtype=torch.int64)
 
 
-def _fake_backward(granularity, grad, mask):
-    units = _units(grad, granularity)
-    torch._check(
-        mask.numel() == (units + 7) // 8,
-        lambda: f"mask must have ceil({units} / 8) bytes for grad, got {mask.numel()}",
-    )
-    return torch.empty_like(_walked(grad, granularity))
+def _fake_backward(granularity, grad, mask, p):
+    _check_backward(grad, p, {SAMPLE: 1, CHANNEL: 2, ROWS: 1}.get(granularity, 0))
+    _check_mask(mask, _units(grad, granularity), grad)
+    return _like(_walked(grad, granularity))
 
 
 _register_fake = torch.library.register_fake
 
-_register_fake("regdrop::dropout")(lambda input, p, generator=None, *, seed=None, offset=0: _fake_forward(ELEMENT, input))
-_register_fake("regdrop::dropout_add")(
-    lambda input, residual, p, generator=None, *, seed=None, offset=0: _fake_forward(ELEMENT, input, residual)
-)
-_register_fake("regdrop::bias_dropout_add")(
-    lambda input, bias, residual, p, generator=None, *, seed=None, offset=0: _fake_forward(ROWS, input, residual)
-)
-_register_fake("regdrop::channel_dropout")(
-    lambda input, p, generator=None, *, seed=None, offset=0: _fake_forward(CHANNEL, input)
-)
-_register_fake("regdrop::drop_path")(
-    lambda input, p, scale_by_keep=True, generator=None, *, seed=None, offset=0: _fake_forward(SAMPLE, input)
-)
-_register_fake("regdrop::drop_path_add")(
-    lambda input, residual, p, scale_by_keep=True, generator=None, *, seed=None, offset=0: _fake_forward(
-        SAMPLE, input, residual
-    )
-)
-_register_fake("regdrop::dropout_low_memory")(
-    lambda input, p, generator=None, *, seed=None, offset=0: _fake_low_memory(input)
-)
-_register_fake("regdrop::dropout_add_low_memory")(
-    lambda input, residual, p, generator=None, *, seed=None, offset=0: _fake_low_memory(input, residual)
-)
-_register_fake("regdrop::dropout_")(
-    lambda input, p, generator=None, *, seed=None, offset=0: _new_mask(input, input.numel())
-)
-_register_fake("regdrop::channel_dropout_")(
-    lambda input, p, generator=None, *, seed=None, offset=0: _new_mask(input, _units(input, CHANNEL))
-)
-_register_fake("regdrop::dropout_backward")(lambda grad, mask, p: _fake_backward(ELEMENT, grad, mask))
-_register_fake("regdrop::channel_dropout_backward")(lambda grad, mask, p: _fake_backward(CHANNEL, grad, mask))
+
+@_register_fake("regdrop::dropout")
+def _(input, p, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset)
+    return _fake_forward(ELEMENT, input)
+
+
+@_register_fake("regdrop::dropout_add")
+def _(input, residual, p, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset)
+    _check_matches(residual, "residual", input, "input")
+    return _fake_forward(ELEMENT, input, residual)
+
+
+@_register_fake("regdrop::bias_dropout_add")
+def _(input, bias, residual, p, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset)
+    _check_bias(input, bias)
+    _check_matches(residual, "residual", input, "input")
+    return _fake_forward(ROWS, input, residual)
+
+
+@_register_fake("regdrop::channel_dropout")
+def _(input, p, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset, needs_dims=2)
+    return _fake_forward(CHANNEL, input)
+
+
+@_register_fake("regdrop::drop_path")
+def _(input, p, scale_by_keep=True, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset, needs_dims=1)
+    return _fake_forward(SAMPLE, input)
+
+
+@_register_fake("regdrop::drop_path_add")
+def _(input, residual, p, scale_by_keep=True, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset, needs_dims=1)
+    _check_matches(residual, "residual", input, "input")
+    return _fake_forward(SAMPLE, input, residual)
+
+
+@_register_fake("regdrop::dropout_low_memory")
+def _(input, p, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset)
+    return _fake_low_memory(input)
+
+
+@_register_fake("regdrop::dropout_add_low_memory")
+def _(input, residual, p, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset)
+    _check_matches(residual, "residual", input, "input")
+    return _fake_low_memory(input, residual)
+
+
+def _check_writable(input) -> None:
+    if torch._debug_has_internal_overlap(input) == 1:  # at::MemOverlap::Yes
+        raise RuntimeError(
+            "input has elements that share memory (for example from expand()); an in-place op would write "
+            "them more than once. Use the out-of-place op or call .clone() first"
+        )
+
+
+@_register_fake("regdrop::dropout_")
+def _(input, p, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset)
+    _check_writable(input)
+    return _new_mask(input, input.numel())
+
+
+@_register_fake("regdrop::channel_dropout_")
+def _(input, p, generator=None, *, seed=None, offset=0):
+    _check_forward(input, p, generator, seed, offset, needs_dims=2)
+    _check_writable(input)
+    return _new_mask(input, _units(input, CHANNEL))
+
+
+_register_fake("regdrop::dropout_backward")(lambda grad, mask, p: _fake_backward(ELEMENT, grad, mask, p))
+_register_fake("regdrop::channel_dropout_backward")(lambda grad, mask, p: _fake_backward(CHANNEL, grad, mask, p))
 _register_fake("regdrop::drop_path_backward")(
-    lambda grad, mask, p, scale_by_keep=True: _fake_backward(SAMPLE, grad, mask)
+    lambda grad, mask, p, scale_by_keep=True: _fake_backward(SAMPLE, grad, mask, p)
 )
-_register_fake("regdrop::dropout_low_memory_backward")(
-    lambda grad, rng_state, p: torch.empty_like(_walked(grad, ELEMENT))
-)
+
+
+@_register_fake("regdrop::dropout_low_memory_backward")
+def _(grad, rng_state, p):
+    _check_backward(grad, p)
+    _check_rng_state(rng_state, grad)
+    return _like(_walked(grad, ELEMENT))
 
 
 @_register_fake("regdrop::bias_dropout_add_backward")
 def _(grad, mask, p):
-    return _fake_backward(ROWS, grad, mask), grad.new_empty((grad.size(-1),))
-
-
-# --- in-place ops ----------------------------------------------------------------
-
-
-class InplaceDropout(torch.autograd.Function):
-    """Autograd for ``dropout_`` and ``channel_dropout_`` (register_autograd
-    does not take ops that mutate their input)."""
-
-    @staticmethod
-    def forward(ctx, input, p, generator, granularity):
-        inplace_op, ctx.backward_op = {
-            ELEMENT: (ops.dropout_, ops.dropout_backward),
-            CHANNEL: (ops.channel_dropout_, ops.channel_dropout_backward),
-        }[granularity]
-        mask = inplace_op(input, p, generator)
-        ctx.mark_dirty(input)
-        ctx.p = p
-        ctx.stride = _walked(input, granularity).stride() if granularity == ELEMENT else None
-        ctx.save_for_backward(mask)
-        return input
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (mask,) = ctx.saved_tensors
-        grad = grad_output if ctx.stride is None else _with_stride(grad_output, ctx.stride)
-        return ctx.backward_op(grad, mask, ctx.p), None, None, None
+    grad_input = _fake_backward(ROWS, grad, mask, p)
+    return grad_input, grad.new_empty((grad.size(-1),))

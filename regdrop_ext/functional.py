@@ -8,7 +8,8 @@ that case.
 
 Every function compiles with ``torch.jit.script``, and so do the modules that
 call them: hence no keyword-only arguments, which TorchScript refuses when
-they have defaults, and plain ops where eager mode uses an autograd.Function.
+they have defaults. In-place calls are the raw in-place ops, whose autograd
+is in C++ (csrc/autograd.cpp), so they need no autograd.Function either.
 """
 
 import warnings
@@ -17,7 +18,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._ops import CHANNEL, ELEMENT, InplaceDropout
 
 ops = torch.ops.regdrop
 
@@ -67,9 +67,8 @@ def dropout(
     if not training or p == 0.0:
         return input
     if inplace:
-        if torch.jit.is_scripting():  # no autograd.Function in TorchScript: out of place, then copied
-            return input.copy_(ops.dropout(input, p, generator)[0])
-        return InplaceDropout.apply(input, p, generator, ELEMENT)
+        ops.dropout_(input, p, generator)
+        return input
     if low_memory:
         return ops.dropout_low_memory(input, p, generator)[0]
     return ops.dropout(input, p, generator)[0]
@@ -153,10 +152,7 @@ def _channel_dropout(
         return input
     x = input if batched else input.unsqueeze(0)
     if inplace:
-        if torch.jit.is_scripting():  # as in dropout
-            x.copy_(ops.channel_dropout(x, p, generator)[0])
-        else:
-            InplaceDropout.apply(x, p, generator, CHANNEL)
+        ops.channel_dropout_(x, p, generator)
         return input
     out = ops.channel_dropout(x, p, generator)[0]
     return out if batched else out.squeeze(0)

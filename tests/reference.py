@@ -81,10 +81,22 @@ def element_keep(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def keep_probability(p: float) -> float:
+    """The keep probability the threshold gives: p quantized to 2^-16 steps."""
+    return 1.0 - keep_threshold(p) / 65536
+
+
+def keep_scale(p: float) -> float:
+    """1 / keep_probability(p), the kept elements' scale (E[y] = x); 0 where
+    nothing is kept."""
+    q = keep_probability(p)
+    return 1.0 / q if q > 0 else 0.0
+
+
 def dropout_reference(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """keep ? x * (1 / (1 - p)) : 0, computed as the kernels do (float for half types)."""
+    """keep ? x * keep_scale(p) : 0, computed as the kernels do (float for half types)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=compute)
+    scale = torch.tensor(keep_scale(p), dtype=compute)
     y = torch.where(keep, x.to(compute) * scale, torch.zeros((), dtype=compute))
     return y.to(x.dtype)
 

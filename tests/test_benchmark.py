@@ -36,9 +36,9 @@ def raw_call(op, size=1 << 16, dtype=torch.float32):
     return operands, output, mask, grad, call.backward(output, mask, grad, retain=False)
 
 
-def check_raw(op, operands, output, mask, grad, grads, p=P):
+def check_raw(op, operands, output, mask, grad, grads, p=P, quantized=True):
     units = checks.unit_count(output.shape, op.unit)
-    checks.check(operands, output, checks.keep_from_bits(mask, units), grad, grads, p)
+    checks.check(operands, output, checks.keep_from_bits(mask, units), grad, grads, p, quantized)
 
 
 def test_quickest_run_writes_checked_results(tmp_path):
@@ -123,6 +123,10 @@ def test_check_refuses_a_wrong_scale():
     # Outputs scaled for p = 0.1, checked as p = 0.2: every kept element is off.
     with pytest.raises(checks.CheckFailed):
         check_raw(op, *raw_call(op), p=0.2)
+    # regdrop's scale (p quantized to 2^-16 steps) is not PyTorch's 1 / (1 - p),
+    # by 7e-6 at p = 0.1: more than four float32 epsilons.
+    with pytest.raises(checks.CheckFailed):
+        check_raw(op, *raw_call(op), quantized=False)
 
 
 def test_a_mask_of_the_wrong_size_is_refused():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import regdrop_ext
+from reference import keep_scale
 from test_dropout import binomial_bounds
 from third_party import import_or_skip
 
@@ -233,8 +234,8 @@ def test_converted_layer_drops_like_the_original(stand_ins, name):
     converted, summary = regdrop_ext.convert(original, inplace=False)
     assert summary.replaced, "not converted"
     p = 0.3
-    scale = 1 / (1 - p) if getattr(original, "scale_by_keep", True) else 1.0
-    for layer in (original, converted):
+    scales = (1 / (1 - p), keep_scale(p)) if getattr(original, "scale_by_keep", True) else (1.0, 1.0)
+    for layer, scale in zip((original, converted), scales):  # regdrop scales by its keep probability
         check_drops(layer, shape, unit_shape, p, scale)
         x = torch.randn(shape)
         assert torch.equal(layer.eval()(x), x)

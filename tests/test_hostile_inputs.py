@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import regdrop_ext
-from reference import channel_keep, element_keep, masked_reference, sample_keep
+from reference import channel_keep, element_keep, keep_scale, masked_reference, sample_keep
 
 ops = torch.ops.regdrop
 
@@ -80,7 +80,7 @@ def check_outcome(result, error, expected):
 
 
 def scale(p):
-    return 1 / (1 - p) if p < 1 else 0.0
+    return keep_scale(p)
 
 
 def unchanged(before, after):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import keep_bits, masked_reference, unpack_bits
+from reference import keep_bits, keep_scale, masked_reference, unpack_bits
 
 ops = torch.ops.regdrop
 
@@ -42,7 +42,7 @@ def test_more_than_2_31_elements(device):
     assert mask.numel() == (N + 7) // 8
     assert torch.equal(unpack_bits(mask[first // 8 :], TAIL), expected_bits)
     keep = expected_bits.to(device)
-    tail_reference = masked_reference(x[-TAIL:], keep, 1 / (1 - P))
+    tail_reference = masked_reference(x[-TAIL:], keep, keep_scale(P))
     assert torch.equal(out[-TAIL:], tail_reference)
     del out
 
@@ -55,4 +55,4 @@ def test_more_than_2_31_elements(device):
     kept = bool(unpack_bits(sample_mask, 1)[0])
     assert kept == bool(keep_bits(SEED, OFFSET, 1, P)[0])
     tail = out.view(N)[-TAIL:]
-    assert torch.equal(tail, masked_reference(x[-TAIL:], torch.full_like(keep, kept), 1 / (1 - P)))
+    assert torch.equal(tail, masked_reference(x[-TAIL:], torch.full_like(keep, kept), keep_scale(P)))

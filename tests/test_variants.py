@@ -11,6 +11,7 @@ from conftest import requires_cuda
 from reference import (
     channel_keep,
     element_keep,
+    keep_scale,
     masked_reference,
     sample_keep,
     unpack_bits,
@@ -42,7 +43,7 @@ def test_drop_path_matches_timm_formula(device, dtype, layout, scale_by_keep, p)
     x = LAYOUTS[layout](nonzero_input((16, 3, 5, 7), dtype, device))
     out, mask = ops.drop_path(x, p, scale_by_keep, **SEED)
     assert mask.shape == (2,)  # 16 samples -> 2 bytes
-    scale = 1 / (1 - p) if scale_by_keep and p < 1 else (1.0 if p < 1 else 0.0)
+    scale = keep_scale(p) if scale_by_keep else (1.0 if keep_scale(p) else 0.0)
     exact(out, masked_reference(x, sample_keep(mask, x), scale))
     if layout != "sliced":
         assert out.stride() == x.stride()
@@ -51,7 +52,7 @@ def test_drop_path_matches_timm_formula(device, dtype, layout, scale_by_keep, p)
 def test_drop_path_add_matches_composition(device, dtype):
     x, r = nonzero_input((9, 33, 8), dtype, device), nonzero_input((9, 33, 8), dtype, device)
     out, mask = ops.drop_path_add(x, r, 0.4, True, **SEED)
-    exact(out, masked_reference(x, sample_keep(mask, x), 1 / 0.6, residual=r))
+    exact(out, masked_reference(x, sample_keep(mask, x), keep_scale(0.4), residual=r))
     # The same stream gives drop_path's mask.
     assert torch.equal(mask, ops.drop_path(x, 0.4, True, **SEED)[1])
 
@@ -82,7 +83,7 @@ def test_channel_dropout_matches_dropout2d_semantics(device, dtype, layout, p):
     x = LAYOUTS[layout](nonzero_input((4, 10, 5, 7), dtype, device))
     out, mask = ops.channel_dropout(x, p, **SEED)
     assert mask.shape == (5,)  # 40 channels -> 5 bytes
-    exact(out, masked_reference(x, channel_keep(mask, x), 1 / (1 - p)))
+    exact(out, masked_reference(x, channel_keep(mask, x), keep_scale(p)))
     if layout != "sliced":
         assert out.stride() == x.stride()
 
@@ -168,7 +169,7 @@ def test_channel_dropout_inplace(device):
 def test_dropout_add_matches_composition(device, dtype, shape):
     x, r = nonzero_input(shape, dtype, device), nonzero_input(shape, dtype, device)
     out, mask = ops.dropout_add(x, r, 0.3, **SEED)
-    exact(out, masked_reference(x, element_keep(mask, out), 1 / 0.7, residual=r))
+    exact(out, masked_reference(x, element_keep(mask, out), keep_scale(0.3), residual=r))
     assert torch.equal(mask, ops.dropout(x, 0.3, **SEED)[1])  # one stream, one mapping
 
 

@@ -58,6 +58,8 @@ void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
 }  // namespace
 
 struct CpuBackend {
+  static constexpr bool kHostMemory = true;
+
   // The CPU generator is a Mersenne Twister, not a Philox counter: each call
   // takes a fresh 64-bit seed from it and starts its stream at offset 0.
   static PhiloxSource generator_source(const std::optional<at::Generator>& generator, at::Device) {

@@ -13,6 +13,8 @@
 namespace regdrop::cuda {
 
 struct CudaBackend {
+  static constexpr bool kHostMemory = false;
+
   // A graph-safe Philox state from the CUDA generator of `device`, or the
   // given one, which must belong to that very device. Each call asks for an
   // offset increment of 4 (PyTorch keeps offsets multiples of 4); the offset

@@ -57,18 +57,20 @@ inline at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// 1 / (1 - p) as a 0-dim tensor of t's compute type; 0 for p == 1.
+// 1 / q for the keep probability q = 1 - round(p * 2^16) / 2^16 the kernels
+// use, as a 0-dim tensor of t's compute type; 0 where nothing is kept.
 inline at::Tensor keep_scale(double p, const at::Tensor& t) {
-  return at::scalar_tensor(p < 1 ? 1 / (1 - p) : 0.0, at::TensorOptions(compute_type(t)));
+  const double q = 1.0 - static_cast<double>(std::llround(p * 65536.0)) / 65536.0;
+  return at::scalar_tensor(q > 0 ? 1 / q : 0.0, at::TensorOptions(compute_type(t)));
 }
 
-// keep ? x * (1 / (1 - p)) : 0, in x's compute type; `keep` broadcasts.
+// keep ? x * keep_scale(p) : 0, in x's compute type; `keep` broadcasts.
 inline at::Tensor dropout_reference(const at::Tensor& x, const at::Tensor& keep, double p) {
   const at::Tensor zero = at::zeros({}, compute_type(x));
   return at::where(keep, x.to(compute_type(x)) * keep_scale(p, x), zero).to(x.scalar_type());
 }
 
-// keep ? residual + x * (1 / (1 - p)) : residual, in x's compute type.
+// keep ? residual + x * keep_scale(p) : residual, in x's compute type.
 inline at::Tensor add_reference(const at::Tensor& x, const at::Tensor& residual,
                                 const at::Tensor& keep, double p) {
   const at::Tensor r = residual.to(compute_type(x));

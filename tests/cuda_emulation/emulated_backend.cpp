@@ -117,6 +117,8 @@ struct Emulator {
 };
 
 struct EmulatedCudaBackend {
+  static constexpr bool kHostMemory = true;
+
   // As the CPU backend: a fresh 64-bit seed from the CPU generator, offset 0,
   // so that a generator gives both backends the same stream.
   static PhiloxSource generator_source(const std::optional<at::Generator>& generator, at::Device) {
