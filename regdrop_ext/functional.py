@@ -46,7 +46,9 @@ def dropout(
     generator: Optional[torch.Generator] = None,
     low_memory: bool = False,
 ) -> Tensor:
-    """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p).
+    """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p)
+    (exactly: by the inverse of the keep probability, p being quantized to
+    2^-16 steps, so that the expected output is the input).
 
     One pass over ``input``; autograd saves a 1-bit-per-element mask. Dropped
     elements are exactly 0 even where ``input`` is NaN or Inf.

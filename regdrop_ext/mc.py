@@ -113,6 +113,12 @@ def _default_generators_seeded_from(generator: Optional[torch.Generator], device
         yield
 
 
+def _copies(x: Tensor, copies: int) -> Tensor:
+    """``copies`` copies of ``x`` along dim 0, always in new memory: the model
+    may drop out in place, and must never write into the caller's ``x``."""
+    return x.repeat(copies, *([1] * (x.dim() - 1)))
+
+
 def mc_predict(
     model: nn.Module,
     x: Tensor,
@@ -152,14 +158,14 @@ def mc_predict(
         raise ValueError(f"samples must be at least 2, got {samples}")
     if reduce not in (None, "softmax"):
         raise ValueError(f"reduce must be None or 'softmax', got {reduce!r}")
-    _warn_about_unreachable_random_calls(model, x.expand(2, *x.shape).flatten(0, 1))
+    _warn_about_unreachable_random_calls(model, _copies(x, 2))
     rows = x.size(0)
     per_forward = samples if batch_size is None else max(1, batch_size // rows)
     draws = []
     with torch.no_grad(), mc_dropout(model), _default_generators_seeded_from(generator, x.device):
         for start in range(0, samples, per_forward):
             copies = min(per_forward, samples - start)
-            out = model(x.expand(copies, *x.shape).flatten(0, 1))
+            out = model(_copies(x, copies))
             draws.append(out.unflatten(0, (copies, rows)))
     draws = torch.cat(draws)
     if reduce is None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .dropout_layers import dropout_probability, is_dropout_layer
@@ -135,8 +136,9 @@ def trace_random_ops(model: nn.Module, *args, **kwargs) -> RandomOpTrace:
 
     Call it with the model in the mode of interest (``model.train()`` for
     training; under :func:`regdrop_ext.mc_dropout` for Monte Carlo dropout).
-    It runs without gradients and leaves the model's parameters and buffers
-    (BatchNorm statistics) and the random generators as they were. A
+    It runs without gradients on copies of the tensor arguments, and leaves
+    them, the model's parameters and buffers (BatchNorm statistics) and the
+    random generators as they were. A
     ``torch.compile`` wrapper is traced through its eager module. Ops are
     those of this forward, on this input and device: other inputs may take
     other paths.
@@ -162,6 +164,8 @@ def trace_random_ops(model: nn.Module, *args, **kwargs) -> RandomOpTrace:
     hooks += [module.register_forward_hook(leave, always_call=True) for module in names]
     function = _OutermostFunction()
     recorder = _RandomOpRecorder(lambda: running[-1] if running else model, function)
+    # Copies: a model that drops out in place must not write into the caller's tensors.
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (args, kwargs))
     state = list(model.parameters()) + list(model.buffers()) + list(_tensors((args, kwargs)))
     cuda_devices = sorted({t.device.index or 0 for t in state if t.is_cuda})
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # BatchNorm updates the clones

@@ -143,3 +143,44 @@ def test_compiled_masks_equal_eager_only_when_every_random_op_is_regdrops(device
     with torch._inductor.config.patch(fallback_random=fallback_random):  # read when the graph compiles
         compiled_mask = compiled(x)[-1]
     assert torch.equal(compiled_mask, eager_mask) == masks_match
+
+
+IN_PLACE_LAYERS = {
+    "Dropout": lambda: regdrop_ext.Dropout(0.4, inplace=True),
+    "Dropout2d": lambda: regdrop_ext.Dropout2d(0.4, inplace=True),
+    "functional": lambda: _Lambda(lambda t: regdrop_ext.dropout(t, 0.4, inplace=True)),
+}
+
+
+class _Lambda(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("layer", IN_PLACE_LAYERS)
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode", "grad"])
+def test_compile_fullgraph_with_inplace_dropout_in_train_mode(device, layer, grad_mode):
+    """In-place dropout compiles whole in training mode, with or without
+    gradients (converted EfficientNets and mc_predict on compiled models run
+    it under no_grad), and draws the eager model's masks."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), IN_PLACE_LAYERS[layer](), torch.nn.Conv2d(6, 2, 1))
+    model = model.to(device).train()
+    x = torch.randn(2, 3, 4, 4, device=device)
+    compiled = torch.compile(model, fullgraph=True)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "grad": torch.enable_grad}[grad_mode]
+    outputs = []
+    for fn in (model, compiled):
+        torch.manual_seed(1)
+        with context():
+            outputs.append(fn(x))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    if grad_mode == "grad":
+        outputs[1].sum().backward()
+        assert model[0].weight.grad is not None

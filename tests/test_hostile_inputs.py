@@ -258,3 +258,348 @@ def test_inplace_entries(device, data):
     else:
         reference = getattr(ops, entry.rstrip("_"))(before, 0.5, seed=2)[0]
         torch.testing.assert_close(x, reference, rtol=0, atol=0)
+
+
+# --- in-place ops: autograd, version counters, refusals before writing --------------
+#
+# dropout_ and channel_dropout_ behave as torch's in-place ops: gradients flow
+# through the overwritten tensor (views included), the version counter moves,
+# and what torch refuses (a leaf that requires grad, a view of one, an
+# inference tensor outside inference mode) is refused before anything is
+# written or drawn.
+
+RAW_INPLACE = {
+    "dropout_": (lambda t, **kw: ops.dropout_(t, 0.5, **kw), element_keep),
+    "channel_dropout_": (lambda t, **kw: ops.channel_dropout_(t.view(4, 6, 2), 0.5, **kw), None),
+}
+PUBLIC_INPLACE = {
+    "dropout": lambda t: regdrop_ext.dropout(t, 0.5, inplace=True),
+    "Dropout": lambda t: regdrop_ext.Dropout(0.5, inplace=True)(t),
+    "dropout1d": lambda t: regdrop_ext.dropout1d(t.view(4, 6, 2), 0.5, inplace=True),
+    "dropout2d": lambda t: regdrop_ext.dropout2d(t.view(4, 6, 2, 1), 0.5, inplace=True),
+    "dropout3d": lambda t: regdrop_ext.dropout3d(t.view(4, 6, 2, 1, 1), 0.5, inplace=True),
+    "Dropout2d": lambda t: regdrop_ext.Dropout2d(0.5, inplace=True)(t.view(4, 6, 2, 1)),
+    "unbatched dropout1d": lambda t: regdrop_ext.dropout1d(t.view(24, 2), 0.5, inplace=True),
+    **{f"raw {name}": call for name, (call, _) in RAW_INPLACE.items()},
+}
+
+
+@pytest.mark.parametrize("op", RAW_INPLACE)
+@pytest.mark.parametrize("view", [False, True], ids=["tensor", "view"])
+def test_raw_inplace_ops_carry_gradients_and_bump_versions(device, op, view):
+    call, _ = RAW_INPLACE[op]
+    a = torch.randn(48, device=device, requires_grad=True)
+    x = a * 1
+    target = x.view(6, 8) if view else x
+    version = x._version
+    call(target, seed=1)
+    assert x._version > version
+    x.sum().backward()
+    kept = (x.detach() != 0).to(a.dtype)
+    assert torch.equal(a.grad, kept * keep_scale(0.5))
+
+
+@pytest.mark.parametrize("op", RAW_INPLACE)
+def test_raw_inplace_ops_invalidate_tensors_saved_for_backward(device, op):
+    call, _ = RAW_INPLACE[op]
+    x = torch.randn(48, device=device, requires_grad=True) * 1
+    y = (x * x).sum()  # saves x
+    call(x, seed=1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("entry", PUBLIC_INPLACE)
+@pytest.mark.parametrize("what", ["leaf", "view of a leaf", "inference tensor"])
+def test_inplace_refusals_leave_input_and_generator_untouched(device, entry, what):
+    leaf = torch.randn(48, device=device, requires_grad=what != "inference tensor")
+    if what == "inference tensor":
+        with torch.inference_mode():
+            target = torch.randn(48, device=device)
+        expected = "inference tensor"
+    elif what == "view of a leaf":
+        target, expected = leaf.view(48), "view of a leaf Variable"
+    else:
+        target, expected = leaf, "leaf Variable that requires grad"
+    before = target.detach().clone()
+    state = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    with pytest.raises(RuntimeError, match=expected):
+        PUBLIC_INPLACE[entry](target)
+    assert torch.equal(target.detach(), before)
+    assert torch.equal(state, torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state())
+
+
+@pytest.mark.parametrize("entry", PUBLIC_INPLACE)
+def test_inplace_entries_work_where_torch_allows_them(device, entry):
+    """No grad, inference mode, and a non-leaf: each writes in place."""
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            t = torch.ones(48, device=device)
+            PUBLIC_INPLACE[entry](t)
+            assert set(t.unique().tolist()) <= {0.0, 2.0} and (t == 0).any()
+    a = torch.ones(48, device=device, requires_grad=True)
+    t = a * 1
+    PUBLIC_INPLACE[entry](t)
+    t.sum().backward()
+    assert torch.equal(a.grad, (t.detach() != 0) * 2.0)
+
+
+# --- mixed devices, and fake kernels that check as the real ones do ----------------
+
+META_CALLS = {
+    "dropout_add residual": lambda x, m: ops.dropout_add(x, m, 0.5),
+    "dropout_add_low_memory residual": lambda x, m: ops.dropout_add_low_memory(x, m, 0.5),
+    "drop_path_add residual": lambda x, m: ops.drop_path_add(x, m, 0.5),
+    "bias_dropout_add residual": lambda x, m: ops.bias_dropout_add(x, x[0], m, 0.5),
+    "bias_dropout_add bias": lambda x, m: ops.bias_dropout_add(x, m[0], x, 0.5),
+    "dropout_backward mask": lambda x, m: ops.dropout_backward(x, m.flatten()[:1].to(torch.uint8), 0.5),
+    "channel_dropout_backward mask": lambda x, m: ops.channel_dropout_backward(x, m[0, :1].to(torch.uint8), 0.5),
+    "drop_path_backward mask": lambda x, m: ops.drop_path_backward(x, m[0, :1].to(torch.uint8), 0.5),
+    "bias_dropout_add_backward mask": lambda x, m: ops.bias_dropout_add_backward(x, m.flatten()[:1].to(torch.uint8), 0.5),
+    "dropout_low_memory_backward rng_state": lambda x, m: ops.dropout_low_memory_backward(x, m[0, :2].long(), 0.5),
+    "public dropout_add": lambda x, m: regdrop_ext.dropout_add(x, m, 0.5),
+    "public drop_path_add": lambda x, m: regdrop_ext.drop_path_add(x, m, 0.5),
+    "public bias_dropout_add": lambda x, m: regdrop_ext.bias_dropout_add(x, x[0], m, 0.5),
+}
+
+
+@pytest.mark.parametrize("call", META_CALLS)
+def test_a_meta_operand_beside_real_ones_raises(device, call):
+    """Dispatch picks the meta (fake) kernel when any operand is meta; it
+    must refuse the mix as the real kernels and native ops do, not return
+    memory nobody wrote."""
+    x = torch.ones(2, 4, device=device)
+    with pytest.raises(RuntimeError, match="same device"):
+        META_CALLS[call](x, torch.empty(2, 4, device="meta"))
+
+
+def _real_and_fake(call, *tensors):
+    """The exception type (or None) of call(*tensors) on real tensors and
+    under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    outcomes = []
+    for fake in (False, True):
+        try:
+            if fake:
+                with FakeTensorMode() as mode:
+                    call(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in tensors))
+            else:
+                call(*tensors)
+            outcomes.append(None)
+        except (ValueError, TypeError, RuntimeError) as error:
+            outcomes.append(type(error))
+    return outcomes
+
+
+FAKE_CHECK_CASES = {
+    "p": lambda x: (lambda t: ops.dropout(t, 1.5), x),
+    "p nan, backward": lambda x: (lambda t, m: ops.dropout_backward(t, m, math.nan), x, ops.dropout(x, 0.5)[1]),
+    "dtype": lambda x: (lambda t: ops.dropout(t, 0.5), x.int()),
+    "offset without seed": lambda x: (lambda t: ops.dropout(t, 0.5, offset=4), x),
+    "generator and seed": lambda x: (lambda t: ops.dropout(t, 0.5, torch.Generator(), seed=1), x),
+    "residual dtype": lambda x: (lambda t, r: ops.dropout_add(t, r, 0.5), x, x.double()),
+    "residual shape": lambda x: (lambda t, r: ops.dropout_add(t, r, 0.5), x, x[:1]),
+    "bias shape": lambda x: (lambda t, b: ops.bias_dropout_add(t, b, t, 0.5), x, x[0, :1]),
+    "bias dtype": lambda x: (lambda t, b: ops.bias_dropout_add(t, b, t, 0.5), x, x[0].double()),
+    "channels of a 1-d input": lambda x: (lambda t: ops.channel_dropout(t, 0.5), x[0]),
+    "samples of a 0-d input": lambda x: (lambda t: ops.drop_path(t, 0.5), x[0, 0]),
+    "mask dtype": lambda x: (lambda t, m: ops.dropout_backward(t, m, 0.5), x, ops.dropout(x, 0.5)[1].int()),
+    "mask size": lambda x: (lambda t, m: ops.dropout_backward(t, m, 0.5), x, ops.dropout(x, 0.5)[1][:-1]),
+    "mask 2-d": lambda x: (lambda t, m: ops.dropout_backward(t, m, 0.5), x, ops.dropout(x, 0.5)[1].view(1, -1)),
+    "rng_state dtype": lambda x: (lambda t, s: ops.dropout_low_memory_backward(t, s, 0.5), x, torch.zeros(2)),
+    "rng_state size": lambda x: (lambda t, s: ops.dropout_low_memory_backward(t, s, 0.5), x,
+                                 torch.zeros(3, dtype=torch.int64)),
+    "overlapping in-place": lambda x: (lambda t: ops.dropout_(t, 0.5), x[:1].expand(4, -1)),
+    "valid": lambda x: (lambda t: ops.dropout(t, 0.5), x),
+}
+
+
+@pytest.mark.parametrize("case", FAKE_CHECK_CASES)
+def test_fake_kernels_refuse_what_the_real_ones_refuse(case):
+    """Under torch.compile and on meta tensors only the fake kernels run: each
+    bad argument raises the same exception type there as in the real op."""
+    call, *tensors = FAKE_CHECK_CASES[case](torch.randn(4, 17))
+    real, fake = _real_and_fake(call, *tensors)
+    assert real == fake, f"real op: {real}, fake kernel: {fake}"
+    assert (real is None) == (case == "valid")
+
+
+STRIDE_OPS = {
+    "dropout": lambda t: ops.dropout(t, 0.5, seed=1)[0],
+    "dropout_add": lambda t: ops.dropout_add(t, t, 0.5, seed=1)[0],
+    "drop_path": lambda t: ops.drop_path(t, 0.5, seed=1)[0],
+    "channel_dropout": lambda t: ops.channel_dropout(t, 0.5, seed=1)[0],
+    "dropout_low_memory": lambda t: ops.dropout_low_memory(t, 0.5, seed=1)[0],
+    "dropout_backward": lambda t: ops.dropout_backward(t, ops.dropout(t, 0.5, seed=1)[1], 0.5),
+    "drop_path_backward": lambda t: ops.drop_path_backward(t, ops.drop_path(t, 0.5, seed=1)[1], 0.5),
+    "channel_dropout_backward": lambda t: ops.channel_dropout_backward(t, ops.channel_dropout(t, 0.5, seed=1)[1], 0.5),
+}
+
+
+@pytest.mark.parametrize("op", STRIDE_OPS)
+@SETTINGS
+@given(data=st.data())
+def test_fake_kernels_give_the_real_kernels_strides(op, data):
+    """Size-1 dimensions included, whose strides empty_like copies."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shape = data.draw(st.lists(st.sampled_from([1, 1, 2, 3]), min_size=2, max_size=4))
+    order = data.draw(st.permutations(range(len(shape))))
+    x = torch.randn([shape[d] for d in order]).permute([order.index(d) for d in range(len(shape))])
+    strides = [data.draw(st.sampled_from([s, 0, 5, 100])) if n == 1 else s for n, s in zip(x.shape, x.stride())]
+    x = torch.empty_strided(x.shape, strides).normal_()
+    real = STRIDE_OPS[op](x)
+    with FakeTensorMode() as mode:
+        fake = STRIDE_OPS[op](mode.from_tensor(x))
+    assert real.stride() == fake.stride()
+
+
+# --- p: quantized to 2^-16 steps, the kept scaled by the keep probability ------------
+
+NEAR_ONE = [0.99999, 1 - 2**-16, 1 - 1.4 * 2**-17, 0.999, 2**-17 * 0.6, 0.3]
+
+
+@pytest.mark.parametrize("p", NEAR_ONE)
+@pytest.mark.parametrize(
+    "op",
+    ["dropout", "drop_path", "channel_dropout", "dropout_low_memory"],
+)
+def test_the_output_is_unbiased_for_every_p(device, op, p):
+    """E[y] = x for every p: kept units are scaled by 1 / q, q the keep
+    probability the 16-bit threshold gives (1 - round(65536 p) / 65536),
+    not by 1 / (1 - p). Mean of 2^24 outputs of ones, within 5 sigma; p
+    within 2^-17 of 1 keeps nothing and gives zeros."""
+    n = 1 << 24
+    x = torch.ones(n, device=device)
+    shaped = {"dropout": x, "drop_path": x, "channel_dropout": x.view(1, n, 1), "dropout_low_memory": x}[op]
+    out = getattr(ops, op)(shaped, p)[0]
+    q = 1 - round(p * 65536) / 65536
+    if q == 0:
+        assert not out.any()
+        return
+    scale = 1 / q
+    sigma = math.sqrt(q * (1 - q)) * scale / math.sqrt(n)
+    assert abs(float(out.double().mean()) - 1.0) <= 5 * sigma + 1e-12
+    assert float(out.max()) == pytest.approx(scale, rel=1e-6)
+
+
+# --- backward ops: what a mask can and cannot prove ---------------------------------
+
+BACKWARD_OPS = {
+    "dropout_backward": (lambda n: ops.dropout(torch.ones(n), 0.0, seed=1)[1], lambda g, m: ops.dropout_backward(g, m, 0.0)),
+    "bias_dropout_add_backward": (lambda n: ops.dropout(torch.ones(n, 1), 0.0, seed=1)[1],
+                                  lambda g, m: ops.bias_dropout_add_backward(g.view(-1, 1), m, 0.0)),
+    "drop_path_backward": (lambda n: ops.drop_path(torch.ones(n, 4), 0.0, seed=1)[1],
+                           lambda g, m: ops.drop_path_backward(g.view(-1, 1).expand(-1, 4).contiguous(), m, 0.0)),
+    "channel_dropout_backward": (lambda n: ops.channel_dropout(torch.ones(1, n, 2), 0.0, seed=1)[1],
+                                 lambda g, m: ops.channel_dropout_backward(g.view(1, -1, 1).expand(1, -1, 2).contiguous(),
+                                                                           m, 0.0)),
+    "dropout_low_memory_backward": None,
+}
+
+
+@pytest.mark.parametrize("op", [name for name, case in BACKWARD_OPS.items() if case is not None])
+def test_a_mask_drawn_for_more_units_is_refused(op):
+    """Contract: a backward op takes the mask its forward returned for a
+    tensor of the same shape. A mask cannot prove its unit count when
+    ceil(units / 8) agrees (3 and 5 samples share one byte), but the padding
+    bits past the count are 0 in every forward's mask: a mask of 5 kept
+    units used for 3 has them set, and is refused (CPU: on a GPU the check
+    would wait for the device)."""
+    draw, backward = BACKWARD_OPS[op]
+    backward(torch.ones(5), draw(5))  # right count: fine
+    with pytest.raises(RuntimeError, match="bits set past"):
+        backward(torch.ones(3), draw(5))
+
+
+RANDOM_OPS = {
+    "dropout": lambda x, **kw: ops.dropout(x, 0.5, **kw),
+    "dropout_": lambda x, **kw: ops.dropout_(x.clone(), 0.5, **kw),
+    "dropout_add": lambda x, **kw: ops.dropout_add(x, x, 0.5, **kw),
+    "bias_dropout_add": lambda x, **kw: ops.bias_dropout_add(x, x[0], x, 0.5, **kw),
+    "channel_dropout": lambda x, **kw: ops.channel_dropout(x, 0.5, **kw),
+    "channel_dropout_": lambda x, **kw: ops.channel_dropout_(x.clone(), 0.5, **kw),
+    "drop_path": lambda x, **kw: ops.drop_path(x, 0.5, **kw),
+    "drop_path_add": lambda x, **kw: ops.drop_path_add(x, x, 0.5, **kw),
+    "dropout_low_memory": lambda x, **kw: ops.dropout_low_memory(x, 0.5, **kw),
+    "dropout_add_low_memory": lambda x, **kw: ops.dropout_add_low_memory(x, x, 0.5, **kw),
+}
+
+
+@pytest.mark.parametrize("op", RANDOM_OPS)
+def test_offset_without_seed_is_refused(device, op):
+    """A generator picks its own offset: an offset= it would ignore raises,
+    before the generator moves."""
+    x = torch.randn(4, 8, device=device)
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="needs seed"):
+        RANDOM_OPS[op](x, offset=4)
+    assert torch.equal(state, torch.get_rng_state())
+    RANDOM_OPS[op](x, seed=1, offset=4)
+
+
+def test_rng_state_offsets_outside_the_offset_range_are_refused():
+    """Forward refuses negative offsets; backward refuses an rng_state whose
+    offset is negative (>= 2^63 as unsigned), which would alias another
+    stream. (CPU: on a GPU the kernel reads the values, unchecked.)"""
+    grad = torch.randn(16)
+    for offset in (-1, -(2**63), -4):
+        with pytest.raises(ValueError, match="offset"):
+            ops.dropout_low_memory_backward(grad, torch.tensor([3, offset]), 0.5)
+    ops.dropout_low_memory_backward(grad, torch.tensor([3, 2**63 - 4]), 0.5)
+
+
+# --- sizes past int64, and storage that does not hold a tensor's elements -----------
+
+
+def test_unit_counts_past_int64_raise_instead_of_overflowing():
+    """(N, C) of an empty tensor can exceed 2^63 - 1 channels: the count is a
+    checked product, for the forward ops and the backward alike."""
+    x = torch.empty(2**32, 2**31, 0)
+    mask = torch.zeros(1, dtype=torch.uint8)
+    for call in (lambda: ops.channel_dropout(x, 0.5), lambda: ops.channel_dropout_(x, 0.5),
+                 lambda: ops.channel_dropout_backward(x, mask, 0.5), lambda: regdrop_ext.dropout1d(x, 0.5)):
+        with pytest.raises(RuntimeError, match="2\\^63 - 1 channels"):
+            call()
+
+
+@pytest.mark.parametrize("what", ["mask", "rng_state"])
+def test_a_storage_smaller_than_its_tensor_is_refused(what):
+    grad = torch.randn(64)
+    if what == "mask":
+        t, call = ops.dropout(grad, 0.5, seed=1)[1], lambda m: ops.dropout_backward(grad, m, 0.5)
+    else:
+        t, call = ops.dropout_low_memory(grad, 0.5, seed=1)[1], lambda s: ops.dropout_low_memory_backward(grad, s, 0.5)
+    call(t)
+    shrunk = t.clone()
+    shrunk.untyped_storage().resize_(t.element_size())  # a tensor past its storage's end
+    with pytest.raises(RuntimeError, match="storage holds fewer bytes"):
+        call(shrunk)
+
+
+# --- the bias gradient of few, long rows ---------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1 << 24), (2, 1 << 21), (1 << 22, 1)])
+def test_bias_gradient_memory_stays_a_tile_whatever_the_shape(shape):
+    """bias_dropout_add_backward once took 21-27 s and 4.2 GiB more memory for
+    one row of 2^24 (an accumulator row per chunk, all reduced serially).
+    Its temporary memory is now bounded by the plan (tests/cpp/
+    test_column_sums.cpp): measured here as the process's peak resident
+    memory, in a fresh interpreter, against the 4 bytes per element the
+    result itself takes."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, torch, regdrop_ext
+grad = torch.randn({shape})
+mask = torch.ops.regdrop.dropout(grad, 0.5, seed=1)[1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = torch.ops.regdrop.bias_dropout_add_backward(grad, mask, 0.5)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    result_kib = math.prod(shape) * 4 // 1024
+    assert grown_kib <= result_kib + 16 * 1024, f"peak memory grew {grown_kib} KiB for a {result_kib} KiB result"

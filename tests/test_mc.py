@@ -209,3 +209,35 @@ def test_a_model_that_cannot_run_in_training_mode_is_predicted_with_a_warning():
     with pytest.warns(UserWarning, match="could not check .* RuntimeError: targets are required"):
         prediction = regdrop_ext.mc_predict(model, torch.randn(3, 6), samples=4)
     assert prediction.std.max() > 0
+
+
+# --- the caller's input is never written -----------------------------------------
+
+IN_PLACE_FIRST = {
+    "regdrop Dropout": lambda: regdrop_ext.Dropout(0.5, inplace=True),
+    "torch Dropout": lambda: nn.Dropout(0.5, inplace=True),
+    "regdrop Dropout1d": lambda: regdrop_ext.Dropout1d(0.5, inplace=True),
+    "torch Dropout1d": lambda: nn.Dropout1d(0.5, inplace=True),
+}
+MODEL_RUNNERS = {
+    "mc_predict, one copy per forward": lambda m, x: regdrop_ext.mc_predict(m, x, samples=4, batch_size=x.size(0)),
+    "mc_predict, two copies per forward": lambda m, x: regdrop_ext.mc_predict(m, x, samples=4, batch_size=2 * x.size(0)),
+    "mc_predict, one forward": lambda m, x: regdrop_ext.mc_predict(m, x, samples=4),
+    "mc_unreachable_random_calls": lambda m, x: regdrop_ext.mc_unreachable_random_calls(m, x),
+    "trace_random_ops": lambda m, x: regdrop_ext.trace_random_ops(m.train(), x),
+}
+
+
+@pytest.mark.parametrize("layer", IN_PLACE_FIRST)
+@pytest.mark.parametrize("runner", MODEL_RUNNERS)
+def test_tools_that_run_the_model_never_write_the_callers_input(layer, runner):
+    """Every tool that runs a user's model on a user's tensor hands it a copy:
+    a model whose first layer drops out in place must leave ``x`` as it was,
+    whatever the batching (one copy of x per forward was a view of it)."""
+    model = nn.Sequential(IN_PLACE_FIRST[layer](), nn.Linear(4, 2))
+    x = torch.rand(3, 5, 4) + 1  # no zeros: a dropped element shows
+    before = x.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MODEL_RUNNERS[runner](model, x)
+    assert torch.equal(x, before)

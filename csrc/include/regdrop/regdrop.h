@@ -38,7 +38,8 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 }  // namespace detail
 
-// Dropout: output = keep ? input / (1 - p) : 0, and the mask of keep bits.
+// Dropout: output = keep ? input / q : 0, and the mask of keep bits; q, the
+// keep probability, is 1 - p quantized to 2^-16 steps (README, "Guarantees").
 inline std::tuple<at::Tensor, at::Tensor> dropout(
     const at::Tensor& input, double p, const std::optional<at::Generator>& generator = std::nullopt,
     std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
@@ -54,7 +55,7 @@ inline at::Tensor dropout_(const at::Tensor& input, double p,
   return op.call(input, p, generator, seed, offset);
 }
 
-// The gradient of dropout: grad_input = keep ? grad / (1 - p) : 0.
+// The gradient of dropout: grad_input = keep ? grad / q : 0.
 inline at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p) {
   static const auto op = detail::find_op<decltype(dropout_backward)>("regdrop::dropout_backward");
   return op.call(grad, mask, p);
@@ -113,7 +114,7 @@ inline at::Tensor channel_dropout_backward(const at::Tensor& grad, const at::Ten
 }
 
 // Drop-path (stochastic depth): one keep bit per sample; kept samples are
-// scaled by 1 / (1 - p) only if `scale_by_keep`.
+// scaled by 1 / q only if `scale_by_keep`.
 inline std::tuple<at::Tensor, at::Tensor> drop_path(
     const at::Tensor& input, double p, bool scale_by_keep = true,
     const std::optional<at::Generator>& generator = std::nullopt,
