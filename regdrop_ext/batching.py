@@ -11,10 +11,16 @@ that the units it draws (or reads) are the ones the per-sample calls would:
   with the batch inside it.
 * ``randomness="error"`` (vmap's default) refuses a random op, as torch does.
 * A call with an explicit ``seed`` is not random: every sample draws the
-  stream (seed, offset), so they all share its mask, whatever the mode.
+  stream (seed, offset), so they all share its mask, whatever the mode, and
+  each sample's result is the op's on that sample alone.
+* A random op on tensors vmap does not batch still follows the mode, through
+  a kernel on the FuncTorchVmapMode key (as torch's random ops do): "error"
+  raises, "same" draws once, "different" draws per sample (in-place ops on
+  an unbatched tensor refuse "different", as torch's do).
 
-Under vmap an element mask follows each sample's logical (row-major) order,
-and the masks of "different" are batched along dim 0, one row of
+Under vmap an element mask follows each sample's memory order, as the op's
+on that sample alone would (row-major where a sample is not dense), and
+the masks of "different" are batched along dim 0, one row of
 ceil(units / 8) bytes per sample. Backward ops follow their mask: a batched
 mask reads the batch first, an unbatched one inside each unit. So
 per-sample gradients (vmap of torch.func.grad) work. Low-memory ops support
@@ -83,20 +89,46 @@ def _joined(rows: Tensor, units: int) -> Tensor:
 # --- where the batch goes, per kind of unit -------------------------------------------
 
 
+def _memory_order(t: Tensor):
+    """The dims of ``t``'s samples (dims 1..) in their memory order, outermost
+    first, where the samples' elements do not overlap: the order the op walks
+    a dense sample in. Samples of interleaved batches (a "same" output's, and
+    gradients laid out like it) keep that order though gaps separate their
+    elements. Overlapping samples are walked in order (as contiguous copies)."""
+    dims = list(range(1, t.dim()))
+    by_stride = sorted((d for d in dims if t.size(d) > 1), key=t.stride)
+    span = 1
+    for d in by_stride:
+        if t.stride(d) < span:
+            return dims  # elements overlap
+        span = t.stride(d) * t.size(d)
+    return sorted(dims, key=lambda d: (-t.stride(d), -t.size(d)))
+
+
 class _Elements:
-    """Each element is a unit; "same" makes each a row of the batch."""
+    """Each element is a unit, numbered in its sample's memory order (in
+    row-major order for ``rows``: bias_dropout_add walks rows, contiguous);
+    "same" makes each element a row of the batch."""
+
+    def __init__(self, rows: bool = False) -> None:
+        self.rows = rows
+
+    def order(self, t: Tensor):
+        return list(range(1, t.dim())) if self.rows else _memory_order(t)
 
     @staticmethod
     def count(shape) -> int:
         return math.prod(shape[1:])
 
-    @staticmethod
-    def lay(t: Tensor, mode: str) -> Tensor:
-        return t.contiguous() if mode == "different" else t.movedim(0, -1).reshape(-1, t.size(0))
+    def lay(self, t: Tensor, mode: str) -> Tensor:
+        ordered = t.permute(0, *self.order(t))
+        return ordered.contiguous() if mode == "different" else ordered.movedim(0, -1).reshape(-1, t.size(0))
 
-    @staticmethod
-    def back(out: Tensor, mode: str, shape) -> Tensor:
-        return out.view(shape) if mode == "different" else out.view(*shape[1:], shape[0]).movedim(-1, 0)
+    def back(self, out: Tensor, mode: str, like: Tensor) -> Tensor:
+        order = [0, *self.order(like)]
+        shape = [like.size(d) for d in order]
+        ordered = out.view(shape) if mode == "different" else out.view(*shape[1:], shape[0]).movedim(-1, 0)
+        return ordered.permute(sorted(range(len(order)), key=order.__getitem__))
 
 
 class _Samples:
@@ -111,8 +143,8 @@ class _Samples:
         return t.flatten(0, 1) if mode == "different" else t.movedim(0, 1).contiguous()
 
     @staticmethod
-    def back(out: Tensor, mode: str, shape) -> Tensor:
-        return out.view(shape) if mode == "different" else out.movedim(1, 0)
+    def back(out: Tensor, mode: str, like: Tensor) -> Tensor:
+        return out.view(like.shape) if mode == "different" else out.movedim(1, 0)
 
 
 class _Channels:
@@ -127,8 +159,8 @@ class _Channels:
         return t.flatten(0, 1) if mode == "different" else t.movedim(0, 2).contiguous()
 
     @staticmethod
-    def back(out: Tensor, mode: str, shape) -> Tensor:
-        return out.view(shape) if mode == "different" else out.movedim(2, 0)
+    def back(out: Tensor, mode: str, like: Tensor) -> Tensor:
+        return out.view(like.shape) if mode == "different" else out.movedim(2, 0)
 
 
 # --- rules -----------------------------------------------------------------------
@@ -139,24 +171,22 @@ def _forward(units, mode, tensors, in_dims, call):
     size = _batch_size(tensors, in_dims)
     batched = [_batch_first(t, d, size) for t, d in zip(tensors, in_dims)]
     out, mask = call(*(units.lay(t, mode) for t in batched))
-    out = units.back(out, mode, batched[0].shape)
+    out = units.back(out, mode, batched[0])
     if mode == "same":
         return (out, mask), (0, None)
     return (out, _rows(mask, size, units.count(batched[0].shape))), (0, 0)
 
 
 def _inplace(units, mode, x, dim, call_inplace, call):
-    """In place on the batch: the in-place op where the layout is the
-    tensor itself, else the op and a copy back."""
-    if dim is None:
-        raise RuntimeError("vmap: an in-place dropout cannot write into a tensor that is not batched")
+    """In place on the batch: the in-place op where the layout is a view of
+    the batch's own memory, else the op and a copy back."""
     batched = x.movedim(dim, 0)
     laid = units.lay(batched, mode)
-    if mode == "different" and laid.data_ptr() == batched.data_ptr() and laid.stride() == batched.stride():
-        mask = call_inplace(laid)
+    if mode == "different" and batched.is_contiguous() and laid.data_ptr() == batched.data_ptr():
+        mask = call_inplace(laid)  # laid views batched's memory, in its order
     else:
         out, mask = call(laid)
-        batched.copy_(units.back(out, mode, batched.shape))
+        batched.copy_(units.back(out, mode, batched))
     if mode == "same":
         return mask, None
     return _rows(mask, batched.size(0), units.count(batched.shape)), 0
@@ -169,10 +199,10 @@ def _backward(units, tensors, in_dims, call, same_call):
     size = _batch_size(tensors, in_dims)
     g = _batch_first(grad, in_dims[0], size)
     if in_dims[1] is None:
-        return units.back(same_call(units.lay(g, "same"), mask), "same", g.shape), 0
+        return units.back(same_call(units.lay(g, "same"), mask), "same", g), 0
     rows = _batch_first(mask, in_dims[1], size)
     joined = _joined(rows, units.count(g.shape))
-    return units.back(call(units.lay(g, "different"), joined), "different", g.shape), 0
+    return units.back(call(units.lay(g, "different"), joined), "different", g), 0
 
 
 def _low_memory_stream(x: Tensor, p, generator, seed, offset):
@@ -193,12 +223,66 @@ def _refuse_low_memory_different(mode):
         )
 
 
+_RULES = {}  # op name -> its batching rule
+_RANDOM_OPS = ("dropout", "dropout_add", "bias_dropout_add", "drop_path", "drop_path_add", "channel_dropout",
+               "dropout_", "channel_dropout_", "dropout_low_memory", "dropout_add_low_memory")
+_INPLACE_DIFFERENT_ERROR = (
+    "vmap: Cannot ask for different inplace randomness on an unbatched tensor. This will appear like same "
+    "randomness. If this is necessary for your usage, please file an issue with functorch."
+)
+
+
+class _Info:
+    randomness = "different"
+
+
+def _unbatched_random_call(name: str):
+    """The FuncTorchVmapMode kernel of random op ``name``: it runs first for
+    every call under vmap. With a batched tensor or a seed it passes the
+    call on (to the batching rule, or as a deterministic call); on tensors
+    vmap does not batch it applies the randomness mode, as torch's random ops
+    do: "error" raises, "same" draws once for all, "different" draws per
+    sample (the rule, over the tensors expanded to the batch)."""
+    op = getattr(ops, name)
+    vmap_mode = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
+
+    def kernel(*args, **kwargs):
+        interpreter = torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter()
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        with torch._C._ExcludeDispatchKeyGuard(vmap_mode):
+            if kwargs.get("seed") is not None or any(torch._C._functorch.is_batchedtensor(t) for t in tensors):
+                return op(*args, **kwargs)
+            mode = interpreter.randomness()
+            if mode == "error":
+                raise RuntimeError(RANDOMNESS_ERROR)
+            if mode == "same":
+                return op(*args, **kwargs)
+            if name.endswith("_"):
+                raise RuntimeError(_INPLACE_DIFFERENT_ERROR)
+            size, level = interpreter.batch_size(), interpreter.level()
+            expanded = [a.unsqueeze(0).expand(size, *a.shape) if isinstance(a, Tensor) else a for a in args]
+            in_dims = tuple(0 if isinstance(a, Tensor) else None for a in args)
+            outputs, out_dims = _RULES[name](_Info(), in_dims, *expanded, **kwargs)
+            return tuple(o if d is None else torch._C._functorch._add_batch_dim(o, d, level)
+                         for o, d in zip(outputs, out_dims))
+
+    return kernel
+
+
+_library = None  # keeps the FuncTorchVmapMode registrations alive
+
+
 def register() -> None:
     """Registers every rule (called once, at import)."""
-    E, S, C = _Elements, _Samples, _Channels
+    global _library
+    E, S, C, Rows = _Elements(), _Samples, _Channels, _Elements(rows=True)
 
     def rule(name):
-        return torch.library.register_vmap(f"regdrop::{name}")
+        def decorate(fn):
+            _RULES[name] = fn
+            return torch.library.register_vmap(f"regdrop::{name}", fn)
+
+        return decorate
 
     @rule("dropout")
     def _(info, in_dims, x, p, generator=None, *, seed=None, offset=0):
@@ -221,18 +305,19 @@ def register() -> None:
         # residual + dropout(input + bias).
         mode = _mode(info, seed)
         if mode == "different" and in_dims[1] is None:
-            return _forward(E, mode, (x, residual), (in_dims[0], in_dims[2]), lambda t, r: ops.bias_dropout_add(
+            return _forward(Rows, mode, (x, residual), (in_dims[0], in_dims[2]), lambda t, r: ops.bias_dropout_add(
                 t, bias, r, p, generator, seed=seed, offset=offset))
         size = _batch_size((x, bias, residual), in_dims)
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out_dtype = torch.promote_types(torch.promote_types(x.dtype, bias.dtype), residual.dtype)
+        compute = torch.float64 if out_dtype == torch.float64 else torch.float32
         xb = _batch_first(x, in_dims[0], size).to(compute)
         bb = _batch_first(bias, in_dims[1], size).to(compute)
         rb = _batch_first(residual, in_dims[2], size).to(compute)
         shifted = xb + bb.view(size, *([1] * (xb.dim() - 2)), -1)
-        (out, mask), out_dims = _forward(E, mode, (shifted, rb), (0, 0), lambda t, r: (
+        (out, mask), out_dims = _forward(Rows, mode, (shifted, rb), (0, 0), lambda t, r: (
             ops.dropout_add(t, r, p, generator, seed=seed, offset=offset) if mode == "different"
             else ops.drop_path_add(t, r, p, True, generator, seed=seed, offset=offset)))
-        return (out.to(x.dtype), mask), out_dims
+        return (out.to(out_dtype), mask), out_dims
 
     @rule("drop_path")
     def _(info, in_dims, x, p, scale_by_keep=True, generator=None, *, seed=None, offset=0):
@@ -298,10 +383,11 @@ def register() -> None:
 
     @rule("bias_dropout_add_backward")
     def _(info, in_dims, grad, mask, p):
-        grad_input, _ = _backward(E, (grad, mask), in_dims, lambda g, m: ops.dropout_backward(g, m, p),
+        grad_input, _ = _backward(Rows, (grad, mask), in_dims, lambda g, m: ops.dropout_backward(g, m, p),
                                   lambda g, m: ops.drop_path_backward(g, m, p, True))
         accumulate = torch.float64 if grad_input.dtype == torch.float64 else torch.float32
-        grad_bias = grad_input.flatten(1, -2).sum(1, dtype=accumulate).to(grad_input.dtype)
+        rows = grad_input.reshape(grad_input.size(0), -1, grad_input.size(-1))  # (batch, rows, columns)
+        grad_bias = rows.sum(1, dtype=accumulate).to(grad_input.dtype)
         return (grad_input, grad_bias), (0, 0)
 
     @rule("dropout_low_memory_backward")
@@ -315,3 +401,7 @@ def register() -> None:
         seed, offset = rng_state.tolist()
         mask = ops.drop_path(g.new_empty(_Elements.count(g.shape), 0), p, True, seed=seed, offset=offset)[1]
         return _backward(E, (g, mask), (0, None), None, lambda t, m: ops.drop_path_backward(t, m, p, True))
+
+    _library = torch.library.Library("regdrop", "IMPL")
+    for name in _RANDOM_OPS:
+        _library.impl(name, _unbatched_random_call(name), "FuncTorchVmapMode")
