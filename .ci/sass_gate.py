@@ -45,7 +45,6 @@ ELEMENT_BYTES = {"float": 4, "double": 8, "regdrop::cuda::Half": 2, "regdrop::cu
 DTYPE_NAMES = {"float": "fp32", "double": "fp64", "regdrop::cuda::Half": "fp16", "regdrop::cuda::BFloat16": "bf16"}
 EPILOGUES = {"0": "Scale", "1": "AddResidual", "2": "AddBiasResidual"}
 BIT_SOURCES = {"0": "Draw", "1": "Elements", "2": "UnitPerGroup", "3": "UnitRuns", "4": "UnitChannelsLast"}
-STREAMED = {"Scale": 2, "AddResidual": 3, "AddBiasResidual": 3}  # tensors of 8 elements per group
 MASK_BYTE = {"Draw": 1, "Elements": 1}  # unit masks are a bit per unit: ~0 bytes per group
 
 
@@ -61,13 +60,17 @@ class Kernel:
 def classify(name: str):
     """Every kernel of csrc/cuda/kernels.cu, or None for an unknown one."""
     name = name.removeprefix("void ")  # templates' names carry their return type
-    m = re.match(r"regdrop::cuda::kernels::elementwise_kernel<(.+), \(regdrop::Epilogue\)(\d), "
-                 r"\(regdrop::cuda::BitSource\)(\d)>", name)
+    m = re.match(r"regdrop::cuda::kernels::elementwise_kernel<regdrop::cuda::Operands<(.+)>, "
+                 r"\(regdrop::Epilogue\)(\d), \(regdrop::cuda::BitSource\)(\d)>", name)
     if m:
-        dtype, epilogue, source = m.group(1), EPILOGUES[m.group(2)], BIT_SOURCES[m.group(3)]
-        size = ELEMENT_BYTES[dtype]
-        return Kernel(f"elementwise {DTYPE_NAMES[dtype]} {epilogue} {source}", size,
-                      8 * size * STREAMED[epilogue] + MASK_BYTE.get(source, 0))
+        types = [t.strip() for t in m.group(1).split(",")]  # input, residual, bias, output
+        epilogue, source = EPILOGUES[m.group(2)], BIT_SOURCES[m.group(3)]
+        names = [DTYPE_NAMES[t] for t in types]
+        label = names[0] if len(set(types)) == 1 else f"{names[0]}/{names[1]}/{names[2]}->{names[3]}"
+        streamed = [types[0], types[3]] + ([types[1]] if epilogue != "Scale" else [])
+        # Its 128-bit stores are the output's: a group stores 8 output elements.
+        return Kernel(f"elementwise {label} {epilogue} {source}", ELEMENT_BYTES[types[3]],
+                      8 * sum(ELEMENT_BYTES[t] for t in streamed) + MASK_BYTE.get(source, 0))
     m = re.match(r"regdrop::cuda::kernels::column_sums_kernel<(.+)>", name)
     if m:  # reads grad and the mask, writes grad_input
         size = ELEMENT_BYTES[m.group(1)]

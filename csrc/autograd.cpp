@@ -95,7 +95,9 @@ std::pair<at::Tensor, at::Tensor> through_mask(MaskKind kind, const Saved& s, co
 }
 
 // The gradient of a forward op, whose differentiable inputs are, in order,
-// input, then bias (Rows), then residual (the residual forms).
+// input, then bias (Rows), then residual (the residual forms). Each gradient
+// comes in its input's dtype: where dtypes mix (a bfloat16 input under a
+// float32 residual), the output's gradient is cast back to each.
 struct ForwardGradient : Node {
   ForwardGradient(std::string name, MaskKind kind, bool has_residual)
       : name_(std::move(name)), kind_(kind), has_residual_(has_residual) {}
@@ -109,12 +111,16 @@ struct ForwardGradient : Node {
     out[k++] = grad_input;
     if (kind_ == MaskKind::Rows) out[k++] = grad_bias;
     if (has_residual_) out[k] = grad;
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (out[i].defined() && out[i].scalar_type() != dtypes[i]) out[i] = out[i].to(dtypes[i]);
+    }
     return out;
   }
   std::string name() const override { return name_; }
   void release_variables() override { saved.mask.reset_data(); }
 
   Saved saved;
+  std::vector<at::ScalarType> dtypes;  // of the differentiable inputs
 
  private:
   std::string name_;
@@ -158,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const char* name, MaskKind kind, std:
   if (torch::autograd::compute_requires_grad(inputs)) {
     node = c10::make_intrusive<ForwardGradient>(name, kind, has_residual);
     node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+    for (const at::Tensor& t : inputs) node->dtypes.push_back(t.scalar_type());
   }
   at::Tensor out, saved;
   {
@@ -186,6 +193,7 @@ at::Tensor forward_inplace(const char* name, MaskKind kind, const at::Tensor& in
   if (requires_grad) {
     node = c10::make_intrusive<ForwardGradient>(name, kind, false);
     node->set_next_edges(torch::autograd::collect_next_edges(input));
+    node->dtypes = {input.scalar_type()};
     if (element_order(kind)) {
       strides = input.is_non_overlapping_and_dense() ? input.sym_strides().vec() : contiguous_strides(input);
     }

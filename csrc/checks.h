@@ -29,14 +29,13 @@ inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.layout() == at::kStrided, name, " must be a strided (dense) tensor, got ", t.layout());
 }
 
-// `other` must match `like` in shape, dtype and device: the fused ops do not broadcast.
+// `other` must be a float tensor with `like`'s shape and device: the fused
+// ops do not broadcast. Float dtypes may differ (the output promotes).
 inline void check_matches(const at::Tensor& other, const char* name, const at::Tensor& like,
                           const char* like_name) {
   check_floating(other, name);
   TORCH_CHECK(other.device() == like.device(), name, " must be on the same device as ", like_name,
               " (", like.device(), "), got ", other.device());
-  TORCH_CHECK_TYPE(other.scalar_type() == like.scalar_type(), name, " must have the dtype of ",
-                   like_name, " (", like.scalar_type(), "), got ", other.scalar_type());
   TORCH_CHECK(other.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
               like.sizes(), ", got ", other.sizes(), " (broadcasting is not supported)");
 }

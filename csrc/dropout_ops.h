@@ -83,6 +83,9 @@ inline KernelCall apply_call(const Walk& w, const at::Tensor& out, const at::Ten
                              double scale) {
   KernelCall c;
   c.dtype = scalar_kind(w.input.scalar_type());
+  c.residual_dtype = scalar_kind(w.residual.defined() ? w.residual.scalar_type() : w.input.scalar_type());
+  c.bias_dtype = scalar_kind(bias.defined() ? bias.scalar_type() : w.input.scalar_type());
+  c.out_dtype = scalar_kind(out.scalar_type());
   c.numel = w.input.numel();
   c.in = w.input.const_data_ptr();
   c.out = out.mutable_data_ptr();
@@ -152,15 +155,42 @@ inline void check_forward(const at::Tensor& input, double p, const RngArgs& rng)
 
 // --------------------------------------------------------------- the ops
 
+// The operands of a residual form, as the kernels take them. The output has
+// eager's dtype, torch.result_type(input [, bias], residual). One dtype
+// throughout, or the widening mix (a 16-bit input with float32 output and a
+// float32 or input-dtype residual and bias: what autocast makes), runs as it
+// is, in one pass; any other mix is cast to the output dtype first.
+struct Operands {
+  at::Tensor input, residual, bias;
+  at::ScalarType out;
+};
+
+inline Operands promote(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias) {
+  at::ScalarType out = input.scalar_type();
+  if (bias.defined()) out = c10::promoteTypes(out, bias.scalar_type());
+  if (residual.defined()) out = c10::promoteTypes(out, residual.scalar_type());
+  const at::ScalarType in = input.scalar_type();
+  auto is = [&](const at::Tensor& t, at::ScalarType a, at::ScalarType b) {
+    return !t.defined() || t.scalar_type() == a || t.scalar_type() == b;
+  };
+  const bool uniform = out == in && is(residual, in, in) && is(bias, in, in);
+  const bool widening = (in == at::kHalf || in == at::kBFloat16) && out == at::kFloat &&
+                        is(residual, in, out) && is(bias, in, out);
+  if (uniform || widening) return {input, residual, bias, out};
+  auto cast = [&](const at::Tensor& t) { return t.defined() ? t.to(out) : t; };
+  return {cast(input), cast(residual), cast(bias), out};
+}
+
 // A forward op that returns (output, mask), for any granularity and epilogue.
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> masked_forward(Granularity g, const at::Tensor& input,
-                                                  const at::Tensor& residual,
-                                                  const at::Tensor& bias, double p, double scale,
+std::tuple<at::Tensor, at::Tensor> masked_forward(Granularity g, const at::Tensor& input_,
+                                                  const at::Tensor& residual_,
+                                                  const at::Tensor& bias_, double p, double scale,
                                                   const RngArgs& rng) {
-  c10::DeviceGuard guard(input.device());
+  c10::DeviceGuard guard(input_.device());
+  const auto [input, residual, bias, out_dtype] = promote(input_, residual_, bias_);
   const Walk w = plan_walk(input, residual, g);
-  at::Tensor out = at::empty_like(w.input);
+  at::Tensor out = at::empty_like(w.input, w.input.options().dtype(out_dtype));
   at::Tensor mask = new_mask(w.unit_count, w.input);
   draw_and_apply<Backend>(w, g, out, bias.defined() ? bias.contiguous() : bias, p, scale, rng,
                           mask.mutable_data_ptr<uint8_t>());
@@ -196,6 +226,8 @@ at::Tensor masked_backward(Granularity g, const at::Tensor& grad, const at::Tens
   return out;
 }
 
+// A residual: input's shape and device, any float dtype (the output takes
+// eager's result dtype; see promote()).
 inline void check_residual(const at::Tensor& input, const at::Tensor& residual) {
   check_matches(residual, "residual", input, "input");
 }
@@ -205,8 +237,6 @@ inline void check_bias(const at::Tensor& input, const at::Tensor& bias) {
   check_floating(bias, "bias");
   TORCH_CHECK(bias.device() == input.device(), "bias must be on the same device as input (",
               input.device(), "), got ", bias.device());
-  TORCH_CHECK_TYPE(bias.scalar_type() == input.scalar_type(), "bias must have the dtype of input (",
-                   input.scalar_type(), "), got ", bias.scalar_type());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == input.size(-1),
               "bias must be 1-D with the size of input's last dimension (", input.size(-1),
               "), got shape ", bias.sizes());
@@ -357,13 +387,14 @@ at::Tensor drop_path_backward(const at::Tensor& grad, const at::Tensor& mask, do
 // with in a 2-element int64 tensor on the input's device, and backward draws
 // the same bits again from it.
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> low_memory_forward(const at::Tensor& input,
-                                                      const at::Tensor& residual, double p,
+std::tuple<at::Tensor, at::Tensor> low_memory_forward(const at::Tensor& input_,
+                                                      const at::Tensor& residual_, double p,
                                                       const RngArgs& rng) {
-  c10::DeviceGuard guard(input.device());
+  c10::DeviceGuard guard(input_.device());
+  const auto [input, residual, bias, out_dtype] = promote(input_, residual_, {});
   const Walk w = plan_walk(input, residual, Granularity::Element);
-  at::Tensor out = at::empty_like(w.input);
-  at::Tensor rng_state = at::zeros({2}, input.options().dtype(at::kLong));
+  at::Tensor out = at::empty_like(w.input, w.input.options().dtype(out_dtype));
+  at::Tensor rng_state = at::zeros({2}, input_.options().dtype(at::kLong));
   draw_and_apply<Backend>(w, Granularity::Element, out, {}, p, keep_scale(p), rng, nullptr,
                           rng_state.mutable_data_ptr<int64_t>());
   return {out, rng_state};

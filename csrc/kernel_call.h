@@ -3,7 +3,10 @@
 // the CUDA launcher run it. No ATen types here, so .cu files stay lean.
 //
 // The family has three axes:
-//   * dtype:       float, double, half, bfloat16 (half types compute in float);
+//   * dtype:       float, double, half, bfloat16 (half types compute in float),
+//                  one for every operand, or the mix autocast makes: a 16-bit
+//                  input with a float32 output and a float32 or 16-bit
+//                  residual and bias (the "widening" mix);
 //   * mask source: draw each element's bit from Philox (element dropout),
 //                  read element bits, or read the bit of the element's unit
 //                  (channel dropout: one unit per (n, c); drop-path: one per sample);
@@ -64,7 +67,10 @@ struct PhiloxSource {
 };
 
 struct KernelCall {
-  ScalarKind dtype = ScalarKind::Float;
+  ScalarKind dtype = ScalarKind::Float;  // of the input, and of every operand but in a mix:
+  ScalarKind residual_dtype = ScalarKind::Float;
+  ScalarKind bias_dtype = ScalarKind::Float;
+  ScalarKind out_dtype = ScalarKind::Float;
   MaskSource source = MaskSource::Draw;
   Epilogue epilogue = Epilogue::Scale;
 
@@ -94,5 +100,8 @@ struct KernelCall {
 };
 
 inline int64_t mask_bytes(int64_t units) { return units / 8 + (units % 8 != 0); }
+
+// A call whose output is wider than its input: a 16-bit input, float32 out.
+inline bool widening(const KernelCall& c) { return c.out_dtype != c.dtype; }
 
 }  // namespace regdrop

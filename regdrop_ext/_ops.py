@@ -91,8 +91,6 @@ def _check_same_device(t, name: str, like, like_name: str) -> None:
 def _check_matches(other, name: str, like, like_name: str) -> None:
     _check_floating(other, name)
     _check_same_device(other, name, like, like_name)
-    if other.dtype != like.dtype:
-        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {other.dtype}")
     if other.shape != like.shape:
         raise RuntimeError(
             f"{name} must have the shape of {like_name} {list(like.shape)}, got {list(other.shape)} "
@@ -119,8 +117,6 @@ def _check_bias(input, bias) -> None:
         raise RuntimeError("input must have at least 1 dimension for a bias, got a 0-d tensor")
     _check_floating(bias, "bias")
     _check_same_device(bias, "bias", input, "input")
-    if bias.dtype != input.dtype:
-        raise TypeError(f"bias must have the dtype of input ({input.dtype}), got {bias.dtype}")
     if bias.dim() != 1 or bias.shape[0] != input.shape[-1]:
         raise RuntimeError(
             f"bias must be 1-D with the size of input's last dimension ({input.shape[-1]}), got shape "
@@ -165,19 +161,29 @@ def _check_rng_state(rng_state, grad) -> None:
 # --- fake kernels -------------------------------------------------------------
 
 
-def _like(x: Tensor) -> Tensor:
+def _like(x: Tensor, dtype=None) -> Tensor:
     """The output the kernels allocate for walked operand ``x``: its strides,
     size-1 dimensions' included (at::empty_like copies them)."""
-    return x.new_empty_strided(x.shape, x.stride())
+    return x.new_empty_strided(x.shape, x.stride(), dtype=dtype)
 
 
-def _fake_forward(granularity, input, residual=None):
+def _out_dtype(*operands):
+    """eager's result dtype for a residual form (csrc/dropout_ops.h, promote())."""
+    dtype = operands[0].dtype
+    for t in operands[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _fake_forward(granularity, input, residual=None, bias=None):
     x = _walked(input, granularity, residual)
-    return _like(x), _new_mask(x, _units(x, granularity))
+    out_dtype = _out_dtype(*(t for t in (input, bias, residual) if t is not None))
+    return _like(x, out_dtype), _new_mask(x, _units(x, granularity))
 
 
 def _fake_low_memory(input, residual=None):
-    return _like(_walked(input, ELEMENT, residual)), input.new_empty((2,), dtype=torch.int64)
+    out_dtype = _out_dtype(input, *(() if residual is None else (residual,)))
+    return _like(_walked(input, ELEMENT, residual), out_dtype), input.new_empty((2,), dtype=torch.int64)
 
 
 def _fake_backward(granularity, grad, mask, p):
@@ -207,7 +213,7 @@ def _(input, bias, residual, p, generator=None, *, seed=None, offset=0):
     _check_forward(input, p, generator, seed, offset)
     _check_bias(input, bias)
     _check_matches(residual, "residual", input, "input")
-    return _fake_forward(ROWS, input, residual)
+    return _fake_forward(ROWS, input, residual, bias)
 
 
 @_register_fake("regdrop::channel_dropout")

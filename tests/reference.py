@@ -105,14 +105,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def result_dtype(*operands) -> torch.dtype:
+    """eager's dtype for residual + dropout(x [+ bias]): the operands' promotion."""
+    dtype = operands[0].dtype
+    for t in operands[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def masked_reference(x, keep, scale, residual=None, bias=None):
     """The kernels' epilogue in pure torch: keep ? r + (x [+ b]) * s : r
-    (r = 0 without a residual), in the compute dtype, rounded once."""
-    c = compute_dtype(x.dtype)
+    (r = 0 without a residual), in the compute dtype, rounded once to the
+    operands' result dtype (mixed dtypes promote, as in eager)."""
+    out = result_dtype(x, bias, residual)
+    c = compute_dtype(out)
     s = torch.tensor(scale, dtype=c)
     value = x.to(c) if bias is None else x.to(c) + bias.to(c)
     r = torch.zeros((), dtype=c, device=x.device) if residual is None else residual.to(c)
-    return torch.where(keep, r + value * s, r).to(x.dtype)
+    return torch.where(keep, r + value * s, r).to(out)
 
 
 def sample_keep(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

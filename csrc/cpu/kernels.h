@@ -291,18 +291,34 @@ struct Lanes : LaneTypes<T> {
   }
 };
 
+// The element types of a call's operands: one type throughout, or the
+// widening mix (a 16-bit input; float32 output; residual and bias float32 or
+// the input's type). All compute in one type (float, or double throughout),
+// so every operand loads into and stores from the same vectors.
+template <class In, class Residual = In, class Bias = In, class Out = In>
+struct Operands {
+  using InT = In;
+  using ResidualT = Residual;
+  using BiasT = Bias;
+  using OutT = Out;
+};
+
 // The epilogue of one chunk. kWholeUnits: chunks are mostly all-kept or
 // all-dropped (unit masks), worth a branch that skips the select, or the input.
-template <class T, Epilogue E, bool kWholeUnits>
+template <class O, Epilogue E, bool kWholeUnits>
 struct Apply {
+  using T = typename O::InT;
+  using R = typename O::ResidualT;
+  using B = typename O::BiasT;
+  using Y = typename O::OutT;
   using L = Lanes<T>;
   using V = typename L::V;
   static constexpr int kChunk = L::kChunk;
   static constexpr uint32_t kAllKept = (uint64_t{1} << kChunk) - 1;
   const T* in;
-  const T* residual;
-  const T* bias;
-  T* out;
+  const R* residual;
+  const B* bias;
+  Y* out;
   int64_t bias_len;
   V scale;
 
@@ -314,19 +330,21 @@ struct Apply {
 
   // The last n < kChunk elements go through the same code via stack copies.
   inline void partial_chunk(int64_t e, int64_t n, uint32_t bits, int64_t col) const {
-    T x[kChunk] = {}, r[kChunk] = {}, y[kChunk];
+    T x[kChunk] = {};
+    R r[kChunk] = {};
+    Y y[kChunk];
     std::memcpy(x, in + e, sizeof(T) * n);
-    if (E != Epilogue::Scale) std::memcpy(r, residual + e, sizeof(T) * n);
+    if (E != Epilogue::Scale) std::memcpy(r, residual + e, sizeof(R) * n);
     lanes(x, r, y, bits & ((uint32_t{1} << n) - 1), col);
-    std::memcpy(out + e, y, sizeof(T) * n);
+    std::memcpy(out + e, y, sizeof(Y) * n);
   }
 
-  inline void lanes(const T* x, const T* r, T* y, uint32_t bits, int64_t col) const {
+  inline void lanes(const T* x, const R* r, Y* y, uint32_t bits, int64_t col) const {
     if constexpr (kWholeUnits && E != Epilogue::AddBiasResidual) {
       if (bits == 0) {  // dropped: the input is not even read
         for (int q = 0; q < L::kParts; ++q) {
           const int first = q * L::kWidth;
-          L::store(y + first, E == Epilogue::Scale ? V{} : L::load(r + first));
+          Lanes<Y>::store(y + first, E == Epilogue::Scale ? V{} : Lanes<R>::load(r + first));
         }
         return;
       }
@@ -334,33 +352,34 @@ struct Apply {
     // Bias values by column; a row whose width is a multiple of the chunk
     // never wraps inside one.
     const bool wraps = col + kChunk > bias_len;
-    T bias_lanes[kChunk];
+    B bias_lanes[kChunk];
     if (E == Epilogue::AddBiasResidual && wraps) {
       for (int j = 0; j < kChunk; ++j) bias_lanes[j] = bias[(col + j) % bias_len];
     }
     for (int q = 0; q < L::kParts; ++q) {
       const int first = q * L::kWidth;
       V rv{}, bv{};
-      if constexpr (E != Epilogue::Scale) rv = L::load(r + first);
+      if constexpr (E != Epilogue::Scale) rv = Lanes<R>::load(r + first);
       if constexpr (E == Epilogue::AddBiasResidual) {
-        bv = L::load(wraps ? bias_lanes + first : bias + col + first);
+        bv = Lanes<B>::load(wraps ? bias_lanes + first : bias + col + first);
       }
-      const V kept = L::kept_canonical(kept_value<E>(L::load(x + first), rv, bv, scale));
+      const V kept = Lanes<Y>::kept_canonical(kept_value<E>(L::load(x + first), rv, bv, scale));
       const V result = kWholeUnits && bits == kAllKept
                            ? kept
                            : L::blend(L::keep_mask(bits >> first), kept, dropped_value<E>(rv));
-      L::store(y + first, result);
+      Lanes<Y>::store(y + first, result);
     }
   }
 };
 
-template <class T, Epilogue E, MaskSource S>
+template <class O, Epilogue E, MaskSource S>
 void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end) {
+  using T = typename O::InT;
   using C = typename Lanes<T>::C;
-  const Apply<T, E, S == MaskSource::Units> apply{static_cast<const T*>(c.in),
-                                                  static_cast<const T*>(c.residual),
-                                                  static_cast<const T*>(c.bias),
-                                                  static_cast<T*>(c.out),
+  const Apply<O, E, S == MaskSource::Units> apply{static_cast<const T*>(c.in),
+                                                  static_cast<const typename O::ResidualT*>(c.residual),
+                                                  static_cast<const typename O::BiasT*>(c.bias),
+                                                  static_cast<typename O::OutT*>(c.out),
                                                   c.bias_len,
                                                   typename Lanes<T>::V{} + static_cast<C>(c.scale)};
   uint64_t seed = 0, offset = 0;
@@ -410,27 +429,46 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   }
 }
 
+template <class O, Epilogue E>
+void run_groups_with_source(const KernelCall& c, int64_t g_begin, int64_t g_end) {
+  switch (c.source) {
+    case MaskSource::Draw:
+      return run_groups_typed<O, E, MaskSource::Draw>(c, g_begin, g_end);
+    case MaskSource::Elements:
+      return run_groups_typed<O, E, MaskSource::Elements>(c, g_begin, g_end);
+    case MaskSource::Units:
+      return run_groups_typed<O, E, MaskSource::Units>(c, g_begin, g_end);
+  }
+}
+
 template <class T>
 void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end) {
-  auto with_source = [&](auto epilogue) {
-    constexpr Epilogue E = decltype(epilogue)::value;
-    switch (c.source) {
-      case MaskSource::Draw:
-        return run_groups_typed<T, E, MaskSource::Draw>(c, g_begin, g_end);
-      case MaskSource::Elements:
-        return run_groups_typed<T, E, MaskSource::Elements>(c, g_begin, g_end);
-      case MaskSource::Units:
-        return run_groups_typed<T, E, MaskSource::Units>(c, g_begin, g_end);
-    }
-  };
   switch (c.epilogue) {
     case Epilogue::Scale:
-      return with_source(std::integral_constant<Epilogue, Epilogue::Scale>{});
+      return run_groups_with_source<Operands<T>, Epilogue::Scale>(c, g_begin, g_end);
     case Epilogue::AddResidual:
-      return with_source(std::integral_constant<Epilogue, Epilogue::AddResidual>{});
+      return run_groups_with_source<Operands<T>, Epilogue::AddResidual>(c, g_begin, g_end);
     case Epilogue::AddBiasResidual:
-      return with_source(std::integral_constant<Epilogue, Epilogue::AddBiasResidual>{});
+      return run_groups_with_source<Operands<T>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
   }
+}
+
+// The widening mix (kernel_call.h): a 16-bit input T, a float32 output, and a
+// residual (and bias) of T or float32; only the residual forms have it.
+template <class T>
+void run_groups_widening(const KernelCall& c, int64_t g_begin, int64_t g_end) {
+  const bool float_residual = c.residual_dtype == ScalarKind::Float;
+  const bool float_bias = c.bias_dtype == ScalarKind::Float;
+  if (c.epilogue == Epilogue::AddResidual) {
+    return run_groups_with_source<Operands<T, float, T, float>, Epilogue::AddResidual>(c, g_begin, g_end);
+  }
+  if (float_residual && float_bias) {
+    return run_groups_with_source<Operands<T, float, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
+  }
+  if (float_residual) {
+    return run_groups_with_source<Operands<T, float, T, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
+  }
+  return run_groups_with_source<Operands<T, T, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
 }
 
 // ------------------------------------------------------ bias gradients
@@ -543,6 +581,10 @@ void fold_chunks_typed(const ColumnSumPlan& plan, const void* partial, void* res
 
 // The entry points, one set per instruction set (kernel_isa.h).
 void run_groups(const KernelCall& c, int64_t g_begin, int64_t g_end) {
+  if (widening(c)) {
+    return c.dtype == ScalarKind::Half ? run_groups_widening<Half>(c, g_begin, g_end)
+                                       : run_groups_widening<BFloat16>(c, g_begin, g_end);
+  }
   switch (c.dtype) {
     case ScalarKind::Float:
       return run_groups_for_dtype<float>(c, g_begin, g_end);

@@ -10,9 +10,9 @@
 namespace regdrop::cuda {
 namespace kernels {
 
-template <class T, Epilogue E, BitSource S>
+template <class O, Epilogue E, BitSource S>
 __global__ void __launch_bounds__(512) elementwise_kernel(const ElementwiseParams p) {
-  elementwise_thread<T, E, S>(p, blockIdx.x * blockDim.x + threadIdx.x);
+  elementwise_thread<O, E, S>(p, blockIdx.x * blockDim.x + threadIdx.x);
 }
 
 __global__ void __launch_bounds__(256) draw_mask_kernel(const DrawMaskParams p) {
@@ -42,9 +42,9 @@ struct Launcher {
   cudaStream_t stream;
   const std::function<void*(size_t)>& allocate;
 
-  template <class T, Epilogue E, BitSource S>
+  template <class O, Epilogue E, BitSource S>
   void elementwise(const ElementwiseParams& p, Grid g) {
-    elementwise_kernel<T, E, S><<<g.blocks_x, g.threads_x, 0, stream>>>(p);
+    elementwise_kernel<O, E, S><<<g.blocks_x, g.threads_x, 0, stream>>>(p);
     check_launch();
   }
   void draw_mask(const DrawMaskParams& p, Grid g) {

@@ -4,7 +4,7 @@
 // emulation (tests/cuda_emulation), which thereby checks the launch shapes
 // as well as the thread bodies. An Executor provides
 //
-//   template <class T, Epilogue E, BitSource S>
+//   template <class O, Epilogue E, BitSource S>              // O: Operands<In, Residual, Bias, Out>
 //   void elementwise(const ElementwiseParams&, Grid);   // thread = blockIdx.x * threads_x + threadIdx.x
 //   void draw_mask(const DrawMaskParams&, Grid);
 //   template <class T>
@@ -16,7 +16,8 @@
 // Only the combinations the ops launch are instantiated: drawing with every
 // epilogue (forward), reading element masks with Scale (backward), reading
 // unit masks with Scale (channel dropout, drop-path, their backward) and
-// sample units with AddResidual (drop_path_add).
+// sample units with AddResidual (drop_path_add); and the widening mix for the
+// residual forms.
 #pragma once
 
 #include <cstdint>
@@ -105,16 +106,17 @@ inline UnitWalk unit_walk(const UnitLayout& u, int64_t units, int64_t first, uin
   return w;
 }
 
-template <class T, Epilogue E, BitSource S, class Executor>
+template <class O, Epilogue E, BitSource S, class Executor>
 void launch_elementwise(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
-  const int size = element_size(c.dtype);
+  const int in_size = element_size(c.dtype), out_size = element_size(c.out_dtype);
+  const int residual_size = element_size(c.residual_dtype), bias_size = element_size(c.bias_dtype);
   const uint32_t threads = threads_for(c.dtype);
   for (int64_t first = 0; first < c.numel; first += limits.max_launch_elements) {
     const int64_t count = std::min(limits.max_launch_elements, c.numel - first);
     ElementwiseParams p;
-    p.in = static_cast<const uint8_t*>(c.in) + first * size;
-    p.out = static_cast<uint8_t*>(c.out) + first * size;
-    if (c.residual != nullptr) p.residual = static_cast<const uint8_t*>(c.residual) + first * size;
+    p.in = static_cast<const uint8_t*>(c.in) + first * in_size;
+    p.out = static_cast<uint8_t*>(c.out) + first * out_size;
+    if (c.residual != nullptr) p.residual = static_cast<const uint8_t*>(c.residual) + first * residual_size;
     p.numel = static_cast<uint32_t>(count);
     p.groups = static_cast<uint32_t>(mask_bytes(count));
     p.scale_f = static_cast<float>(c.scale);
@@ -135,31 +137,54 @@ void launch_elementwise(const KernelCall& c, Executor& exec, const LaunchLimits&
     }
     if constexpr (E == Epilogue::AddBiasResidual) {
       const int64_t col = first % c.bias_len;
-      p.bias_row = static_cast<const uint8_t*>(c.bias) + col * size;
+      p.bias_row = static_cast<const uint8_t*>(c.bias) + col * bias_size;
       p.bias_len = c.bias_len;
       normalize(c.bias_len, col, limits.divisor_limit, p.bias_rows, p.bias_rem);
       p.bias_vector = c.bias_len % kUnitsPerGroup == 0 && aligned16(c.bias);
     }
-    exec.template elementwise<T, E, S>(p, Grid{blocks_for(p.groups, threads), 1, threads, 1});
+    exec.template elementwise<O, E, S>(p, Grid{blocks_for(p.groups, threads), 1, threads, 1});
   }
 }
 
 // Channels-last units come only from channel dropout, which has no residual
 // form: AddResidual reads sample units, always runs.
-template <class T, Epilogue E, class Executor>
+template <class O, Epilogue E, class Executor>
 void launch_unit_source(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
   switch (unit_source(c.units)) {
     case BitSource::UnitPerGroup:
-      return launch_elementwise<T, E, BitSource::UnitPerGroup>(c, exec, limits);
+      return launch_elementwise<O, E, BitSource::UnitPerGroup>(c, exec, limits);
     case BitSource::UnitRuns:
-      return launch_elementwise<T, E, BitSource::UnitRuns>(c, exec, limits);
+      return launch_elementwise<O, E, BitSource::UnitRuns>(c, exec, limits);
     default:
       if constexpr (E == Epilogue::Scale) {
-        return launch_elementwise<T, E, BitSource::UnitChannelsLast>(c, exec, limits);
+        return launch_elementwise<O, E, BitSource::UnitChannelsLast>(c, exec, limits);
       } else {
         throw std::logic_error("no CUDA kernel for channels-last units with a residual");
       }
   }
+}
+
+// The widening mix (kernel_call.h): 16-bit input T, float output; only the
+// residual forms (drawn element masks, and drop_path_add's sample units).
+template <class T, class Executor>
+void launch_widening(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
+  const bool float_residual = c.residual_dtype == ScalarKind::Float;
+  const bool float_bias = c.bias_dtype == ScalarKind::Float;
+  if (c.epilogue == Epilogue::AddResidual && c.source == MaskSource::Draw) {
+    return launch_elementwise<Operands<T, float, T, float>, Epilogue::AddResidual, BitSource::Draw>(c, exec, limits);
+  }
+  if (c.epilogue == Epilogue::AddResidual && c.source == MaskSource::Units) {
+    return launch_unit_source<Operands<T, float, T, float>, Epilogue::AddResidual>(c, exec, limits);
+  }
+  if (c.epilogue == Epilogue::AddBiasResidual && c.source == MaskSource::Draw) {
+    constexpr Epilogue E = Epilogue::AddBiasResidual;
+    if (float_residual && float_bias) {
+      return launch_elementwise<Operands<T, float, float, float>, E, BitSource::Draw>(c, exec, limits);
+    }
+    if (float_residual) return launch_elementwise<Operands<T, float, T, float>, E, BitSource::Draw>(c, exec, limits);
+    return launch_elementwise<Operands<T, T, float, float>, E, BitSource::Draw>(c, exec, limits);
+  }
+  throw std::logic_error("no CUDA kernel for this mix of dtypes");
 }
 
 template <class T, class Executor>
@@ -186,26 +211,27 @@ void launch_column_sums(const KernelCall& c, Executor& exec) {
 
 template <class T, class Executor>
 void launch_typed(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
+  using O = Operands<T>;
   if (c.bias_grad != nullptr) return launch_column_sums<T>(c, exec);
   switch (c.source) {
     case MaskSource::Draw:
       switch (c.epilogue) {
         case Epilogue::Scale:
-          return launch_elementwise<T, Epilogue::Scale, BitSource::Draw>(c, exec, limits);
+          return launch_elementwise<O, Epilogue::Scale, BitSource::Draw>(c, exec, limits);
         case Epilogue::AddResidual:
-          return launch_elementwise<T, Epilogue::AddResidual, BitSource::Draw>(c, exec, limits);
+          return launch_elementwise<O, Epilogue::AddResidual, BitSource::Draw>(c, exec, limits);
         case Epilogue::AddBiasResidual:
-          return launch_elementwise<T, Epilogue::AddBiasResidual, BitSource::Draw>(c, exec, limits);
+          return launch_elementwise<O, Epilogue::AddBiasResidual, BitSource::Draw>(c, exec, limits);
       }
       break;
     case MaskSource::Elements:
       if (c.epilogue == Epilogue::Scale) {
-        return launch_elementwise<T, Epilogue::Scale, BitSource::Elements>(c, exec, limits);
+        return launch_elementwise<O, Epilogue::Scale, BitSource::Elements>(c, exec, limits);
       }
       break;
     case MaskSource::Units:
-      if (c.epilogue == Epilogue::Scale) return launch_unit_source<T, Epilogue::Scale>(c, exec, limits);
-      if (c.epilogue == Epilogue::AddResidual) return launch_unit_source<T, Epilogue::AddResidual>(c, exec, limits);
+      if (c.epilogue == Epilogue::Scale) return launch_unit_source<O, Epilogue::Scale>(c, exec, limits);
+      if (c.epilogue == Epilogue::AddResidual) return launch_unit_source<O, Epilogue::AddResidual>(c, exec, limits);
       break;
   }
   throw std::logic_error("no CUDA kernel for this mask source and epilogue");
@@ -233,6 +259,10 @@ void launch(const KernelCall& c, Executor& exec, const LaunchLimits& limits = {}
   using namespace plan_detail;
   if (c.numel == 0) return;
   if (c.out == nullptr) return launch_draw_mask(c, exec, limits);
+  if (widening(c)) {
+    return c.dtype == ScalarKind::Half ? launch_widening<Half>(c, exec, limits)
+                                       : launch_widening<BFloat16>(c, exec, limits);
+  }
   switch (c.dtype) {
     case ScalarKind::Float:
       return launch_typed<float>(c, exec, limits);

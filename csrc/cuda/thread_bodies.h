@@ -295,10 +295,24 @@ REGDROP_HOST_DEVICE void load_bias(Group<T>& b, const ElementwiseParams& p, uint
   b.load(values, kUnitsPerGroup, false);
 }
 
-template <class T, Epilogue E, BitSource S>
+// The element types of a call's operands: one type throughout, or the
+// widening mix (kernel_call.h): a 16-bit input, a float output, and a
+// residual and bias of either. All compute in Compute<In>.
+template <class In, class Residual = In, class Bias = In, class Out = In>
+struct Operands {
+  using InT = In;
+  using ResidualT = Residual;
+  using BiasT = Bias;
+  using OutT = Out;
+};
+
+template <class O, Epilogue E, BitSource S>
 REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t g) {
+  using T = typename O::InT;
+  using R = typename O::ResidualT;
+  using Y = typename O::OutT;
   using C = Compute<T>;
-  using Bits = typename Element<T>::Bits;
+  static_assert(std::is_same_v<C, Compute<Y>>, "operands compute in one type");
   uint64_t seed = 0, offset = 0;
   if constexpr (S == BitSource::Draw) {
     p.rng.unpack(seed, offset);
@@ -315,10 +329,12 @@ REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t
 
   // The loads go first, ahead of the Philox rounds, so that memory latency
   // overlaps the arithmetic.
-  Group<T> x, r, b;
-  x.load(static_cast<const Bits*>(p.in) + e0, n, vector);
-  if constexpr (E != Epilogue::Scale) r.load(static_cast<const Bits*>(p.residual) + e0, n, vector);
-  if constexpr (E == Epilogue::AddBiasResidual) load_bias<T>(b, p, e0, vector);
+  Group<T> x;
+  Group<R> r;
+  Group<typename O::BiasT> b;
+  x.load(static_cast<const typename Element<T>::Bits*>(p.in) + e0, n, vector);
+  if constexpr (E != Epilogue::Scale) r.load(static_cast<const typename Element<R>::Bits*>(p.residual) + e0, n, vector);
+  if constexpr (E == Epilogue::AddBiasResidual) load_bias(b, p, e0, vector);
 
   const uint32_t valid = (1u << n) - 1;
   uint32_t bits;
@@ -332,7 +348,7 @@ REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t
   }
 
   const C scale = scale_as<C>(p.scale_f, p.scale_d);
-  Group<T> y;
+  Group<Y> y;
 #pragma unroll
   for (int k = 0; k < kUnitsPerGroup / 2; ++k) {
     C pair[2];
@@ -342,12 +358,12 @@ REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t
       C rv = 0, bv = 0;
       if constexpr (E != Epilogue::Scale) rv = r.get(j);
       if constexpr (E == Epilogue::AddBiasResidual) bv = b.get(j);
-      const C kept = kept_canonical<T>(kept_value<E>(x.get(j), rv, bv, scale));
+      const C kept = kept_canonical<Y>(kept_value<E>(x.get(j), rv, bv, scale));
       pair[h] = ((bits >> j) & 1u) ? kept : dropped_value<E>(rv);
     }
     y.set_pair(k, pair[0], pair[1]);
   }
-  y.store(static_cast<Bits*>(p.out) + e0, n, vector);
+  y.store(static_cast<typename Element<Y>::Bits*>(p.out) + e0, n, vector);
 }
 
 // ------------------------------------------------------------- unit masks

@@ -45,6 +45,18 @@ const char* dtype_name() {
   if constexpr (std::is_same_v<T, cuda::BFloat16>) return "bf16";
 }
 
+// "bf16", or for the widening mix "bf16/fp32/bf16->fp32": input/residual/bias->output.
+template <class O>
+std::string operands_name() {
+  using In = typename O::InT;
+  if constexpr (std::is_same_v<O, cuda::Operands<In>>) {
+    return dtype_name<In>();
+  } else {
+    return std::string(dtype_name<In>()) + "/" + dtype_name<typename O::ResidualT>() + "/" +
+           dtype_name<typename O::BiasT>() + "->" + dtype_name<typename O::OutT>();
+  }
+}
+
 void record(const std::string& kernel) {
   std::lock_guard<std::mutex> lock(kernels_run_mutex);
   kernels_run.insert(kernel);
@@ -57,13 +69,13 @@ const char* const kBitSources[] = {"Draw", "Elements", "UnitPerGroup", "UnitRuns
 struct Emulator {
   std::vector<std::unique_ptr<uint8_t[]>> buffers;
 
-  template <class T, Epilogue E, cuda::BitSource S>
+  template <class O, Epilogue E, cuda::BitSource S>
   void elementwise(const cuda::ElementwiseParams& p, Grid g) {
-    record(std::string("elementwise ") + dtype_name<T>() + " " + kEpilogues[static_cast<int>(E)] + " " +
+    record("elementwise " + operands_name<O>() + " " + kEpilogues[static_cast<int>(E)] + " " +
            kBitSources[static_cast<int>(S)]);
     for (uint32_t block = 0; block < g.blocks_x; ++block) {
       for (uint32_t thread = 0; thread < g.threads_x; ++thread) {
-        cuda::elementwise_thread<T, E, S>(p, block * g.threads_x + thread);
+        cuda::elementwise_thread<O, E, S>(p, block * g.threads_x + thread);
       }
     }
   }
