@@ -54,7 +54,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv=None):
-    ops = ",".join(op.name for op in OPS)
+    ops = ",".join(op.key for op in OPS)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtypes", help=f"comma-separated, of {','.join(DTYPES)} (default: all; --quick: fp32,bf16)")
@@ -99,11 +99,11 @@ def _selection(args, preset: dict):
     """The ops and implementation variants asked for, each name checked."""
     ops = args.ops.split(",")
     variants = (args.impls or preset["impls"]).split(",")
-    for option, names, known in (("--ops", ops, [op.name for op in OPS]), ("--impls", variants, list(VARIANTS))):
+    for option, names, known in (("--ops", ops, [op.key for op in OPS]), ("--impls", variants, list(VARIANTS))):
         unknown = sorted(set(names) - set(known))
         if unknown:
             raise SystemExit(f"{option}: unknown {unknown}, expected some of {known}")
-    return [op for op in OPS if op.name in ops], variants
+    return [op for op in OPS if op.key in ops], variants
 
 
 def main(argv=None) -> int:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         print(f"note:     {note}")
     print()
 
-    cells = len(settings.sizes) * len(settings.dtypes) * sum(len(impls) for _, impls in runnable)
+    cells = len(settings.sizes) * sum(len(impls) for op, impls in runnable for d in settings.dtypes if op.runs_for(d))
     with tqdm(total=cells, unit="impl", disable=None) as progress:
         rows, compiles = run(settings, runnable, progress)
     print(render(rows))

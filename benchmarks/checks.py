@@ -107,12 +107,13 @@ def expected_grads(operands: Dict[str, Tensor], grad: Tensor, keep: Tensor, scal
     return grads
 
 
-def assert_matches(name: str, actual: Tensor, expected: Tensor, terms: int = 1) -> None:
-    """``actual`` within EPSILONS epsilons of its dtype of ``expected``;
-    ``terms`` > 1 for a sum of that many terms."""
+def assert_matches(name: str, actual: Tensor, expected: Tensor, terms: int = 1, working=None) -> None:
+    """``actual`` within EPSILONS epsilons of the working dtype (its own, or
+    the inputs' where they are narrower: eager rounds to them in between) of
+    ``expected``; ``terms`` > 1 for a sum of that many terms."""
     if actual.shape != expected.shape:
         raise CheckFailed(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
-    rtol = EPSILONS * torch.finfo(actual.dtype).eps
+    rtol = EPSILONS * max(torch.finfo(actual.dtype).eps, torch.finfo(working or actual.dtype).eps)
     if terms > 1:
         rtol += terms * torch.finfo(torch.float32).eps
     compute = torch.promote_types(expected.dtype, torch.float32)
@@ -141,13 +142,16 @@ def check(operands, output, unit_keep, grad, grads, p: float, quantized: bool) -
     ``unit_keep``; ``grads`` may hold a subset of the differentiable operands.
     ``quantized``: the implementation is regdrop's (see keep_scale)."""
     x = operands["input"]
-    if output.dtype != x.dtype:
-        raise CheckFailed(f"output dtype {output.dtype}, expected {x.dtype}")
+    dtype = x.dtype
+    for t in operands.values():  # eager's result dtype, for mixed operands
+        dtype = torch.promote_types(dtype, t.dtype)
+    if output.dtype != dtype:
+        raise CheckFailed(f"output dtype {output.dtype}, expected {dtype}")
     keep = expand(unit_keep, x.shape)
     scale = keep_scale(p, quantized)
     assert_keep_rate(unit_keep, p)
-    assert_matches("output", output, expected_output(operands, keep, scale))
+    assert_matches("output", output, expected_output(operands, keep, scale), working=x.dtype)
     for name, expected in expected_grads(operands, grad, keep, scale).items():
         if name in grads:
             terms = x.numel() // x.shape[-1] if name == "bias" else 1
-            assert_matches(f"grad of {name}", grads[name], expected, terms)
+            assert_matches(f"grad of {name}", grads[name], expected, terms, working=x.dtype)

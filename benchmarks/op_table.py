@@ -57,9 +57,13 @@ def positive_like(t: Tensor) -> Tensor:
     return positive(t.shape, t.dtype, t.device)
 
 
-def make_operands(names, shape, dtype, device) -> Dict[str, Tensor]:
-    """The op's tensor operands; a bias spans the last dimension."""
-    return {name: positive(shape[-1:] if name == "bias" else shape, dtype, device) for name in names}
+def make_operands(names, shape, dtype, device, dtypes=None) -> Dict[str, Tensor]:
+    """The op's tensor operands; a bias spans the last dimension. ``dtypes``
+    overrides some operands' dtype (the autocast mix)."""
+    dtypes = dtypes or {}
+    return {
+        name: positive(shape[-1:] if name == "bias" else shape, dtypes.get(name, dtype), device) for name in names
+    }
 
 
 class AutogradCall:
@@ -175,6 +179,19 @@ class Op:
     eager_label: str
     module: str
     extras: Tuple[object, ...] = ()
+    # The autocast mix: a float32 residual beside a 16-bit input (the row runs
+    # for 16-bit dtypes only), under its own key in the tables and --ops.
+    float32_residual: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_fp32_residual" if self.float32_residual else self.name
+
+    def operand_dtypes(self) -> Dict[str, torch.dtype]:
+        return {"residual": torch.float32} if self.float32_residual else {}
+
+    def runs_for(self, dtype: torch.dtype) -> bool:
+        return not self.float32_residual or dtype in (torch.float16, torch.bfloat16)
 
     def missing(self) -> Optional[str]:
         for name in (self.name, self.backward):
@@ -235,6 +252,16 @@ OPS = (
         eager_label="r + F.dropout(x)",
         module="DropoutAdd",
         extras=(_module("DropoutAdd", "low_memory", low_memory=True),),
+    ),
+    Op(
+        name="dropout_add",
+        backward="dropout_backward",
+        unit="element",
+        operands=("input", "residual"),
+        eager=eager.dropout_add,
+        eager_label="r + F.dropout(x)",
+        module="DropoutAdd",
+        float32_residual=True,
     ),
     Op(
         name="bias_dropout_add",

@@ -38,14 +38,14 @@ def grid(ops: Sequence[Op], variants: Sequence[str]) -> Tuple[List[Tuple[Op, lis
     runnable, notes = [], []
     for op in ops:
         if op.missing():
-            notes.append(f"{op.name}: skipped, {op.missing()}")
+            notes.append(f"{op.key}: skipped, {op.missing()}")
             continue
         impls = []
         for impl in op.implementations():
             if impl.variant not in variants:
                 continue
             if impl.missing():
-                notes.append(f"{op.name}: {impl.label} skipped, {impl.missing()}")
+                notes.append(f"{op.key}: {impl.label} skipped, {impl.missing()}")
             else:
                 impls.append(impl)
         runnable.append((op, impls))
@@ -60,16 +60,21 @@ def run(settings: Settings, runnable, progress):
         for dtype in settings.dtypes:
             rows += _copy_rows(settings, size, dtype)
             for op, impls in runnable:
+                if not op.runs_for(dtype):
+                    continue
                 shape = shape_for(size, op.unit)
-                operands = make_operands(op.operands, shape, dtype, settings.device)
-                grad = positive_like(operands["input"])
+                operands = make_operands(op.operands, shape, dtype, settings.device, op.operand_dtypes())
+                out_dtype = dtype
+                for t in operands.values():  # the output's dtype: eager's, for mixed operands
+                    out_dtype = torch.promote_types(out_dtype, t.dtype)
+                grad = positive(operands["input"].shape, out_dtype, settings.device)
                 for impl in impls:
-                    progress.set_postfix_str(f"{op.name} {DTYPE_NAMES[dtype]} {size:,} {impl.label}")
+                    progress.set_postfix_str(f"{op.key} {DTYPE_NAMES[dtype]} {size:,} {impl.label}")
                     impl_rows, first_call_s = _measure(settings, op, impl, operands, grad)
                     rows += impl_rows
                     if impl.variant == "compile" and first_call_s is not None:
                         compiles.append(
-                            {"op": op.name, "dtype": DTYPE_NAMES[dtype], "size": size, "seconds": first_call_s}
+                            {"op": op.key, "dtype": DTYPE_NAMES[dtype], "size": size, "seconds": first_call_s}
                         )
                     progress.update()
     derive(rows)
@@ -97,7 +102,7 @@ def _measure(settings: Settings, op: Op, impl, operands, grad):
     """The implementation's three rows, and the wall time of its first call."""
     x = operands["input"]
     base = dict(
-        op=op.name,
+        op=op.key,
         implementation=impl.label,
         variant=impl.variant,
         kind=VARIANTS[impl.variant],

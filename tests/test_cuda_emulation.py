@@ -224,6 +224,13 @@ def test_emulation_reaches_every_kernel_the_ops_launch(emulation):
                                  ("Scale", "UnitChannelsLast"), ("AddResidual", "UnitPerGroup"),
                                  ("AddResidual", "UnitRuns")]:
             expected.add(f"elementwise {name} {epilogue} {source}")
+    for name in ("bf16", "fp16"):  # the widening mix: 16-bit input, float32 output
+        for operands, epilogue, source in [
+            ("fp32/{0}", "AddResidual", "Draw"), ("fp32/{0}", "AddResidual", "UnitPerGroup"),
+            ("fp32/{0}", "AddResidual", "UnitRuns"), ("fp32/fp32", "AddBiasResidual", "Draw"),
+            ("fp32/{0}", "AddBiasResidual", "Draw"), ("{0}/fp32", "AddBiasResidual", "Draw"),
+        ]:
+            expected.add(f"elementwise {name}/{operands.format(name)}->fp32 {epilogue} {source}")
     emulation.take_kernels_run()
     for dtype in dtypes.values():
         x, r = make((64, 40), dtype, seed=1), make((64, 40), dtype, seed=2)
@@ -237,7 +244,40 @@ def test_emulation_reaches_every_kernel_the_ops_launch(emulation):
             compare(emulation, "drop_path", make(shape, dtype, seed=5), 0.5, seed=1)
             compare(emulation, "drop_path_add", make(shape, dtype, seed=5), make(shape, dtype, seed=6), 0.5, seed=1)
         compare(emulation, "channel_dropout", make((2, 8, 3, 3), dtype, seed=7, channels_last=True), 0.5, seed=1)
+        if dtype in (torch.float16, torch.bfloat16):
+            wide = make((64, 40), torch.float32, seed=8)
+            narrow_bias, wide_bias = make((40,), dtype, seed=9), make((40,), torch.float32, seed=9)
+            compare(emulation, "dropout_add", x, wide, 0.5, seed=1)
+            for bias, residual in [(wide_bias, wide), (narrow_bias, wide), (wide_bias, r)]:
+                compare(emulation, "bias_dropout_add", x, bias, residual, 0.5, seed=1)
+            for shape in [(4, 16), (4, 5)]:
+                compare(emulation, "drop_path_add", make(shape, dtype, seed=5), make(shape, torch.float32, seed=6),
+                        0.5, seed=1)
     assert set(emulation.take_kernels_run()) == expected
+
+
+WIDENING = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", WIDENING, ids=str)
+@pytest.mark.parametrize("numel", [5, 8, 4096 + 3])
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_emulation_widening_mix(emulation, dtype, numel, aligned):
+    """A 16-bit input with a float32 residual and/or bias, and a float32
+    output (what autocast makes): every combination, every residual form."""
+    x = make((numel,), dtype, seed=1, aligned=aligned)
+    rows = make((3, 40), dtype, seed=2, aligned=aligned)
+    for residual_dtype in (torch.float32, dtype):
+        r = make((numel,), residual_dtype, seed=3, aligned=aligned)
+        compare(emulation, "dropout_add", x, r, 0.3, seed=1)
+        compare(emulation, "dropout_add_low_memory", x, r, 0.3, seed=1)
+        rr = make((3, 40), residual_dtype, seed=4, aligned=aligned)
+        for bias_dtype in (torch.float32, dtype):
+            compare(emulation, "bias_dropout_add", rows, make((40,), bias_dtype, seed=5, aligned=aligned), rr, 0.3,
+                    seed=1)
+    for shape in [(4, 16), (3, 13)]:
+        compare(emulation, "drop_path_add", make(shape, dtype, seed=6, aligned=aligned),
+                make(shape, torch.float32, seed=7, aligned=aligned), 0.3, seed=1)
 
 
 def test_emulation_bias_gradient_of_many_rows(emulation):

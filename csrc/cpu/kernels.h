@@ -344,7 +344,10 @@ struct Apply {
       if (bits == 0) {  // dropped: the input is not even read
         for (int q = 0; q < L::kParts; ++q) {
           const int first = q * L::kWidth;
-          Lanes<Y>::store(y + first, E == Epilogue::Scale ? V{} : Lanes<R>::load(r + first));
+          V dropped{};
+          if constexpr (E != Epilogue::Scale) dropped = Lanes<R>::load(r + first);
+          if constexpr (!std::is_same_v<R, Y>) dropped = Lanes<Y>::kept_canonical(dropped);
+          Lanes<Y>::store(y + first, dropped);
         }
         return;
       }
@@ -364,9 +367,9 @@ struct Apply {
         bv = Lanes<B>::load(wraps ? bias_lanes + first : bias + col + first);
       }
       const V kept = Lanes<Y>::kept_canonical(kept_value<E>(L::load(x + first), rv, bv, scale));
-      const V result = kWholeUnits && bits == kAllKept
-                           ? kept
-                           : L::blend(L::keep_mask(bits >> first), kept, dropped_value<E>(rv));
+      // A residual widened to the output's type is a new value: its NaNs canonical too.
+      const V dropped = std::is_same_v<R, Y> ? dropped_value<E>(rv) : Lanes<Y>::kept_canonical(dropped_value<E>(rv));
+      const V result = kWholeUnits && bits == kAllKept ? kept : L::blend(L::keep_mask(bits >> first), kept, dropped);
       Lanes<Y>::store(y + first, result);
     }
   }

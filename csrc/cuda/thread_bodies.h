@@ -359,7 +359,9 @@ REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t
       if constexpr (E != Epilogue::Scale) rv = r.get(j);
       if constexpr (E == Epilogue::AddBiasResidual) bv = b.get(j);
       const C kept = kept_canonical<Y>(kept_value<E>(x.get(j), rv, bv, scale));
-      pair[h] = ((bits >> j) & 1u) ? kept : dropped_value<E>(rv);
+      // A residual widened to the output's type is a new value: its NaNs canonical too.
+      const C dropped = std::is_same_v<R, Y> ? dropped_value<E>(rv) : kept_canonical<Y>(dropped_value<E>(rv));
+      pair[h] = ((bits >> j) & 1u) ? kept : dropped;
     }
     y.set_pair(k, pair[0], pair[1]);
   }

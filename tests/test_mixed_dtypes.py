@@ -1,0 +1,160 @@
+"""Mixed float dtypes in the fused residual forms, as autocast makes them:
+dropout_add, bias_dropout_add and drop_path_add accept any mix of float
+dtypes, return eager's result dtype (torch.result_type of
+``residual + dropout(input [+ bias])``), compute once in float32 (float64
+where one operand is) and round once. The widening mix (a 16-bit input with
+float32 residual and/or bias) runs in one pass, with no casting copy; the
+rare mixes cast first. Gradients come back in each operand's dtype.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import regdrop_ext
+from reference import element_keep, keep_scale, masked_reference, result_dtype, sample_keep
+
+ops = torch.ops.regdrop
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+MIXES = [m for m in itertools.product(FLOATS, FLOATS, FLOATS) if len(set(m)) > 1]
+
+
+def mix_id(mix):
+    return "-".join(str(d).replace("torch.", "") for d in mix)
+
+
+OPS = {
+    # name: (call(x, b, r, p) -> (output, mask), keep flags of mask for x, uses bias)
+    "dropout_add": (lambda x, b, r, p: ops.dropout_add(x, r, p, seed=3), element_keep, False),
+    "dropout_add_low_memory": (lambda x, b, r, p: (ops.dropout_add_low_memory(x, r, p, seed=3)[0],
+                                                   ops.dropout(x, p, seed=3)[1]), element_keep, False),
+    "bias_dropout_add": (lambda x, b, r, p: ops.bias_dropout_add(x, b, r, p, seed=3), element_keep, True),
+    "drop_path_add": (lambda x, b, r, p: ops.drop_path_add(x, r, p, seed=3), sample_keep, False),
+}
+
+
+def operands(mix, device, shape=(6, 40)):
+    x_dtype, b_dtype, r_dtype = mix
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device, x_dtype)
+    b = torch.randn(shape[-1], generator=g).to(device, b_dtype)
+    r = torch.randn(shape, generator=g).to(device, r_dtype)
+    return x, b, r
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=mix_id)
+@pytest.mark.parametrize("op", OPS)
+def test_every_mix_gives_eagers_dtype_and_values(device, op, mix):
+    """Against the eager expression's dtype, and the reference (one rounding
+    to that dtype) under the returned mask."""
+    call, keep_of, uses_bias = OPS[op]
+    x, b, r = operands(mix, device)
+    out, mask = call(x, b, r, 0.3)
+    eager = (r + torch.nn.functional.dropout(x + b if uses_bias else x, 0.3)).dtype
+    assert out.dtype == eager
+    keep = keep_of(mask, x if op == "drop_path_add" else out)
+    expected = masked_reference(x, keep, keep_scale(0.3), residual=r, bias=b if uses_bias else None)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=mix_id)
+@pytest.mark.parametrize("op", ["dropout_add", "bias_dropout_add", "drop_path_add"])
+def test_gradients_come_in_each_operands_dtype(device, op, mix):
+    """grad_input = keep * scale * grad (in grad's compute dtype, as the
+    kernels compute it), grad_residual = grad, grad_bias = its row sums, each
+    cast to its operand's dtype."""
+    x, b, r = (t.requires_grad_() for t in operands(mix, device))
+    function = {"dropout_add": lambda: regdrop_ext.dropout_add(x, r, 0.3),
+                "bias_dropout_add": lambda: regdrop_ext.bias_dropout_add(x, b, r, 0.3),
+                "drop_path_add": lambda: regdrop_ext.drop_path_add(x, r, 0.3)}[op]
+    torch.manual_seed(5)
+    out = function()
+    grad = torch.randn(out.shape, device=device).to(out.dtype)
+    out.backward(grad)
+    torch.manual_seed(5)
+    mask = (ops.drop_path if op == "drop_path_add" else ops.dropout)(x.detach(), 0.3)[1]
+    keep = (sample_keep if op == "drop_path_add" else element_keep)(mask, x.detach())
+    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    through = torch.where(keep, grad.to(compute) * torch.tensor(keep_scale(0.3), dtype=compute), 0.0)
+    assert x.grad.dtype == x.dtype and r.grad.dtype == r.dtype
+    torch.testing.assert_close(x.grad, through.to(x.dtype), rtol=0, atol=0)
+    torch.testing.assert_close(r.grad, grad.to(r.dtype), rtol=0, atol=0)
+    if op == "bias_dropout_add":
+        assert b.grad.dtype == b.dtype
+        tolerance = {torch.float16: 2e-2, torch.bfloat16: 2e-2}.get(b.dtype, 1e-5)
+        torch.testing.assert_close(b.grad.double(), through.sum(0).to(b.dtype).double(), rtol=tolerance, atol=tolerance)
+
+
+def _copies_made(call) -> int:
+    """aten copies and casts that ``call`` makes, seen by the profiler (which
+    sees the C++ kernels' own calls into ATen too)."""
+    with torch.autograd.profiler.profile() as profile:
+        call()
+    return sum(event.name in ("aten::to", "aten::_to_copy", "aten::copy_") for event in profile.function_events)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=str)
+def test_the_widening_mix_runs_in_one_pass_and_rare_mixes_cast(device, half):
+    """A 16-bit input with a float32 residual and/or bias: no cast, no copy;
+    the kernels read each operand in its own dtype. A mix of the two 16-bit
+    types casts first (which the probe sees, so it can see them)."""
+    x = torch.randn(8, 64, device=device).to(half)
+    wide, wide_bias, narrow_bias = torch.randn(8, 64, device=device), torch.randn(64, device=device), \
+        torch.randn(64, device=device).to(half)
+    for call in (lambda: ops.dropout_add(x, wide, 0.5), lambda: ops.dropout_add_low_memory(x, wide, 0.5),
+                 lambda: ops.bias_dropout_add(x, wide_bias, wide, 0.5),
+                 lambda: ops.bias_dropout_add(x, narrow_bias, wide, 0.5),
+                 lambda: ops.bias_dropout_add(x, wide_bias, x, 0.5),
+                 lambda: ops.drop_path_add(x, wide, 0.5)):
+        assert _copies_made(call) == 0
+    other = torch.bfloat16 if half == torch.float16 else torch.float16
+    assert _copies_made(lambda: ops.dropout_add(x, wide.to(other), 0.5)) > 0
+
+
+def test_under_autocast_a_block_matches_its_eager_expression(device):
+    """A Linear's output in bfloat16 (autocast) with a float32 residual and
+    bias, as a transformer block under autocast has them: the fused forms
+    take them as they are and return what eager returns, in dtype and value."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 32, bias=False).to(device)
+    bias = torch.randn(32, device=device, requires_grad=True)
+    h = torch.randn(4, 32, device=device, requires_grad=True)
+    device_type = "cuda" if device == "cuda" else "cpu"
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y = linear(h)
+        assert y.dtype == torch.bfloat16
+        out, mask = ops.bias_dropout_add(y, bias, h, 0.2, seed=1)
+        eager_dtype = (h + torch.nn.functional.dropout(y + bias, 0.2)).dtype
+        fused = regdrop_ext.dropout_add(y, h, 0.2)
+        drop_path = regdrop_ext.drop_path_add(y, h, 0.2)
+    assert out.dtype == eager_dtype == fused.dtype == drop_path.dtype == torch.float32
+    keep = element_keep(mask, out)
+    torch.testing.assert_close(out, masked_reference(y, keep, keep_scale(0.2), residual=h, bias=bias), rtol=0, atol=0)
+    (out.sum() + fused.sum()).backward()
+    assert h.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mix", [(torch.bfloat16, torch.float32, torch.float32), (torch.float16, torch.float16,
+                                 torch.float32), (torch.bfloat16, torch.float32, torch.bfloat16),
+                                 (torch.float16, torch.bfloat16, torch.float32)], ids=mix_id)
+def test_opcheck_and_compile_with_mixed_dtypes(device, mix):
+    """Fake kernels give the mixed output dtype (opcheck compares them with
+    the real ops), and a compiled block draws eager's masks and values."""
+    x, b, r = operands(mix, device)
+    seeded = {"seed": 2, "offset": 4}
+    for op, args in ((ops.dropout_add, (x, r, 0.5)), (ops.bias_dropout_add, (x, b, r, 0.5)),
+                     (ops.drop_path_add, (x, r, 0.5)), (ops.dropout_add_low_memory, (x, r, 0.5))):
+        torch.library.opcheck(op.default, args, seeded)
+    torch._dynamo.reset()
+
+    def block(x, b, r):
+        return regdrop_ext.bias_dropout_add(x, b, r, 0.3) + regdrop_ext.dropout_add(x, r, 0.3)
+
+    compiled = torch.compile(block, fullgraph=True)
+    torch.manual_seed(3)
+    expected = block(x, b, r)
+    torch.manual_seed(3)
+    actual = compiled(x, b, r)
+    assert actual.dtype == expected.dtype == result_dtype(x, b, r)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
