@@ -44,8 +44,9 @@ MIN_CEILING_TBPS = 5.2
 ELEMENT_BYTES = {"float": 4, "double": 8, "regdrop::cuda::Half": 2, "regdrop::cuda::BFloat16": 2}
 DTYPE_NAMES = {"float": "fp32", "double": "fp64", "regdrop::cuda::Half": "fp16", "regdrop::cuda::BFloat16": "bf16"}
 EPILOGUES = {"0": "Scale", "1": "AddResidual", "2": "AddBiasResidual"}
-BIT_SOURCES = {"0": "Draw", "1": "Elements", "2": "UnitPerGroup", "3": "UnitRuns", "4": "UnitChannelsLast"}
-MASK_BYTE = {"Draw": 1, "Elements": 1}  # unit masks are a bit per unit: ~0 bytes per group
+BIT_SOURCES = {"0": "Draw", "1": "Elements", "2": "UnitPerGroup", "3": "UnitRuns", "4": "UnitChannelsLast",
+               "5": "DrawShard"}
+MASK_BYTE = {"Draw": 1, "Elements": 1, "DrawShard": 1}  # unit masks are a bit per unit: ~0 bytes per group
 
 
 @dataclass
@@ -78,8 +79,9 @@ def classify(name: str):
     m = re.match(r"regdrop::cuda::kernels::fold_chunks_kernel<(.+)>", name)
     if m:  # chunks x cols sums, a few per column: not a streaming kernel
         return Kernel(f"fold_chunks {DTYPE_NAMES[m.group(1)]}")
-    if name.startswith("regdrop::cuda::kernels::draw_mask_kernel"):
-        return Kernel("draw_mask (unit bits)")  # a bit per sample or channel
+    m = re.match(r"regdrop::cuda::kernels::draw_mask_kernel<\(regdrop::cuda::BitSource\)(\d)>", name)
+    if m:  # a bit per sample or channel: not a streaming kernel
+        return Kernel(f"draw_mask {BIT_SOURCES[m.group(1)]}")
     return None
 
 

@@ -38,6 +38,7 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using Generator = std::optional<at::Generator>;
 using Seed = std::optional<int64_t>;
+using Shard = at::OptionalIntArrayRef;
 
 // Which backward op a gradient goes through.
 enum class MaskKind : uint8_t {
@@ -58,6 +59,7 @@ struct Saved {
   double p = 0;
   bool scale_by_keep = true;
   std::vector<c10::SymInt> strides;  // the forward output's, for element masks
+  std::optional<std::vector<int64_t>> shard;  // low-memory: the shard its bits are drawn for
 };
 
 // `grad` laid out like the forward output, as element masks require.
@@ -81,7 +83,7 @@ std::pair<at::Tensor, at::Tensor> through_mask(MaskKind kind, const Saved& s, co
     case MaskKind::Elements:
       return {dropout_backward(g, mask, s.p), {}};
     case MaskKind::LowMemory:
-      return {dropout_low_memory_backward(g, mask, s.p), {}};
+      return {dropout_low_memory_backward(g, mask, s.p, s.shard ? Shard(*s.shard) : std::nullopt), {}};
     case MaskKind::Channels:
       return {channel_dropout_backward(g, mask, s.p), {}};
     case MaskKind::Samples:
@@ -159,7 +161,8 @@ struct BackwardGradient : Node {
 // rng_state); `inputs` are its differentiable tensors, in argument order.
 template <class Call>
 std::tuple<at::Tensor, at::Tensor> forward(const char* name, MaskKind kind, std::vector<at::Tensor> inputs,
-                                           bool has_residual, double p, bool scale_by_keep, Call&& call) {
+                                           bool has_residual, double p, bool scale_by_keep, Shard shard,
+                                           Call&& call) {
   c10::intrusive_ptr<ForwardGradient> node;
   if (torch::autograd::compute_requires_grad(inputs)) {
     node = c10::make_intrusive<ForwardGradient>(name, kind, has_residual);
@@ -174,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const char* name, MaskKind kind, std:
   if (node) {
     torch::autograd::set_history(out, node);
     node->saved = Saved{SavedVariable(saved, true), p, scale_by_keep,
-                        element_order(kind) ? out.sym_strides().vec() : std::vector<c10::SymInt>{}};
+                        element_order(kind) ? out.sym_strides().vec() : std::vector<c10::SymInt>{},
+                        shard.has_value() ? std::optional(shard->vec()) : std::nullopt};
   }
   return {out, saved};
 }
@@ -213,7 +217,7 @@ at::Tensor forward_inplace(const char* name, MaskKind kind, const at::Tensor& in
 // A backward op: `call` runs it below autograd.
 template <class Call>
 auto backward(const char* name, MaskKind kind, const at::Tensor& grad, const at::Tensor& mask, double p,
-              bool scale_by_keep, Call&& call) {
+              bool scale_by_keep, Shard shard, Call&& call) {
   c10::intrusive_ptr<BackwardGradient> node;
   if (torch::autograd::compute_requires_grad(grad)) {
     node = c10::make_intrusive<BackwardGradient>(name, kind);
@@ -235,7 +239,8 @@ auto backward(const char* name, MaskKind kind, const at::Tensor& grad, const at:
       node->sizes = grad.sym_sizes().vec();
     }
     node->saved = Saved{SavedVariable(mask, false), p, scale_by_keep,
-                        element_order(kind) ? grad_input.sym_strides().vec() : std::vector<c10::SymInt>{}};
+                        element_order(kind) ? grad_input.sym_strides().vec() : std::vector<c10::SymInt>{},
+                        shard.has_value() ? std::optional(shard->vec()) : std::nullopt};
   }
   return result;
 }
@@ -263,83 +268,84 @@ at::Tensor bump_version_after(const at::Tensor& input, Call&& call) {
 
 TORCH_LIBRARY_IMPL(regdrop, Autograd, m) {
   using namespace regdrop;
-  m.impl("dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset) {
-    return forward("RegdropDropoutBackward", MaskKind::Elements, {input}, false, p, true,
-                   [&] { return dropout(input, p, g, seed, offset); });
+  m.impl("dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset, Shard shard) {
+    return forward("RegdropDropoutBackward", MaskKind::Elements, {input}, false, p, true, shard,
+                   [&] { return dropout(input, p, g, seed, offset, shard); });
   });
   m.impl("dropout_low_memory", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
-                                  int64_t offset) {
-    return forward("RegdropDropoutLowMemoryBackward", MaskKind::LowMemory, {input}, false, p, true,
-                   [&] { return dropout_low_memory(input, p, g, seed, offset); });
+                                  int64_t offset, Shard shard) {
+    return forward("RegdropDropoutLowMemoryBackward", MaskKind::LowMemory, {input}, false, p, true, shard,
+                   [&] { return dropout_low_memory(input, p, g, seed, offset, shard); });
   });
   m.impl("channel_dropout", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
-                               int64_t offset) {
-    return forward("RegdropChannelDropoutBackward", MaskKind::Channels, {input}, false, p, true,
-                   [&] { return channel_dropout(input, p, g, seed, offset); });
+                               int64_t offset, Shard shard) {
+    return forward("RegdropChannelDropoutBackward", MaskKind::Channels, {input}, false, p, true, shard,
+                   [&] { return channel_dropout(input, p, g, seed, offset, shard); });
   });
   m.impl("dropout_add", [](const at::Tensor& input, const at::Tensor& residual, double p, const Generator& g,
-                           Seed seed, int64_t offset) {
-    return forward("RegdropDropoutAddBackward", MaskKind::Elements, {input, residual}, true, p, true,
-                   [&] { return dropout_add(input, residual, p, g, seed, offset); });
+                           Seed seed, int64_t offset, Shard shard) {
+    return forward("RegdropDropoutAddBackward", MaskKind::Elements, {input, residual}, true, p, true, shard,
+                   [&] { return dropout_add(input, residual, p, g, seed, offset, shard); });
   });
   m.impl("dropout_add_low_memory", [](const at::Tensor& input, const at::Tensor& residual, double p,
-                                      const Generator& g, Seed seed, int64_t offset) {
-    return forward("RegdropDropoutAddLowMemoryBackward", MaskKind::LowMemory, {input, residual}, true, p, true,
-                   [&] { return dropout_add_low_memory(input, residual, p, g, seed, offset); });
+                                      const Generator& g, Seed seed, int64_t offset, Shard shard) {
+    return forward("RegdropDropoutAddLowMemoryBackward", MaskKind::LowMemory, {input, residual}, true, p, true, shard,
+                   [&] { return dropout_add_low_memory(input, residual, p, g, seed, offset, shard); });
   });
   m.impl("bias_dropout_add", [](const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual,
-                                double p, const Generator& g, Seed seed, int64_t offset) {
-    return forward("RegdropBiasDropoutAddBackward", MaskKind::Rows, {input, bias, residual}, true, p, true,
-                   [&] { return bias_dropout_add(input, bias, residual, p, g, seed, offset); });
+                                double p, const Generator& g, Seed seed, int64_t offset, Shard shard) {
+    return forward("RegdropBiasDropoutAddBackward", MaskKind::Rows, {input, bias, residual}, true, p, true, shard,
+                   [&] { return bias_dropout_add(input, bias, residual, p, g, seed, offset, shard); });
   });
   m.impl("drop_path", [](const at::Tensor& input, double p, bool scale_by_keep, const Generator& g, Seed seed,
-                         int64_t offset) {
-    return forward("RegdropDropPathBackward", MaskKind::Samples, {input}, false, p, scale_by_keep,
-                   [&] { return drop_path(input, p, scale_by_keep, g, seed, offset); });
+                         int64_t offset, Shard shard) {
+    return forward("RegdropDropPathBackward", MaskKind::Samples, {input}, false, p, scale_by_keep, shard,
+                   [&] { return drop_path(input, p, scale_by_keep, g, seed, offset, shard); });
   });
   m.impl("drop_path_add", [](const at::Tensor& input, const at::Tensor& residual, double p, bool scale_by_keep,
-                             const Generator& g, Seed seed, int64_t offset) {
-    return forward("RegdropDropPathAddBackward", MaskKind::Samples, {input, residual}, true, p, scale_by_keep,
-                   [&] { return drop_path_add(input, residual, p, scale_by_keep, g, seed, offset); });
+                             const Generator& g, Seed seed, int64_t offset, Shard shard) {
+    return forward("RegdropDropPathAddBackward", MaskKind::Samples, {input, residual}, true, p, scale_by_keep, shard,
+                   [&] { return drop_path_add(input, residual, p, scale_by_keep, g, seed, offset, shard); });
   });
-  m.impl("dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset) {
+  m.impl("dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset, Shard shard) {
     return forward_inplace("RegdropDropoutBackward", MaskKind::Elements, input, p,
-                           [&] { return dropout_(input, p, g, seed, offset); });
+                           [&] { return dropout_(input, p, g, seed, offset, shard); });
   });
   m.impl("channel_dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
-                                int64_t offset) {
+                                int64_t offset, Shard shard) {
     return forward_inplace("RegdropChannelDropoutBackward", MaskKind::Channels, input, p,
-                           [&] { return channel_dropout_(input, p, g, seed, offset); });
+                           [&] { return channel_dropout_(input, p, g, seed, offset, shard); });
   });
   m.impl("dropout_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p) {
-    return backward("RegdropDropoutBackwardBackward", MaskKind::Elements, grad, mask, p, true,
+    return backward("RegdropDropoutBackwardBackward", MaskKind::Elements, grad, mask, p, true, std::nullopt,
                     [&] { return dropout_backward(grad, mask, p); });
   });
-  m.impl("dropout_low_memory_backward", [](const at::Tensor& grad, const at::Tensor& rng_state, double p) {
-    return backward("RegdropDropoutLowMemoryBackwardBackward", MaskKind::LowMemory, grad, rng_state, p, true,
-                    [&] { return dropout_low_memory_backward(grad, rng_state, p); });
+  m.impl("dropout_low_memory_backward", [](const at::Tensor& grad, const at::Tensor& rng_state, double p,
+                                           Shard shard) {
+    return backward("RegdropDropoutLowMemoryBackwardBackward", MaskKind::LowMemory, grad, rng_state, p, true, shard,
+                    [&] { return dropout_low_memory_backward(grad, rng_state, p, shard); });
   });
   m.impl("channel_dropout_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p) {
-    return backward("RegdropChannelDropoutBackwardBackward", MaskKind::Channels, grad, mask, p, true,
+    return backward("RegdropChannelDropoutBackwardBackward", MaskKind::Channels, grad, mask, p, true, std::nullopt,
                     [&] { return channel_dropout_backward(grad, mask, p); });
   });
   m.impl("drop_path_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p, bool scale_by_keep) {
-    return backward("RegdropDropPathBackwardBackward", MaskKind::Samples, grad, mask, p, scale_by_keep,
+    return backward("RegdropDropPathBackwardBackward", MaskKind::Samples, grad, mask, p, scale_by_keep, std::nullopt,
                     [&] { return drop_path_backward(grad, mask, p, scale_by_keep); });
   });
   m.impl("bias_dropout_add_backward", [](const at::Tensor& grad, const at::Tensor& mask, double p) {
-    return backward("RegdropBiasDropoutAddBackwardBackward", MaskKind::Rows, grad, mask, p, true,
+    return backward("RegdropBiasDropoutAddBackwardBackward", MaskKind::Rows, grad, mask, p, true, std::nullopt,
                     [&] { return bias_dropout_add_backward(grad, mask, p); });
   });
 }
 
 TORCH_LIBRARY_IMPL(regdrop, ADInplaceOrView, m) {
   using namespace regdrop;
-  m.impl("dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset) {
-    return bump_version_after(input, [&] { return dropout_(input, p, g, seed, offset); });
+  m.impl("dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed, int64_t offset, Shard shard) {
+    return bump_version_after(input, [&] { return dropout_(input, p, g, seed, offset, shard); });
   });
   m.impl("channel_dropout_", [](const at::Tensor& input, double p, const Generator& g, Seed seed,
-                                int64_t offset) {
-    return bump_version_after(input, [&] { return channel_dropout_(input, p, g, seed, offset); });
+                                int64_t offset, Shard shard) {
+    return bump_version_after(input, [&] { return channel_dropout_(input, p, g, seed, offset, shard); });
   });
 }

@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/OptionalArrayRef.h>
+#include <c10/util/safe_numerics.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -95,6 +97,22 @@ inline void check_rng_state(const at::Tensor& rng_state, const at::Tensor& like)
 inline void check_rng_state_values(const at::Tensor& rng_state) {
   const int64_t offset = rng_state.const_data_ptr<int64_t>()[1];
   TORCH_CHECK_VALUE(offset >= 0, "rng_state's offset must lie in [0, 2^63), got ", offset);
+}
+
+// shard = (first, run, stride), ShardMap's, for a call of `units` units:
+// runs that do not overlap, and a last unit below 2^63.
+inline void check_shard(at::OptionalIntArrayRef shard, int64_t units) {
+  if (!shard.has_value()) return;
+  TORCH_CHECK_VALUE(shard->size() == 3, "shard must be (first, run, stride), got ", *shard);
+  const int64_t first = (*shard)[0], run = (*shard)[1], stride = (*shard)[2];
+  TORCH_CHECK_VALUE(first >= 0 && run >= 1 && stride >= run,
+                    "shard (first, run, stride) needs first >= 0, run >= 1 and stride >= run, got ", *shard);
+  if (units == 0) return;
+  int64_t rows_end = 0, last = 0;
+  const bool overflows = c10::mul_overflows((units - 1) / run, stride, &rows_end) ||
+                         c10::add_overflows(first, rows_end, &last) ||
+                         c10::add_overflows(last, (units - 1) % run, &last);
+  TORCH_CHECK_VALUE(!overflows, "shard ", *shard, " puts units past 2^63 - 1");
 }
 
 inline void check_rng_args(const std::optional<at::Generator>& generator,

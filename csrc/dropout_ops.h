@@ -59,14 +59,23 @@ inline at::Tensor new_mask(int64_t units, const at::Tensor& like) {
   return at::empty({mask_bytes(units)}, like.options().dtype(at::kByte));
 }
 
+// A checked shard argument (check_shard) as the kernels take it.
+inline ShardMap to_shard_map(at::OptionalIntArrayRef shard) {
+  if (!shard.has_value()) return {};
+  return ShardMap{(*shard)[0], (*shard)[1], (*shard)[2]};
+}
+
 // Where a random op's Philox stream comes from: the generator, or an explicit
-// (seed, offset).
+// (seed, offset); and, for a shard of a larger call, where its units lie.
 struct RngArgs {
   const std::optional<at::Generator>& generator;
   std::optional<int64_t> seed;
   int64_t offset;
+  at::OptionalIntArrayRef shard;  // (first, run, stride): kernel_call.h's ShardMap
 
   void check() const { check_rng_args(generator, seed, offset); }
+
+  ShardMap shard_map() const { return to_shard_map(shard); }
 
   template <class Backend>
   PhiloxSource source(at::Device device) const {
@@ -109,18 +118,24 @@ inline KernelCall apply_call(const Walk& w, const at::Tensor& out, const at::Ten
 // then be null: low-memory mode, where `rng_state` records the stream
 // instead); unit masks, a few bits per sample or channel, are drawn first by
 // a drawing-only call, then applied.
+//
+// A call with no units takes no stream from the generator, unless it is a
+// shard: the larger call it is part of takes one, and so must each of its
+// shards, empty or not, for the ranks that hold them to stay in step.
 template <class Backend>
 void draw_and_apply(const Walk& w, Granularity g, const at::Tensor& out, const at::Tensor& bias,
                     double p, double scale, const RngArgs& rng, uint8_t* mask,
                     int64_t* rng_state = nullptr) {
-  if (w.unit_count == 0) return;
+  if (w.unit_count == 0 && !rng.shard.has_value()) return;
   const PhiloxSource source = rng.source<Backend>(w.input.device());
+  if (w.unit_count == 0) return;
   auto drawing = [&](KernelCall c) {
     c.source = MaskSource::Draw;
     c.threshold = keep_threshold(p);
     c.rng = source;
     c.mask_out = mask;
     c.rng_state_out = rng_state;
+    c.shard = rng.shard_map();
     return c;
   };
   if (g == Granularity::Element || g == Granularity::Rows) {
@@ -190,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor> masked_forward(Granularity g, const at::Tenso
   c10::DeviceGuard guard(input_.device());
   const auto [input, residual, bias, out_dtype] = promote(input_, residual_, bias_);
   const Walk w = plan_walk(input, residual, g);
+  check_shard(rng.shard, w.unit_count);
   at::Tensor out = at::empty_like(w.input, w.input.options().dtype(out_dtype));
   at::Tensor mask = new_mask(w.unit_count, w.input);
   draw_and_apply<Backend>(w, g, out, bias.defined() ? bias.contiguous() : bias, p, scale, rng,
@@ -206,6 +222,7 @@ at::Tensor masked_forward_inplace(Granularity g, const at::Tensor& input, double
   check_writable(input, "input");
   c10::DeviceGuard guard(input.device());
   const Walk w = plan_walk(input, {}, g);
+  check_shard(rng.shard, w.unit_count);
   at::Tensor mask = new_mask(w.unit_count, w.input);
   draw_and_apply<Backend>(w, g, w.input, {}, p, keep_scale(p), rng,
                           mask.mutable_data_ptr<uint8_t>());
@@ -253,8 +270,8 @@ inline void check_samples(const at::Tensor& t, const char* name) {
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> dropout(const at::Tensor& input, double p,
                                            const std::optional<at::Generator>& generator,
-                                           std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                                           std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   return masked_forward<Backend>(Granularity::Element, input, {}, {}, p, keep_scale(p), rng);
 }
@@ -262,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor> dropout(const at::Tensor& input, double p,
 template <class Backend>
 at::Tensor dropout_inplace(const at::Tensor& input, double p,
                            const std::optional<at::Generator>& generator,
-                           std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                           std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   return masked_forward_inplace<Backend>(Granularity::Element, input, p, rng);
 }
@@ -279,8 +296,8 @@ template <class Backend>
 std::tuple<at::Tensor, at::Tensor> dropout_add(const at::Tensor& input, const at::Tensor& residual,
                                                double p,
                                                const std::optional<at::Generator>& generator,
-                                               std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                                               std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   check_residual(input, residual);
   return masked_forward<Backend>(Granularity::Element, input, residual, {}, p, keep_scale(p), rng);
@@ -290,8 +307,8 @@ template <class Backend>
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add(const at::Tensor& input, const at::Tensor& bias,
                                                     const at::Tensor& residual, double p,
                                                     const std::optional<at::Generator>& generator,
-                                                    std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                                                    std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   check_bias(input, bias);
   check_residual(input, residual);
@@ -325,8 +342,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& g
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> channel_dropout(const at::Tensor& input, double p,
                                                    const std::optional<at::Generator>& generator,
-                                                   std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                                                   std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   check_channels(input, "input");
   return masked_forward<Backend>(Granularity::Channel, input, {}, {}, p, keep_scale(p), rng);
@@ -335,8 +352,8 @@ std::tuple<at::Tensor, at::Tensor> channel_dropout(const at::Tensor& input, doub
 template <class Backend>
 at::Tensor channel_dropout_inplace(const at::Tensor& input, double p,
                                    const std::optional<at::Generator>& generator,
-                                   std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                                   std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   check_channels(input, "input");
   return masked_forward_inplace<Backend>(Granularity::Channel, input, p, rng);
@@ -353,8 +370,8 @@ at::Tensor channel_dropout_backward(const at::Tensor& grad, const at::Tensor& ma
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> drop_path(const at::Tensor& input, double p, bool scale_by_keep,
                                              const std::optional<at::Generator>& generator,
-                                             std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                                             std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   check_samples(input, "input");
   return masked_forward<Backend>(Granularity::Sample, input, {}, {}, p,
@@ -365,8 +382,8 @@ template <class Backend>
 std::tuple<at::Tensor, at::Tensor> drop_path_add(const at::Tensor& input, const at::Tensor& residual,
                                                  double p, bool scale_by_keep,
                                                  const std::optional<at::Generator>& generator,
-                                                 std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                                                 std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   check_samples(input, "input");
   check_residual(input, residual);
@@ -393,6 +410,7 @@ std::tuple<at::Tensor, at::Tensor> low_memory_forward(const at::Tensor& input_,
   c10::DeviceGuard guard(input_.device());
   const auto [input, residual, bias, out_dtype] = promote(input_, residual_, {});
   const Walk w = plan_walk(input, residual, Granularity::Element);
+  check_shard(rng.shard, w.unit_count);
   at::Tensor out = at::empty_like(w.input, w.input.options().dtype(out_dtype));
   at::Tensor rng_state = at::zeros({2}, input_.options().dtype(at::kLong));
   draw_and_apply<Backend>(w, Granularity::Element, out, {}, p, keep_scale(p), rng, nullptr,
@@ -403,8 +421,8 @@ std::tuple<at::Tensor, at::Tensor> low_memory_forward(const at::Tensor& input_,
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> dropout_low_memory(const at::Tensor& input, double p,
                                                       const std::optional<at::Generator>& generator,
-                                                      std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+                                                      std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   return low_memory_forward<Backend>(input, {}, p, rng);
 }
@@ -412,8 +430,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_low_memory(const at::Tensor& input, d
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> dropout_add_low_memory(
     const at::Tensor& input, const at::Tensor& residual, double p,
-    const std::optional<at::Generator>& generator, std::optional<int64_t> seed, int64_t offset) {
-  const RngArgs rng{generator, seed, offset};
+    const std::optional<at::Generator>& generator, std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
+  const RngArgs rng{generator, seed, offset, shard};
   check_forward(input, p, rng);
   check_residual(input, residual);
   return low_memory_forward<Backend>(input, residual, p, rng);
@@ -421,13 +439,14 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_low_memory(
 
 template <class Backend>
 at::Tensor dropout_low_memory_backward(const at::Tensor& grad, const at::Tensor& rng_state,
-                                       double p) {
+                                       double p, at::OptionalIntArrayRef shard) {
   check_probability(p);
   check_floating(grad, "grad");
   check_rng_state(rng_state, grad);
   if constexpr (Backend::kHostMemory) check_rng_state_values(rng_state);
   c10::DeviceGuard guard(grad.device());
   const Walk w = plan_walk(grad, {}, Granularity::Element);
+  check_shard(shard, w.unit_count);
   at::Tensor out = at::empty_like(w.input);
   if (w.input.numel() == 0) return out;
   KernelCall c = apply_call(w, out, {}, keep_scale(p));
@@ -435,6 +454,7 @@ at::Tensor dropout_low_memory_backward(const at::Tensor& grad, const at::Tensor&
   c.threshold = keep_threshold(p);
   c.rng.seed_ptr = rng_state.const_data_ptr<int64_t>();
   c.rng.offset_ptr = c.rng.seed_ptr + 1;
+  c.shard = to_shard_map(shard);
   Backend::run(c);
   return out;
 }

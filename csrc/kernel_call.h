@@ -66,6 +66,20 @@ struct PhiloxSource {
   }
 };
 
+// Where a call's units lie in the stream of a larger call it is a shard of
+// (a DTensor's local tensor): unit i is that call's unit
+//   first + (i / run) * stride + i % run,
+// runs of `run` consecutive units, `stride` apart. run == 0: no shard, unit
+// i is unit i. A drawing call draws its units' bits where the larger call
+// would, so the shards of a tensor draw together what the whole draws.
+struct ShardMap {
+  int64_t first = 0;
+  int64_t run = 0;
+  int64_t stride = 0;
+
+  bool sharded() const { return run > 0; }
+};
+
 struct KernelCall {
   ScalarKind dtype = ScalarKind::Float;  // of the input, and of every operand but in a mix:
   ScalarKind residual_dtype = ScalarKind::Float;
@@ -88,6 +102,7 @@ struct KernelCall {
   uint32_t threshold = 0;           // keep iff u16 >= threshold
   uint8_t* mask_out = nullptr;      // ceil(numel / 8) bytes, or null (low-memory mode)
   int64_t* rng_state_out = nullptr; // receives the unpacked (seed, offset), or null
+  ShardMap shard;                   // the units' place in a larger call
 
   // MaskSource::Elements and MaskSource::Units
   const uint8_t* mask_in = nullptr;

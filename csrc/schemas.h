@@ -14,13 +14,19 @@
 //   * Random ops draw from `generator` (default: the device's default
 //     generator), or, given `seed`, from the Philox stream (seed, offset), the
 //     same on every device (README, "The random mapping").
+//   * Given `shard` = (first, run, stride), a random op is a shard of a
+//     larger call (a DTensor's local part) and draws each unit where that
+//     call would: unit i is the larger call's unit
+//     first + (i / run) * stride + i % run. So shards of a tensor, drawn
+//     apart, draw what the whole tensor draws. Backward ops need no shard,
+//     but dropout_low_memory_backward, which draws again, takes the forward's.
 //   * Backward ops read `grad` in the same memory order as the forward output.
 #pragma once
 
 #include <torch/library.h>
 
 // The shared tail of every random op's arguments.
-#define REGDROP_RNG_ARGS "Generator? generator=None, *, int? seed=None, int offset=0)"
+#define REGDROP_RNG_ARGS "Generator? generator=None, *, int? seed=None, int offset=0, int[]? shard=None)"
 
 namespace regdrop {
 
@@ -64,7 +70,7 @@ inline void define_ops(torch::Library& m) {
   m.def("dropout_add_low_memory(Tensor input, Tensor residual, float p, " REGDROP_RNG_ARGS
             " -> (Tensor output, Tensor rng_state)",
         random);
-  m.def("dropout_low_memory_backward(Tensor grad, Tensor rng_state, float p) -> Tensor");
+  m.def("dropout_low_memory_backward(Tensor grad, Tensor rng_state, float p, *, int[]? shard=None) -> Tensor");
 }
 
 }  // namespace regdrop

@@ -13,6 +13,9 @@ from . import _ops  # noqa: E402, F401  (fake kernels)
 from . import batching  # noqa: E402
 
 batching.register()
+from . import dtensor  # noqa: E402
+
+dtensor.register_when_imported()  # DTensor handlers, once torch.distributed.tensor is imported
 from .convert import ConversionSummary, convert
 from .distributed import SharedRandomState, seed_ranks
 from .functional import (

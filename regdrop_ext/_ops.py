@@ -158,6 +158,21 @@ def _check_rng_state(rng_state, grad) -> None:
         )
 
 
+def _check_shard(shard, units) -> None:
+    """csrc/checks.h, check_shard(): (first, run, stride) of a shard of a larger call."""
+    if shard is None:
+        return
+    if len(shard) != 3:
+        raise ValueError(f"shard must be (first, run, stride), got {list(shard)}")
+    first, run, stride = shard
+    if not (first >= 0 and run >= 1 and stride >= run):
+        raise ValueError(
+            f"shard (first, run, stride) needs first >= 0, run >= 1 and stride >= run, got {list(shard)}"
+        )
+    if units > 0 and first + (units - 1) // run * stride + (units - 1) % run >= 2**63:
+        raise ValueError(f"shard {list(shard)} puts units past 2^63 - 1")
+
+
 # --- fake kernels -------------------------------------------------------------
 
 
@@ -175,13 +190,15 @@ def _out_dtype(*operands):
     return dtype
 
 
-def _fake_forward(granularity, input, residual=None, bias=None):
+def _fake_forward(granularity, input, residual=None, bias=None, *, shard=None):
     x = _walked(input, granularity, residual)
+    _check_shard(shard, _units(x, granularity))
     out_dtype = _out_dtype(*(t for t in (input, bias, residual) if t is not None))
     return _like(x, out_dtype), _new_mask(x, _units(x, granularity))
 
 
-def _fake_low_memory(input, residual=None):
+def _fake_low_memory(input, residual=None, *, shard=None):
+    _check_shard(shard, input.numel())
     out_dtype = _out_dtype(input, *(() if residual is None else (residual,)))
     return _like(_walked(input, ELEMENT, residual), out_dtype), input.new_empty((2,), dtype=torch.int64)
 
@@ -196,56 +213,56 @@ _register_fake = torch.library.register_fake
 
 
 @_register_fake("regdrop::dropout")
-def _(input, p, generator=None, *, seed=None, offset=0):
+def _(input, p, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset)
-    return _fake_forward(ELEMENT, input)
+    return _fake_forward(ELEMENT, input, shard=shard)
 
 
 @_register_fake("regdrop::dropout_add")
-def _(input, residual, p, generator=None, *, seed=None, offset=0):
+def _(input, residual, p, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset)
     _check_matches(residual, "residual", input, "input")
-    return _fake_forward(ELEMENT, input, residual)
+    return _fake_forward(ELEMENT, input, residual, shard=shard)
 
 
 @_register_fake("regdrop::bias_dropout_add")
-def _(input, bias, residual, p, generator=None, *, seed=None, offset=0):
+def _(input, bias, residual, p, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset)
     _check_bias(input, bias)
     _check_matches(residual, "residual", input, "input")
-    return _fake_forward(ROWS, input, residual, bias)
+    return _fake_forward(ROWS, input, residual, bias, shard=shard)
 
 
 @_register_fake("regdrop::channel_dropout")
-def _(input, p, generator=None, *, seed=None, offset=0):
+def _(input, p, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset, needs_dims=2)
-    return _fake_forward(CHANNEL, input)
+    return _fake_forward(CHANNEL, input, shard=shard)
 
 
 @_register_fake("regdrop::drop_path")
-def _(input, p, scale_by_keep=True, generator=None, *, seed=None, offset=0):
+def _(input, p, scale_by_keep=True, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset, needs_dims=1)
-    return _fake_forward(SAMPLE, input)
+    return _fake_forward(SAMPLE, input, shard=shard)
 
 
 @_register_fake("regdrop::drop_path_add")
-def _(input, residual, p, scale_by_keep=True, generator=None, *, seed=None, offset=0):
+def _(input, residual, p, scale_by_keep=True, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset, needs_dims=1)
     _check_matches(residual, "residual", input, "input")
-    return _fake_forward(SAMPLE, input, residual)
+    return _fake_forward(SAMPLE, input, residual, shard=shard)
 
 
 @_register_fake("regdrop::dropout_low_memory")
-def _(input, p, generator=None, *, seed=None, offset=0):
+def _(input, p, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset)
-    return _fake_low_memory(input)
+    return _fake_low_memory(input, shard=shard)
 
 
 @_register_fake("regdrop::dropout_add_low_memory")
-def _(input, residual, p, generator=None, *, seed=None, offset=0):
+def _(input, residual, p, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset)
     _check_matches(residual, "residual", input, "input")
-    return _fake_low_memory(input, residual)
+    return _fake_low_memory(input, residual, shard=shard)
 
 
 def _check_writable(input) -> None:
@@ -257,16 +274,18 @@ def _check_writable(input) -> None:
 
 
 @_register_fake("regdrop::dropout_")
-def _(input, p, generator=None, *, seed=None, offset=0):
+def _(input, p, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset)
     _check_writable(input)
+    _check_shard(shard, input.numel())
     return _new_mask(input, input.numel())
 
 
 @_register_fake("regdrop::channel_dropout_")
-def _(input, p, generator=None, *, seed=None, offset=0):
+def _(input, p, generator=None, *, seed=None, offset=0, shard=None):
     _check_forward(input, p, generator, seed, offset, needs_dims=2)
     _check_writable(input)
+    _check_shard(shard, _units(input, CHANNEL))
     return _new_mask(input, _units(input, CHANNEL))
 
 
@@ -278,9 +297,10 @@ _register_fake("regdrop::drop_path_backward")(
 
 
 @_register_fake("regdrop::dropout_low_memory_backward")
-def _(grad, rng_state, p):
+def _(grad, rng_state, p, *, shard=None):
     _check_backward(grad, p)
     _check_rng_state(rng_state, grad)
+    _check_shard(shard, grad.numel())
     return _like(_walked(grad, ELEMENT))
 
 

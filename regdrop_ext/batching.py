@@ -279,8 +279,16 @@ def register() -> None:
 
     def rule(name):
         def decorate(fn):
-            _RULES[name] = fn
-            return torch.library.register_vmap(f"regdrop::{name}", fn)
+            def checked(info, in_dims, *args, shard=None, **kwargs):
+                if shard is not None:
+                    raise RuntimeError(
+                        f"vmap: regdrop.{name} does not batch a shard of a larger call (shard={list(shard)}); "
+                        "call it per sample, or on the whole tensor"
+                    )
+                return fn(info, in_dims, *args, **kwargs)
+
+            _RULES[name] = checked
+            return torch.library.register_vmap(f"regdrop::{name}", checked)
 
         return decorate
 

@@ -16,7 +16,8 @@ misaligned) and misaligned ones (the scalar path); bias rows that are whole
 groups and rows that are not; bias gradients with one chunk and with many;
 special values (NaN payloads, infinities, subnormals, fp16 overflow); and,
 with the launch limits lowered, calls split into many launches with
-normalized divisors. `pytest -k emulation` selects these tests.
+normalized divisors; shards of larger calls (shard=(first, run, stride)) of
+every shape of run. `pytest -k emulation` selects these tests.
 """
 
 import os
@@ -38,8 +39,13 @@ def emulation():
     if os.environ.get("REGDROP_SANITIZE") == "1":  # .ci/sanitize.sh: the kernels' bodies under ASan/UBSan too
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
         cflags, ldflags, name = cflags + sanitize + ["-g"], sanitize, name + "_sanitized"
+    # Built under this checkout's build/: the shared torch_extensions cache
+    # would let two checkouts of different versions overwrite each other's.
+    build_directory = ROOT / "build" / name
+    build_directory.mkdir(parents=True, exist_ok=True)
     load(
         name=name,
+        build_directory=str(build_directory),
         sources=[str(ROOT / "tests/cuda_emulation/emulated_backend.cpp")],
         extra_include_paths=[str(ROOT / "csrc")],
         extra_cflags=cflags,
@@ -216,11 +222,12 @@ def test_emulation_reaches_every_kernel_the_ops_launch(emulation):
     """Every kernel instantiation that csrc/cuda/kernels.cu builds, named as
     the machine-code gate names them, runs in one small sweep of the ops."""
     dtypes = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
-    expected = {"draw_mask (unit bits)"}
+    expected = {"draw_mask Draw", "draw_mask DrawShard"}
     for name in dtypes:
         expected |= {f"column_sums {name}", f"fold_chunks {name}"}
         for epilogue, source in [("Scale", "Draw"), ("AddResidual", "Draw"), ("AddBiasResidual", "Draw"),
-                                 ("Scale", "Elements"), ("Scale", "UnitPerGroup"), ("Scale", "UnitRuns"),
+                                 ("Scale", "DrawShard"), ("AddResidual", "DrawShard"),
+                                 ("AddBiasResidual", "DrawShard"), ("Scale", "Elements"), ("Scale", "UnitPerGroup"), ("Scale", "UnitRuns"),
                                  ("Scale", "UnitChannelsLast"), ("AddResidual", "UnitPerGroup"),
                                  ("AddResidual", "UnitRuns")]:
             expected.add(f"elementwise {name} {epilogue} {source}")
@@ -229,6 +236,8 @@ def test_emulation_reaches_every_kernel_the_ops_launch(emulation):
             ("fp32/{0}", "AddResidual", "Draw"), ("fp32/{0}", "AddResidual", "UnitPerGroup"),
             ("fp32/{0}", "AddResidual", "UnitRuns"), ("fp32/fp32", "AddBiasResidual", "Draw"),
             ("fp32/{0}", "AddBiasResidual", "Draw"), ("{0}/fp32", "AddBiasResidual", "Draw"),
+            ("fp32/{0}", "AddResidual", "DrawShard"), ("fp32/fp32", "AddBiasResidual", "DrawShard"),
+            ("fp32/{0}", "AddBiasResidual", "DrawShard"), ("{0}/fp32", "AddBiasResidual", "DrawShard"),
         ]:
             expected.add(f"elementwise {name}/{operands.format(name)}->fp32 {epilogue} {source}")
     emulation.take_kernels_run()
@@ -244,12 +253,19 @@ def test_emulation_reaches_every_kernel_the_ops_launch(emulation):
             compare(emulation, "drop_path", make(shape, dtype, seed=5), 0.5, seed=1)
             compare(emulation, "drop_path_add", make(shape, dtype, seed=5), make(shape, dtype, seed=6), 0.5, seed=1)
         compare(emulation, "channel_dropout", make((2, 8, 3, 3), dtype, seed=7, channels_last=True), 0.5, seed=1)
+        shard = {"seed": 1, "shard": (3, 13, 29)}  # the DrawShard kernels
+        compare(emulation, "dropout", x, 0.5, **shard)
+        compare(emulation, "dropout_add", x, r, 0.5, **shard)
+        compare(emulation, "bias_dropout_add", x, make((40,), dtype, seed=3), r, 0.5, **shard)
+        compare(emulation, "drop_path", make((4, 16), dtype, seed=5), 0.5, **shard)
         if dtype in (torch.float16, torch.bfloat16):
             wide = make((64, 40), torch.float32, seed=8)
             narrow_bias, wide_bias = make((40,), dtype, seed=9), make((40,), torch.float32, seed=9)
             compare(emulation, "dropout_add", x, wide, 0.5, seed=1)
+            compare(emulation, "dropout_add", x, wide, 0.5, **shard)
             for bias, residual in [(wide_bias, wide), (narrow_bias, wide), (wide_bias, r)]:
                 compare(emulation, "bias_dropout_add", x, bias, residual, 0.5, seed=1)
+                compare(emulation, "bias_dropout_add", x, bias, residual, 0.5, **shard)
             for shape in [(4, 16), (4, 5)]:
                 compare(emulation, "drop_path_add", make(shape, dtype, seed=5), make(shape, torch.float32, seed=6),
                         0.5, seed=1)
@@ -312,6 +328,37 @@ def test_emulation_many_launches_and_large_divisors(emulation, small_launches):
             a, b, res = make((rows, cols), dtype, seed=6), make((cols,), dtype, seed=7), make((rows, cols), dtype, 8)
             _, mask = compare(emulation, "bias_dropout_add", a, b, res, 0.5, seed=4)
             compare(emulation, "bias_dropout_add_backward", res, mask, 0.5)
+
+
+# (first, run, stride): whole groups of the larger call, runs starting inside
+# a group, runs that are not whole groups, runs shorter than a group, a run
+# longer than the call, and units past 2^32.
+SHARDS = [(8, 16, 40), (3, 16, 40), (5, 13, 29), (1, 3, 8), (7, 1, 3), (9, 1000, 1000), (2**40 + 3, 21, 2**33)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shard", SHARDS, ids=str)
+@pytest.mark.parametrize("launches", ["one launch", "small launches"])
+def test_emulation_sharded_draws(emulation, request, dtype, shard, launches):
+    """A shard's draws (the DrawShard kernels and unit masks) on every
+    (first, run, stride) shape, in one launch and split into 32-element
+    launches whose run divisors are normalized."""
+    if launches == "small launches":
+        request.getfixturevalue("small_launches")
+    x, r = make((7, 43), dtype, seed=1), make((7, 43), dtype, seed=2)
+    b = make((43,), dtype, seed=3)
+    compare(emulation, "dropout", x, 0.5, seed=3, offset=8, shard=shard)
+    compare(emulation, "dropout_add", x, r, 0.5, seed=3, shard=shard)
+    compare(emulation, "bias_dropout_add", x, b, r, 0.5, seed=3, shard=shard)
+    compare(emulation, "dropout_", x, 0.5, seed=3, shard=shard)
+    _, state = compare(emulation, "dropout_low_memory", x, 0.5, seed=3, shard=shard)
+    compare(emulation, "dropout_low_memory_backward", r, state, 0.5, shard=shard)
+    compare(emulation, "drop_path", make((77, 3), dtype, seed=4), 0.5, seed=3, shard=shard)
+    compare(emulation, "channel_dropout", make((5, 11, 2), dtype, seed=5), 0.5, seed=3, shard=shard)
+    if dtype in (torch.float16, torch.bfloat16):  # the widening mix
+        wide = make((7, 43), torch.float32, seed=6)
+        compare(emulation, "dropout_add", x, wide, 0.5, seed=3, shard=shard)
+        compare(emulation, "bias_dropout_add", x, b.float(), wide, 0.5, seed=3, shard=shard)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

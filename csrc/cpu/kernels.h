@@ -125,6 +125,40 @@ inline void draw_bytes(uint64_t seed, uint64_t offset, uint32_t threshold, int64
   }
 }
 
+// Bits [from, from + n) of `src` into bits [at, at + n) of `dst`, which are 0.
+inline void or_bits(const uint8_t* src, int64_t from, uint8_t* dst, int64_t at, int64_t n) {
+  auto bit = [&](int64_t i) { return (src[i >> 3] >> (i & 7)) & 1u; };
+  for (; n > 0 && (at & 7) != 0; ++from, ++at, --n) dst[at >> 3] |= bit(from) << (at & 7);
+  const int shift = static_cast<int>(from & 7);
+  for (; n >= 8; from += 8, at += 8, n -= 8) {
+    const uint8_t* s = src + (from >> 3);
+    dst[at >> 3] = static_cast<uint8_t>(shift == 0 ? s[0] : (s[0] | s[1] << 8) >> shift);
+  }
+  for (; n > 0; ++from, ++at, --n) dst[at >> 3] |= bit(from) << (at & 7);
+}
+
+// The mask bytes of groups [g0, g0 + count) of a call that is a shard of a
+// larger one (kernel_call.h's ShardMap): each stretch of its units that lies
+// in one run is drawn where the larger call draws it, then shifted into place.
+inline void draw_shard_bytes(const KernelCall& c, uint64_t seed, uint64_t offset, int64_t g0, int64_t count,
+                             uint8_t* bytes) {
+  std::memset(bytes, 0, static_cast<size_t>(count));
+  const ShardMap& m = c.shard;
+  uint8_t drawn[kBlockGroups + 1];  // a stretch of up to count groups spans one more
+  const int64_t begin = g0 * kUnitsPerGroup;
+  const int64_t end = std::min(c.numel, (g0 + count) * kUnitsPerGroup);
+  for (int64_t e = begin; e < end;) {
+    const int64_t pos = e % m.run;
+    const int64_t len = std::min(m.run - pos, end - e);
+    const int64_t unit = m.first + e / m.run * m.stride + pos;
+    const int64_t skip = unit % kUnitsPerGroup;
+    draw_bytes(seed, offset, c.threshold, unit / kUnitsPerGroup, (skip + len + kUnitsPerGroup - 1) / kUnitsPerGroup,
+               drawn);
+    or_bits(drawn, skip, bytes, e - begin, len);
+    e += len;
+  }
+}
+
 // ------------------------------------------------------ unit bits -> bytes
 
 inline bool bit_at(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
@@ -401,8 +435,12 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end) {
     const uint8_t* bytes;
     if constexpr (S == MaskSource::Draw) {
       uint8_t* dst = c.mask_out != nullptr ? c.mask_out + g0 : local;
-      draw_bytes(seed, offset, c.threshold, g0, count, dst);
-      if (tail != 0 && g0 + count > full_groups) dst[count - 1] &= (1u << tail) - 1;  // padding bits are 0
+      if (c.shard.sharded()) {
+        draw_shard_bytes(c, seed, offset, g0, count, dst);  // padding bits stay 0
+      } else {
+        draw_bytes(seed, offset, c.threshold, g0, count, dst);
+        if (tail != 0 && g0 + count > full_groups) dst[count - 1] &= (1u << tail) - 1;  // padding bits are 0
+      }
       bytes = dst;
     } else if constexpr (S == MaskSource::Elements) {
       bytes = c.mask_in + g0;

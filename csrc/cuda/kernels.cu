@@ -15,8 +15,9 @@ __global__ void __launch_bounds__(512) elementwise_kernel(const ElementwiseParam
   elementwise_thread<O, E, S>(p, blockIdx.x * blockDim.x + threadIdx.x);
 }
 
+template <BitSource S>
 __global__ void __launch_bounds__(256) draw_mask_kernel(const DrawMaskParams p) {
-  draw_mask_thread(p, blockIdx.x * blockDim.x + threadIdx.x);
+  draw_mask_thread<S>(p, blockIdx.x * blockDim.x + threadIdx.x);
 }
 
 template <class T>
@@ -47,8 +48,9 @@ struct Launcher {
     elementwise_kernel<O, E, S><<<g.blocks_x, g.threads_x, 0, stream>>>(p);
     check_launch();
   }
+  template <BitSource S>
   void draw_mask(const DrawMaskParams& p, Grid g) {
-    draw_mask_kernel<<<g.blocks_x, g.threads_x, 0, stream>>>(p);
+    draw_mask_kernel<S><<<g.blocks_x, g.threads_x, 0, stream>>>(p);
     check_launch();
   }
   template <class T>

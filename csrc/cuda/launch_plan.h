@@ -6,6 +6,7 @@
 //
 //   template <class O, Epilogue E, BitSource S>              // O: Operands<In, Residual, Bias, Out>
 //   void elementwise(const ElementwiseParams&, Grid);   // thread = blockIdx.x * threads_x + threadIdx.x
+//   template <BitSource S>                                 // Draw, or DrawShard for a shard
 //   void draw_mask(const DrawMaskParams&, Grid);
 //   template <class T>
 //   void column_sums(const ColumnSumParams&, Grid);     // block (tile, chunk), thread (column group, lane)
@@ -106,6 +107,17 @@ inline UnitWalk unit_walk(const UnitLayout& u, int64_t units, int64_t first, uin
   return w;
 }
 
+// The shard walk of the launch whose first unit is `first`.
+inline ShardWalk shard_walk(const ShardMap& m, int64_t first, uint32_t limit) {
+  ShardWalk s;
+  if (!m.sharded()) return s;
+  const int64_t pos = first % m.run;
+  s.unit0 = static_cast<uint64_t>(m.first + first / m.run * m.stride + pos);
+  s.gap = static_cast<uint64_t>(m.stride - m.run);
+  normalize(m.run, pos, limit, s.runs, s.rem);
+  return s;
+}
+
 template <class O, Epilogue E, BitSource S, class Executor>
 void launch_elementwise(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
   const int in_size = element_size(c.dtype), out_size = element_size(c.out_dtype);
@@ -122,10 +134,11 @@ void launch_elementwise(const KernelCall& c, Executor& exec, const LaunchLimits&
     p.scale_f = static_cast<float>(c.scale);
     p.scale_d = c.scale;
     p.vector = aligned16(p.in) && aligned16(p.out) && (p.residual == nullptr || aligned16(p.residual));
-    if constexpr (S == BitSource::Draw) {
+    if constexpr (draws(S)) {
       p.rng = c.rng;
       p.threshold = c.threshold;
       p.group_base = static_cast<uint64_t>(first / kUnitsPerGroup);
+      p.shard = shard_walk(c.shard, first, limits.divisor_limit);
       if (c.mask_out != nullptr) p.mask_out = c.mask_out + first / kUnitsPerGroup;
       if (first == 0) p.rng_state_out = c.rng_state_out;
     } else if constexpr (S == BitSource::Elements) {
@@ -144,6 +157,13 @@ void launch_elementwise(const KernelCall& c, Executor& exec, const LaunchLimits&
     }
     exec.template elementwise<O, E, S>(p, Grid{blocks_for(p.groups, threads), 1, threads, 1});
   }
+}
+
+// A drawing call's kernels: a shard's, or the plain ones.
+template <class O, Epilogue E, class Executor>
+void launch_drawing(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
+  if (c.shard.sharded()) return launch_elementwise<O, E, BitSource::DrawShard>(c, exec, limits);
+  launch_elementwise<O, E, BitSource::Draw>(c, exec, limits);
 }
 
 // Channels-last units come only from channel dropout, which has no residual
@@ -171,7 +191,7 @@ void launch_widening(const KernelCall& c, Executor& exec, const LaunchLimits& li
   const bool float_residual = c.residual_dtype == ScalarKind::Float;
   const bool float_bias = c.bias_dtype == ScalarKind::Float;
   if (c.epilogue == Epilogue::AddResidual && c.source == MaskSource::Draw) {
-    return launch_elementwise<Operands<T, float, T, float>, Epilogue::AddResidual, BitSource::Draw>(c, exec, limits);
+    return launch_drawing<Operands<T, float, T, float>, Epilogue::AddResidual>(c, exec, limits);
   }
   if (c.epilogue == Epilogue::AddResidual && c.source == MaskSource::Units) {
     return launch_unit_source<Operands<T, float, T, float>, Epilogue::AddResidual>(c, exec, limits);
@@ -179,10 +199,10 @@ void launch_widening(const KernelCall& c, Executor& exec, const LaunchLimits& li
   if (c.epilogue == Epilogue::AddBiasResidual && c.source == MaskSource::Draw) {
     constexpr Epilogue E = Epilogue::AddBiasResidual;
     if (float_residual && float_bias) {
-      return launch_elementwise<Operands<T, float, float, float>, E, BitSource::Draw>(c, exec, limits);
+      return launch_drawing<Operands<T, float, float, float>, E>(c, exec, limits);
     }
-    if (float_residual) return launch_elementwise<Operands<T, float, T, float>, E, BitSource::Draw>(c, exec, limits);
-    return launch_elementwise<Operands<T, T, float, float>, E, BitSource::Draw>(c, exec, limits);
+    if (float_residual) return launch_drawing<Operands<T, float, T, float>, E>(c, exec, limits);
+    return launch_drawing<Operands<T, T, float, float>, E>(c, exec, limits);
   }
   throw std::logic_error("no CUDA kernel for this mix of dtypes");
 }
@@ -217,11 +237,11 @@ void launch_typed(const KernelCall& c, Executor& exec, const LaunchLimits& limit
     case MaskSource::Draw:
       switch (c.epilogue) {
         case Epilogue::Scale:
-          return launch_elementwise<O, Epilogue::Scale, BitSource::Draw>(c, exec, limits);
+          return launch_drawing<O, Epilogue::Scale>(c, exec, limits);
         case Epilogue::AddResidual:
-          return launch_elementwise<O, Epilogue::AddResidual, BitSource::Draw>(c, exec, limits);
+          return launch_drawing<O, Epilogue::AddResidual>(c, exec, limits);
         case Epilogue::AddBiasResidual:
-          return launch_elementwise<O, Epilogue::AddBiasResidual, BitSource::Draw>(c, exec, limits);
+          return launch_drawing<O, Epilogue::AddBiasResidual>(c, exec, limits);
       }
       break;
     case MaskSource::Elements:
@@ -245,8 +265,14 @@ void launch_draw_mask(const KernelCall& c, Executor& exec, const LaunchLimits& l
     p.rng = c.rng;
     p.threshold = c.threshold;
     p.group_base = static_cast<uint64_t>(first / kUnitsPerGroup);
+    p.shard = shard_walk(c.shard, first, limits.divisor_limit);
     p.units = static_cast<uint32_t>(std::min(limits.max_launch_elements, c.numel - first));
-    exec.draw_mask(p, Grid{blocks_for(mask_bytes(p.units), 256), 1, 256, 1});
+    const Grid grid{blocks_for(mask_bytes(p.units), 256), 1, 256, 1};
+    if (c.shard.sharded()) {
+      exec.template draw_mask<BitSource::DrawShard>(p, grid);
+    } else {
+      exec.template draw_mask<BitSource::Draw>(p, grid);
+    }
   }
 }
 

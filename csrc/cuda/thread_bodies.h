@@ -169,7 +169,10 @@ enum class BitSource : uint8_t {
   UnitPerGroup,      // a whole group lies in one unit: one bit, read once
   UnitRuns,          // units are runs of `inner` elements, not a multiple of 8
   UnitChannelsLast,  // unit = (element / block) * channels + element % channels, 8+ channels
+  DrawShard,         // MaskSource::Draw for a shard of a larger call: its Philox groups (ShardWalk)
 };
+
+REGDROP_HOST_DEVICE constexpr bool draws(BitSource s) { return s == BitSource::Draw || s == BitSource::DrawShard; }
 
 // Unit bits of one launch, in 32-bit arithmetic. The launch plan folds the
 // launch's first unit into the mask pointer and `unit_offset` (< 8) and the
@@ -241,6 +244,48 @@ REGDROP_HOST_DEVICE uint32_t unit_bits(const UnitWalk& u, const uint8_t* mask, u
   }
 }
 
+// ------------------------------------------------------------------ shards
+
+// A drawing call that is a shard of a larger one (kernel_call.h's ShardMap)
+// draws unit e of a launch where the larger call draws unit
+//   unit0 + e + q * gap,
+// q being the runs ended before e: unit0 is the larger call's unit of the
+// launch's unit 0, and gap = stride - run the units between two runs. q
+// comes from rem + e, with divisors normalized as UnitWalk's are.
+struct ShardWalk {
+  uint64_t unit0 = 0;
+  uint64_t gap = 0;
+  FastDivmod runs;
+  uint32_t rem = 0;
+};
+
+// The keep bits of a shard's units e0 .. e0 + n - 1 (n <= 8): stretches of
+// the larger call's groups, one Philox call each; a stretch ends where a run
+// or a group of the larger call does. Aligned shards (first, run and stride
+// multiples of 8) take one stretch per group. Bits past n may be set.
+REGDROP_HOST_DEVICE uint32_t shard_keep_bits(uint64_t seed, uint64_t offset, const ShardWalk& s, uint32_t e0,
+                                             int n, uint32_t threshold) {
+  uint32_t ended, in_run;
+  s.runs.divmod(s.rem + e0, ended, in_run);
+  uint64_t unit = s.unit0 + e0 + static_cast<uint64_t>(ended) * s.gap;
+  uint32_t shift = static_cast<uint32_t>(unit % kUnitsPerGroup);
+  uint32_t left = s.runs.divisor - in_run;  // in the run
+  uint32_t len = left < kUnitsPerGroup - shift ? left : kUnitsPerGroup - shift;
+  uint32_t bits = group_keep_bits(seed, offset, unit / kUnitsPerGroup, threshold) >> shift;
+  if (len >= static_cast<uint32_t>(n)) return bits;  // one stretch: bits past n need no clearing
+  bits &= (1u << len) - 1;
+  for (uint32_t j = len; j < static_cast<uint32_t>(n); j += len) {
+    s.runs.divmod(s.rem + e0 + j, ended, in_run);
+    unit = s.unit0 + e0 + j + static_cast<uint64_t>(ended) * s.gap;
+    shift = static_cast<uint32_t>(unit % kUnitsPerGroup);
+    left = s.runs.divisor - in_run;
+    len = left < kUnitsPerGroup - shift ? left : kUnitsPerGroup - shift;
+    const uint32_t drawn = group_keep_bits(seed, offset, unit / kUnitsPerGroup, threshold) >> shift;
+    bits |= (drawn & ((1u << len) - 1)) << j;
+  }
+  return bits;
+}
+
 // ------------------------------------------------------------- elementwise
 
 // One launch of elementwise_thread: elements [0, numel) of the pointers,
@@ -255,6 +300,7 @@ struct ElementwiseParams {
   PhiloxSource rng;
   uint32_t threshold = 0;
   uint64_t group_base = 0;  // Philox group index of group 0
+  ShardWalk shard;          // DrawShard: where the launch's units lie
   float scale_f = 1.0f;
   double scale_d = 1.0;
   uint32_t numel = 0;
@@ -314,7 +360,7 @@ REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t
   using C = Compute<T>;
   static_assert(std::is_same_v<C, Compute<Y>>, "operands compute in one type");
   uint64_t seed = 0, offset = 0;
-  if constexpr (S == BitSource::Draw) {
+  if constexpr (draws(S)) {
     p.rng.unpack(seed, offset);
     if (g == 0 && p.rng_state_out != nullptr) {
       p.rng_state_out[0] = static_cast<int64_t>(seed);
@@ -338,8 +384,12 @@ REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t
 
   const uint32_t valid = (1u << n) - 1;
   uint32_t bits;
-  if constexpr (S == BitSource::Draw) {
-    bits = group_keep_bits(seed, offset, p.group_base + g, p.threshold) & valid;
+  if constexpr (draws(S)) {
+    if constexpr (S == BitSource::Draw) {
+      bits = group_keep_bits(seed, offset, p.group_base + g, p.threshold) & valid;
+    } else {
+      bits = shard_keep_bits(seed, offset, p.shard, e0, n, p.threshold) & valid;
+    }
     if (p.mask_out != nullptr) p.mask_out[g] = static_cast<uint8_t>(bits);
   } else if constexpr (S == BitSource::Elements) {
     bits = p.mask_in[g];
@@ -375,16 +425,24 @@ struct DrawMaskParams {
   PhiloxSource rng;
   uint32_t threshold = 0;
   uint64_t group_base = 0;
+  ShardWalk shard;     // DrawShard
   uint32_t units = 0;  // bits in this launch
 };
 
+template <BitSource S>
 REGDROP_HOST_DEVICE void draw_mask_thread(const DrawMaskParams& p, uint32_t g) {
   if (g * kUnitsPerGroup >= p.units) return;
   uint64_t seed, offset;
   p.rng.unpack(seed, offset);
   const uint32_t left = p.units - g * kUnitsPerGroup;
-  const uint32_t valid = left >= kUnitsPerGroup ? 0xFFu : (1u << left) - 1;
-  p.mask_out[g] = static_cast<uint8_t>(group_keep_bits(seed, offset, p.group_base + g, p.threshold) & valid);
+  const int n = left >= kUnitsPerGroup ? kUnitsPerGroup : static_cast<int>(left);
+  uint32_t bits;
+  if constexpr (S == BitSource::Draw) {
+    bits = group_keep_bits(seed, offset, p.group_base + g, p.threshold);
+  } else {
+    bits = shard_keep_bits(seed, offset, p.shard, g * kUnitsPerGroup, n, p.threshold);
+  }
+  p.mask_out[g] = static_cast<uint8_t>(bits & ((1u << n) - 1));
 }
 
 // ----------------------------------------------------------- bias gradient

@@ -44,6 +44,9 @@ inline at::Tensor pack_bits(const at::Tensor& bits) {
       .sum(1, false, at::kByte);
 }
 
+// A mask of random keep flags for `units` units (padding bits 0, as the ops require).
+inline at::Tensor random_mask(int64_t units) { return pack_bits(at::randint(0, 2, {units}, at::kBool)); }
+
 // Keep flags shaped and laid out like `like` (dense), from a mask whose bits
 // follow the memory order of `like`.
 inline at::Tensor element_keep(const at::Tensor& mask, const at::Tensor& like) {

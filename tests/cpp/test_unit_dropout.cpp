@@ -49,7 +49,7 @@ TEST_P(UnitDropout, InPlaceChannelDropoutMatchesOutOfPlace) {
 
 TEST_P(UnitDropout, ChannelDropoutBackwardKeepsWholeChannels) {
   const at::Tensor grad = randn({3, 5, 4, 6});
-  const at::Tensor mask = at::randint(0, 256, {regdrop_test::mask_bytes(3 * 5)}, at::kByte);
+  const at::Tensor mask = regdrop_test::random_mask(3 * 5);
   const at::Tensor keep = unpack_bits(mask, 3 * 5).view({3, 5, 1, 1});
   EXPECT_TRUE(at::equal(regdrop::channel_dropout_backward(grad, mask, kP),
                         dropout_reference(grad, keep, kP)));
@@ -81,7 +81,7 @@ TEST_P(UnitDropout, DropPathAddIsResidualPlusDropPath) {
 
 TEST_P(UnitDropout, DropPathBackwardKeepsWholeSamples) {
   const at::Tensor grad = randn({11, 5, 7});
-  const at::Tensor mask = at::randint(0, 256, {regdrop_test::mask_bytes(11)}, at::kByte);
+  const at::Tensor mask = regdrop_test::random_mask(11);
   const at::Tensor keep = unpack_bits(mask, 11).view({11, 1, 1});
   for (bool scale_by_keep : {true, false}) {
     const at::Tensor expected = dropout_reference(grad, keep, drop_path_scale_p(scale_by_keep));

@@ -63,7 +63,7 @@ void record(const std::string& kernel) {
 }
 
 const char* const kEpilogues[] = {"Scale", "AddResidual", "AddBiasResidual"};
-const char* const kBitSources[] = {"Draw", "Elements", "UnitPerGroup", "UnitRuns", "UnitChannelsLast"};
+const char* const kBitSources[] = {"Draw", "Elements", "UnitPerGroup", "UnitRuns", "UnitChannelsLast", "DrawShard"};
 
 // An Executor (launch_plan.h) that runs each launch's threads in turn.
 struct Emulator {
@@ -80,11 +80,12 @@ struct Emulator {
     }
   }
 
+  template <cuda::BitSource S>
   void draw_mask(const cuda::DrawMaskParams& p, Grid g) {
-    record("draw_mask (unit bits)");
+    record(std::string("draw_mask ") + kBitSources[static_cast<int>(S)]);
     for (uint32_t block = 0; block < g.blocks_x; ++block) {
       for (uint32_t thread = 0; thread < g.threads_x; ++thread) {
-        cuda::draw_mask_thread(p, block * g.threads_x + thread);
+        cuda::draw_mask_thread<S>(p, block * g.threads_x + thread);
       }
     }
   }

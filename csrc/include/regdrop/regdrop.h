@@ -12,12 +12,15 @@
 // unit i, units in the memory order of `input` (README, "Ops"). Random ops
 // draw from `generator` (default: the device's default generator) or, given
 // `seed`, from the Philox stream (seed, offset), the same on every device
-// (README, "The random mapping").
+// (README, "The random mapping"). Given `shard` = (first, run, stride), a call
+// is a shard of a larger one and draws its units where that call would: its
+// unit i is the larger call's unit first + (i / run) * stride + i % run.
 #pragma once
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/OptionalArrayRef.h>
 
 #include <cstdint>
 #include <optional>
@@ -42,17 +45,19 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 // keep probability, is 1 - p quantized to 2^-16 steps (README, "Guarantees").
 inline std::tuple<at::Tensor, at::Tensor> dropout(
     const at::Tensor& input, double p, const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(dropout)>("regdrop::dropout");
-  return op.call(input, p, generator, seed, offset);
+  return op.call(input, p, generator, seed, offset, shard);
 }
 
 // In-place dropout: overwrites `input` and returns the mask.
 inline at::Tensor dropout_(const at::Tensor& input, double p,
                            const std::optional<at::Generator>& generator = std::nullopt,
-                           std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+                           std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(dropout_)>("regdrop::dropout_");
-  return op.call(input, p, generator, seed, offset);
+  return op.call(input, p, generator, seed, offset, shard);
 }
 
 // The gradient of dropout: grad_input = keep ? grad / q : 0.
@@ -65,18 +70,20 @@ inline at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& mas
 inline std::tuple<at::Tensor, at::Tensor> dropout_add(
     const at::Tensor& input, const at::Tensor& residual, double p,
     const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(dropout_add)>("regdrop::dropout_add");
-  return op.call(input, residual, p, generator, seed, offset);
+  return op.call(input, residual, p, generator, seed, offset, shard);
 }
 
 // output = residual + dropout(input + bias), `bias` along the last dimension.
 inline std::tuple<at::Tensor, at::Tensor> bias_dropout_add(
     const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual, double p,
     const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(bias_dropout_add)>("regdrop::bias_dropout_add");
-  return op.call(input, bias, residual, p, generator, seed, offset);
+  return op.call(input, bias, residual, p, generator, seed, offset, shard);
 }
 
 // The gradients of bias_dropout_add for input and bias (residual's is `grad`).
@@ -92,17 +99,19 @@ inline std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Te
 // (N, C, ...) input.
 inline std::tuple<at::Tensor, at::Tensor> channel_dropout(
     const at::Tensor& input, double p, const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(channel_dropout)>("regdrop::channel_dropout");
-  return op.call(input, p, generator, seed, offset);
+  return op.call(input, p, generator, seed, offset, shard);
 }
 
 // In-place channel dropout: overwrites `input` and returns the mask.
 inline at::Tensor channel_dropout_(const at::Tensor& input, double p,
                                    const std::optional<at::Generator>& generator = std::nullopt,
-                                   std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+                                   std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(channel_dropout_)>("regdrop::channel_dropout_");
-  return op.call(input, p, generator, seed, offset);
+  return op.call(input, p, generator, seed, offset, shard);
 }
 
 // The gradient of channel_dropout.
@@ -118,18 +127,20 @@ inline at::Tensor channel_dropout_backward(const at::Tensor& grad, const at::Ten
 inline std::tuple<at::Tensor, at::Tensor> drop_path(
     const at::Tensor& input, double p, bool scale_by_keep = true,
     const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(drop_path)>("regdrop::drop_path");
-  return op.call(input, p, scale_by_keep, generator, seed, offset);
+  return op.call(input, p, scale_by_keep, generator, seed, offset, shard);
 }
 
 // Drop-path then a residual add: output = residual + drop_path(input).
 inline std::tuple<at::Tensor, at::Tensor> drop_path_add(
     const at::Tensor& input, const at::Tensor& residual, double p, bool scale_by_keep = true,
     const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(drop_path_add)>("regdrop::drop_path_add");
-  return op.call(input, residual, p, scale_by_keep, generator, seed, offset);
+  return op.call(input, residual, p, scale_by_keep, generator, seed, offset, shard);
 }
 
 // The gradient of drop_path and drop_path_add (for input).
@@ -145,28 +156,30 @@ inline at::Tensor drop_path_backward(const at::Tensor& grad, const at::Tensor& m
 // bits again.
 inline std::tuple<at::Tensor, at::Tensor> dropout_low_memory(
     const at::Tensor& input, double p, const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op =
       detail::find_op<decltype(dropout_low_memory)>("regdrop::dropout_low_memory");
-  return op.call(input, p, generator, seed, offset);
+  return op.call(input, p, generator, seed, offset, shard);
 }
 
 // dropout_add that saves no mask, as dropout_low_memory.
 inline std::tuple<at::Tensor, at::Tensor> dropout_add_low_memory(
     const at::Tensor& input, const at::Tensor& residual, double p,
     const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0) {
+    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+    at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op =
       detail::find_op<decltype(dropout_add_low_memory)>("regdrop::dropout_add_low_memory");
-  return op.call(input, residual, p, generator, seed, offset);
+  return op.call(input, residual, p, generator, seed, offset, shard);
 }
 
 // The gradient of dropout_low_memory and dropout_add_low_memory (for input).
 inline at::Tensor dropout_low_memory_backward(const at::Tensor& grad, const at::Tensor& rng_state,
-                                              double p) {
+                                              double p, at::OptionalIntArrayRef shard = std::nullopt) {
   static const auto op = detail::find_op<decltype(dropout_low_memory_backward)>(
       "regdrop::dropout_low_memory_backward");
-  return op.call(grad, rng_state, p);
+  return op.call(grad, rng_state, p, shard);
 }
 
 }  // namespace regdrop
