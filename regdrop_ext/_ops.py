@@ -308,3 +308,26 @@ def _(grad, rng_state, p, *, shard=None):
 def _(grad, mask, p):
     grad_input = _fake_backward(ROWS, grad, mask, p)
     return grad_input, grad.new_empty((grad.size(-1),))
+
+
+# --- functionalization --------------------------------------------------------
+#
+# Under torch.compile an in-place op would become an auto_functionalized node,
+# which carries no nondeterministic_seeded tag: the partitioner, which replays
+# the generator only for tagged ops, would recompute it (checkpointing) from
+# another stream. As the functional op and a copy_ into the input, traced
+# graphs hold the tagged op itself, and recomputation draws the same mask.
+
+
+def _functionalize_inplace(functional):
+    def kernel(input, p, generator=None, *, seed=None, offset=0, shard=None):
+        out, mask = functional(input, p, generator, seed=seed, offset=offset, shard=shard)
+        input.copy_(out)
+        return mask
+
+    return kernel
+
+
+_functionalization = torch.library.Library("regdrop", "IMPL")
+_functionalization.impl("dropout_", _functionalize_inplace(ops.dropout), "Functionalize")
+_functionalization.impl("channel_dropout_", _functionalize_inplace(ops.channel_dropout), "Functionalize")

@@ -19,12 +19,10 @@ Every test compares, bit for bit, with the unchecked eager run from the same
 seed; the sanity tests show the policies take effect (a recomputation really
 happens, or really does not).
 
-Three combinations do not reproduce the unchecked run and are strict xfails
-with the mechanism in their reasons: eager SAC that saves one random op and
-recomputes a later one (torch's eager SAC, native random ops alike); eager
-SAC that saves an in-place regdrop op; and torch.compile recomputing an
-in-place regdrop op (its auto_functionalized node escapes the partitioner's
-generator replay).
+Two combinations of torch's eager SAC do not reproduce the unchecked run and
+are strict xfails with the mechanism in their reasons: saving one random op
+and recomputing a later one (native random ops alike), and saving an
+in-place regdrop op.
 """
 
 import functools
@@ -423,22 +421,6 @@ EAGER_SAVED_INPLACE = pytest.mark.xfail(
     ),
 )
 
-COMPILED_RECOMPUTED_INPLACE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "regdrop's in-place ops reach the partitioner as auto_functionalized_v2("
-        "regdrop.dropout_) nodes; torch/_functorch/partitioners.py replays the generator "
-        "state only for recomputed nodes whose target carries torch.Tag.nondeterministic_seeded "
-        "(has_recomputable_rng_ops, functionalize_rng_ops), which the auto_functionalized_v2 "
-        "HOP does not, so the backward graph runs the op again from the current generator "
-        "state: another mask, silently wrong gradients. torch's in-place dropout becomes "
-        "aten.bernoulli.p (tagged) and is replayed. A fix would give regdrop's in-place ops "
-        "a functionalization onto the tagged out-of-place ops."
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "policy",
     [
@@ -474,20 +456,20 @@ def plain_checkpoint(module, x):
         pytest.param(lambda: selective(functools.partial(Policy, CheckpointPolicy.PREFER_SAVE)), id="PREFER_SAVE"),
         pytest.param(
             lambda: selective(functools.partial(Policy, CheckpointPolicy.MUST_RECOMPUTE)),
-            marks=COMPILED_RECOMPUTED_INPLACE,
             id="MUST_RECOMPUTE",
         ),
         pytest.param(
             lambda: selective(functools.partial(Policy, CheckpointPolicy.PREFER_RECOMPUTE)),
-            marks=COMPILED_RECOMPUTED_INPLACE,
             id="PREFER_RECOMPUTE",
         ),
-        pytest.param(lambda: plain_checkpoint, marks=COMPILED_RECOMPUTED_INPLACE, id="plain_checkpoint"),
+        pytest.param(lambda: plain_checkpoint, id="plain_checkpoint"),
     ],
 )
 def test_compiled_checkpoint_with_inplace_ops_reproduces_unchecked_run(make_run):
     """torch.compile(aot_eager) of a checkpointed block with in-place regdrop
-    dropout: saved, the in-place ops give the unchecked eager run bit for bit.
-    Recomputed (SAC or a plain checkpoint): see the xfail reason."""
+    dropout, saved or recomputed (SAC or a plain checkpoint): the unchecked
+    eager run bit for bit. Traced, an in-place op is its functional op and a
+    copy_ (regdrop_ext/_ops.py), so a recomputation replays the generator as
+    for the functional op; as an auto_functionalized node it drew another mask."""
     module = build_inplace()
     assert_same_run(forward_backward(module, unchecked), forward_backward(module, compiled(make_run())))
