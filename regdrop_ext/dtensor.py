@@ -3,11 +3,12 @@
 A random op on a DTensor runs once per rank, on the rank's local tensor, and
 passes the op ``shard=(first, run, stride)``: where the local units lie among
 the units of the whole (global) tensor, numbered as the op numbers them
-(csrc/schemas.h). The counter-based mapping draws every unit from its own
-Philox counter, so the shards together draw exactly what one call on the
-whole tensor draws, for any placement and any number of ranks: the mask does
-not depend on the sharding. A replicated tensor is a shard of itself, so
-every rank draws the same mask.
+(csrc/schemas.h) in a contiguous tensor, as ``full_tensor()`` returns it:
+element units row-major, whatever the shards' strides. The counter-based
+mapping draws every unit from its own Philox counter, so the shards together
+draw exactly what one call on the whole tensor draws, for any placement and
+any number of ranks: the mask does not depend on the sharding. A replicated
+tensor is a shard of itself, so every rank draws the same mask.
 
 The ops are registered as DTensor custom-op handlers, not through
 ``register_sharding``: a sharding strategy runs the op on every shard with
@@ -27,15 +28,17 @@ Masks. A DTensor op's mask (or a low-memory op's rng_state) is the
 per-shard data its backward needs: a DTensor of shape ``(*grid, bytes)``,
 ``grid[d]`` the number of shards along tensor dim ``d``, with the input's
 placements; each rank holds its shard's mask, zero-padded to the largest
-shard's. Backward ops read the placements there, and bring ``grad`` to them.
+shard's. Backward ops read the placements there, bring ``grad`` to them, and
+shard the gradient again where ``grad`` was sharded and the mask is not.
 
 Random streams. With ``seed=``, every rank draws (seed, offset). From a
 generator, ranks must hold generators in the same state, as DTensor's own
-random ops require: the first such call of a process gives every rank of the
-mesh rank 0's default generator state, once (all ranks warn when states
-differed); later calls need no collective, since each call advances every
-rank's generator alike (one draw per call, whatever the shard's size). Call
-``torch.manual_seed`` with the same seed on every rank.
+random ops require: the first such call on a mesh gives every rank of the
+mesh the default generator state of the mesh's first rank, once (all ranks
+warn when states differed); later calls need no collective, since each call
+advances every rank's generator alike (one draw per call, whatever the
+shard's size; none for a tensor without units, as on the whole tensor).
+Call ``torch.manual_seed`` with the same seed on every rank.
 """
 
 import importlib.abc
@@ -124,7 +127,7 @@ def _placement_types():
 
 def _is_plain_shard(p) -> bool:
     Shard, _, _ = _placement_types()
-    return type(p) is Shard  # _StridedShard subclasses Shard: not plain
+    return type(p) is Shard  # not _StridedShard, a subclass of Shard in some torch versions
 
 
 def _effective_placements(placements, global_shape, granularity: str):
@@ -165,17 +168,18 @@ def _units(shape, granularity: str) -> int:
 
 # --- random streams ----------------------------------------------------------------
 
-_synced = set()  # (device type, mesh ranks) whose generators have been brought in step
+_synced = set()  # meshes whose ranks' generators have been brought in step
 
 
 def _sync_generators(mesh) -> None:
-    """Rank 0's default generator state for every rank of ``mesh``, once per process."""
+    """The default generator state of the mesh's first rank for every rank of ``mesh``, once per mesh."""
     import torch.distributed as dist
 
-    key = (mesh.device_type, tuple(mesh.mesh.flatten().tolist()))
-    if key in _synced or mesh.size() == 1:
+    # The mesh is the key: it hashes once, where its rank tensor (mesh.mesh) is rebuilt on
+    # every access, a quarter of a small op's forward.
+    if mesh in _synced or mesh.size() == 1:
         return
-    _synced.add(key)
+    _synced.add(mesh)
     if mesh.device_type == "cpu":
         device = torch.device("cpu")
         state = torch.get_rng_state()
@@ -201,8 +205,9 @@ def _sync_generators(mesh) -> None:
         payload[-1] = int(differed)
     if payload[-1]:
         warnings.warn(
-            "regdrop_ext: the ranks' random generators differed; rank 0's state is now every rank's, so that "
-            "DTensor ops draw the same stream. Call torch.manual_seed with the same seed on every rank.",
+            "regdrop_ext: the ranks' random generators differed; the state of the mesh's first rank is now every "
+            "rank's, so that DTensor ops draw the same stream. Call torch.manual_seed with the same seed on every "
+            "rank.",
             stacklevel=4,
         )
     state = payload[:-1].cpu()
@@ -370,7 +375,7 @@ def _backward(op, args, kwargs):
         # Sharded again where grad was and the op replicated it (a local slice), as the forward's
         # output went back to the input's placements: so a leaf's .grad, and optimizer state made
         # from it, is placed as the leaf, not replicated wider.
-        back = [g if g.is_shard() and t.is_replicate() else t for g, t in zip(grad.placements, target)]
+        back = [g if t.is_replicate() and not g.is_partial() else t for g, t in zip(grad.placements, target)]
         if back != list(target):
             grad_input = grad_input.redistribute(mesh, back)
         if grad_bias is None:

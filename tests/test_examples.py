@@ -42,3 +42,10 @@ def test_ddp_train_on_two_processes():
     assert "parameters in sync: True" in out
     assert "own masks identical across ranks: False" in out
     assert "shared masks identical across ranks: True" in out
+
+
+def test_tensor_parallel_on_two_processes():
+    out = run(sys.executable, str(EXAMPLES / "tensor_parallel.py"), "--quick")  # spawns its two processes
+    assert len(re.findall(r"^step \d+  loss \d+\.\d+$", out, re.M)) == 4, out
+    assert "2 ranks; losses as the same block's on one process: True" in out
+    assert re.search(r"median of 10: regdrop_ext [\d.]+ ms, torch.nn.Dropout [\d.]+ ms, ratio [\d.]+$", out, re.M), out
