@@ -22,7 +22,7 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks import e2e, environment, timing  # noqa: E402
 from benchmarks.op_table import OPS  # noqa: E402
-from benchmarks.plot import plot  # noqa: E402
+from benchmarks.plot import plot_run  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 from benchmarks.results import BYTES_RULE, VARIANTS, write_csv, write_json  # noqa: E402
 from benchmarks.runner import DTYPE_NAMES, Settings, grid, run  # noqa: E402
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     if args.csv:
         write_csv(args.csv, rows)
     if args.plot:
-        plot(rows, f"{env['device_name']}, torch {env['torch']}, p = {settings.p}", args.plot)
+        plot_run(result, args.plot)
 
     failed = sorted({(r.op, r.implementation, r.dtype, r.size) for r in rows if r.failed})
     for op, label, dtype, size in failed:

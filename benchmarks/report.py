@@ -2,6 +2,7 @@
 
     python benchmarks/report.py benchmarks/results/*.json
     python benchmarks/report.py --phases forward,fwd+bwd --dtypes fp32,bf16 FILE.json
+    python benchmarks/report.py --plot FILE.png FILE.json      # and its plot (benchmarks/plot.py)
 
 Per file: where it ran, then one line per op, phase and dtype (all, or those
 asked for) at the largest size measured: regdrop_ext's module (as a model calls it) against the eager
@@ -122,7 +123,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("results", nargs="+", help="results JSON files")
     parser.add_argument("--phases", help=f"comma-separated, of {','.join(PHASES)} (default: all)")
     parser.add_argument("--dtypes", help="comma-separated, e.g. fp32,bf16 (default: all)")
+    parser.add_argument("--plot", metavar="PATH", help="plot the one results file given (PNG, SVG or PDF)")
     args = parser.parse_args(argv)
+    if args.plot:
+        if len(args.results) != 1:
+            parser.error("--plot takes one results file")
+        from benchmarks.plot import plot_run
+
+        plot_run(read_json(args.results[0]), args.plot)
     phases = args.phases.split(",") if args.phases else None
     dtypes = args.dtypes.split(",") if args.dtypes else None
     print("\n\n".join(markdown(read_json(path), phases, dtypes) for path in args.results))
