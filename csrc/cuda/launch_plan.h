@@ -15,7 +15,9 @@
 //   void* workspace(size_t bytes);                       // device memory for this call
 //
 // Only the combinations the ops launch are instantiated: drawing with every
-// epilogue (forward), reading element masks with Scale (backward), reading
+// epilogue (forward), plainly or as a shard of a larger call (DrawShard: a
+// kernel of its own, so that the plain ones carry no shard arithmetic),
+// reading element masks with Scale (backward), reading
 // unit masks with Scale (channel dropout, drop-path, their backward) and
 // sample units with AddResidual (drop_path_add); and the widening mix for the
 // residual forms.
