@@ -61,7 +61,7 @@ class Kernel:
 def classify(name: str):
     """Every kernel of csrc/cuda/kernels.cu, or None for an unknown one."""
     name = name.removeprefix("void ")  # templates' names carry their return type
-    m = re.match(r"regdrop::cuda::kernels::elementwise_kernel<regdrop::cuda::Operands<(.+)>, "
+    m = re.match(r"regdrop::cuda::kernels::elementwise_kernel<regdrop::OperandTypes<(.+)>, "
                  r"\(regdrop::Epilogue\)(\d), \(regdrop::cuda::BitSource\)(\d)>", name)
     if m:
         types = [t.strip() for t in m.group(1).split(",")]  # input, residual, bias, output

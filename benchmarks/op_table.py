@@ -14,7 +14,7 @@ is an implementation whose regdrop_ext module does not exist.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -223,6 +223,17 @@ class Op:
         return sorted(impls, key=lambda impl: list(VARIANTS).index(impl.variant))
 
 
+DROPOUT_ADD = Op(
+    name="dropout_add",
+    backward="dropout_backward",
+    unit="element",
+    operands=("input", "residual"),
+    eager=eager.dropout_add,
+    eager_label="r + F.dropout(x)",
+    module="DropoutAdd",
+    extras=(_module("DropoutAdd", "low_memory", low_memory=True),),
+)
+
 OPS = (
     Op(
         name="dropout",
@@ -243,26 +254,8 @@ OPS = (
             _module("Dropout", "low_memory", low_memory=True),
         ),
     ),
-    Op(
-        name="dropout_add",
-        backward="dropout_backward",
-        unit="element",
-        operands=("input", "residual"),
-        eager=eager.dropout_add,
-        eager_label="r + F.dropout(x)",
-        module="DropoutAdd",
-        extras=(_module("DropoutAdd", "low_memory", low_memory=True),),
-    ),
-    Op(
-        name="dropout_add",
-        backward="dropout_backward",
-        unit="element",
-        operands=("input", "residual"),
-        eager=eager.dropout_add,
-        eager_label="r + F.dropout(x)",
-        module="DropoutAdd",
-        float32_residual=True,
-    ),
+    DROPOUT_ADD,
+    replace(DROPOUT_ADD, extras=(), float32_residual=True),
     Op(
         name="bias_dropout_add",
         backward="bias_dropout_add_backward",

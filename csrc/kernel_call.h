@@ -66,6 +66,19 @@ struct PhiloxSource {
   }
 };
 
+// The element types of a kernel's operands, for the CPU's and the CUDA
+// kernels' element types alike: one type throughout, or the widening mix (a
+// 16-bit input, a float32 output, and a residual and bias of either). All
+// compute in one type (float, or double throughout), so every operand loads
+// into and stores from the same registers.
+template <class In, class Residual = In, class Bias = In, class Out = In>
+struct OperandTypes {
+  using InT = In;
+  using ResidualT = Residual;
+  using BiasT = Bias;
+  using OutT = Out;
+};
+
 // Where a call's units lie in the stream of a larger call it is a shard of
 // (a DTensor's local tensor): unit i is that call's unit
 //   first + (i / run) * stride + i % run,

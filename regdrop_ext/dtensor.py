@@ -261,11 +261,10 @@ def _wrap(local, mesh, placements, shape):
                               stride=tuple(_row_major_strides(shape)))
 
 
-def _per_shard(local, mesh, placements, global_shape, granularity, width, pad: bool):
+def _per_shard(local, mesh, placements, grid, width):
     """A mask or rng_state as a DTensor of shape (*grid, width) (module docstring)."""
     _, Replicate, _ = _placement_types()
-    grid, _ = _shard_grid(global_shape, mesh, placements)
-    if pad and local.numel() < width:
+    if local.numel() < width:  # a mask shorter than the largest shard's
         local = torch.cat([local, local.new_zeros(width - local.numel())])
     mask_placements = [p if _is_plain_shard(p) else Replicate() for p in placements]
     return _wrap(local.reshape([1] * len(grid) + [width]), mesh, mask_placements, grid + [width])
@@ -314,16 +313,11 @@ def _forward(op, args, kwargs):
             out = local
         else:
             out, mask = _call(op, b)
-        _, largest = _shard_grid(shape, mesh, effective)
-        if name.endswith("low_memory"):
-            saved = _per_shard(mask, mesh, effective, shape, granularity, 2, pad=False)
-        else:
-            width = -(-_units(largest, granularity) // 8)
-            saved = _per_shard(mask, mesh, effective, shape, granularity, width, pad=True)
+        grid, largest = _shard_grid(shape, mesh, effective)
+        width = 2 if name.endswith("low_memory") else -(-_units(largest, granularity) // 8)  # rng_state, or mask
+        saved = _per_shard(mask, mesh, effective, grid, width)
         result = _wrap(out, mesh, effective, shape)
-        back = [p for p in placements]
-        if any(p.is_partial() for p in back):
-            back = [Replicate() if p.is_partial() else p for p in back]
+        back = [Replicate() if p.is_partial() else p for p in placements]
         if list(back) != list(effective):
             result = result.redistribute(mesh, back)
         if in_place:

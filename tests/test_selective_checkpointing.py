@@ -36,12 +36,11 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import regdrop_ext
+from blocks import BATCH, P, TOKENS, WIDTH, TransformerBlock
 
-P = 0.5
-BATCH, TOKENS, WIDTH = 32, 8, 32
 SEED = 1234
 
-# The forward ops a Block calls; the backward ops (*_backward) run outside the policy.
+# The forward ops a TransformerBlock calls; the backward ops (*_backward) run outside the policy.
 FORWARD_OPS = {
     "regdrop::dropout",
     "regdrop::dropout_low_memory",
@@ -56,43 +55,6 @@ FORWARD_OPS = {
 
 def is_regdrop(op) -> bool:
     return isinstance(op, torch._ops.OpOverload) and op._schema.name.startswith("regdrop::")
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block calling every out-of-place random regdrop op
-    (FORWARD_OPS) through the modules, and no native random op."""
-
-    def __init__(self, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(WIDTH)
-        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
-        self.attn_drop = regdrop_ext.Dropout(P)
-        self.proj = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.proj_bias = nn.Parameter(torch.zeros(WIDTH))
-        self.proj_drop_add = regdrop_ext.BiasDropoutAdd(P)
-        self.norm2 = nn.LayerNorm(WIDTH)
-        self.fc1 = nn.Linear(WIDTH, 2 * WIDTH)
-        self.mlp_drop = regdrop_ext.Dropout(P, low_memory=True)
-        self.fc2 = nn.Linear(2 * WIDTH, WIDTH)
-        self.mlp_drop_add = regdrop_ext.DropoutAdd(P)
-        self.mix = nn.Linear(WIDTH, WIDTH)
-        self.mix_drop_add = regdrop_ext.DropoutAdd(P, low_memory=True)
-        self.channel_drop = regdrop_ext.Dropout2d(P)
-        self.drop_path = regdrop_ext.DropPath(P)
-        self.drop_path_add = regdrop_ext.DropPathAdd(P)
-
-    def attention(self, h):
-        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        weights = self.attn_drop((q @ k.transpose(-2, -1) * q.size(-1) ** -0.5).softmax(-1))
-        return (weights @ v).transpose(1, 2).flatten(-2)
-
-    def forward(self, x):
-        x = self.proj_drop_add(self.proj(self.attention(self.norm1(x))), self.proj_bias, x)
-        x = self.mlp_drop_add(self.fc2(self.mlp_drop(F.gelu(self.fc1(self.norm2(x))))), x)
-        x = self.mix_drop_add(self.mix(x), x)
-        branch = self.channel_drop(x.unflatten(-1, (4, WIDTH // 4))).flatten(-2)
-        return self.drop_path_add(self.drop_path(branch), x)
 
 
 # --- policies ------------------------------------------------------------------
@@ -170,7 +132,7 @@ def unchecked(module, x):
 
 def build(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
-    return Block().to(dtype).train()
+    return TransformerBlock().to(dtype).train()
 
 
 def forward_backward(module: nn.Module, run, dtype: torch.dtype = torch.float32):

@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false  # TensorImpl's, from torch
 from torch.func import grad, grad_and_value, vmap
 
 import regdrop_ext
@@ -116,20 +117,9 @@ def keep_flags(units, mask, sample):
     """Keep flags shaped like ``sample``; element bits in its memory order
     (row-major where it is not dense, as the op walks a contiguous copy)."""
     if units in ("element", "rows"):  # bias_dropout_add walks rows: row-major, always
-        dense = units == "element" and _dense(sample)
+        dense = units == "element" and is_non_overlapping_and_dense_or_false(sample)
         return element_keep(mask, sample if dense else torch.empty(sample.shape, device=sample.device))
     return (sample_keep if units == "sample" else channel_keep)(mask, sample)
-
-
-def _dense(t):
-    """Some order of t's dims is contiguous (TensorImpl::is_non_overlapping_and_dense)."""
-    dims = sorted((d for d in range(t.dim()) if t.size(d) >= 2), key=t.stride)
-    expected = 1
-    for d in dims:
-        if t.stride(d) != expected:
-            return False
-        expected *= t.size(d)
-    return True
 
 
 def case_scale(case, p):

@@ -325,18 +325,6 @@ struct Lanes : LaneTypes<T> {
   }
 };
 
-// The element types of a call's operands: one type throughout, or the
-// widening mix (a 16-bit input; float32 output; residual and bias float32 or
-// the input's type). All compute in one type (float, or double throughout),
-// so every operand loads into and stores from the same vectors.
-template <class In, class Residual = In, class Bias = In, class Out = In>
-struct Operands {
-  using InT = In;
-  using ResidualT = Residual;
-  using BiasT = Bias;
-  using OutT = Out;
-};
-
 // The epilogue of one chunk. kWholeUnits: chunks are mostly all-kept or
 // all-dropped (unit masks), worth a branch that skips the select, or the input.
 template <class O, Epilogue E, bool kWholeUnits>
@@ -486,11 +474,11 @@ template <class T>
 void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   switch (c.epilogue) {
     case Epilogue::Scale:
-      return run_groups_with_source<Operands<T>, Epilogue::Scale>(c, g_begin, g_end);
+      return run_groups_with_source<OperandTypes<T>, Epilogue::Scale>(c, g_begin, g_end);
     case Epilogue::AddResidual:
-      return run_groups_with_source<Operands<T>, Epilogue::AddResidual>(c, g_begin, g_end);
+      return run_groups_with_source<OperandTypes<T>, Epilogue::AddResidual>(c, g_begin, g_end);
     case Epilogue::AddBiasResidual:
-      return run_groups_with_source<Operands<T>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
+      return run_groups_with_source<OperandTypes<T>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
   }
 }
 
@@ -501,15 +489,15 @@ void run_groups_widening(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   const bool float_residual = c.residual_dtype == ScalarKind::Float;
   const bool float_bias = c.bias_dtype == ScalarKind::Float;
   if (c.epilogue == Epilogue::AddResidual) {
-    return run_groups_with_source<Operands<T, float, T, float>, Epilogue::AddResidual>(c, g_begin, g_end);
+    return run_groups_with_source<OperandTypes<T, float, T, float>, Epilogue::AddResidual>(c, g_begin, g_end);
   }
   if (float_residual && float_bias) {
-    return run_groups_with_source<Operands<T, float, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
+    return run_groups_with_source<OperandTypes<T, float, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
   }
   if (float_residual) {
-    return run_groups_with_source<Operands<T, float, T, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
+    return run_groups_with_source<OperandTypes<T, float, T, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
   }
-  return run_groups_with_source<Operands<T, T, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
+  return run_groups_with_source<OperandTypes<T, T, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
 }
 
 // ------------------------------------------------------ bias gradients

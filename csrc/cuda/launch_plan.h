@@ -4,7 +4,7 @@
 // emulation (tests/cuda_emulation), which thereby checks the launch shapes
 // as well as the thread bodies. An Executor provides
 //
-//   template <class O, Epilogue E, BitSource S>              // O: Operands<In, Residual, Bias, Out>
+//   template <class O, Epilogue E, BitSource S>              // O: OperandTypes<In, Residual, Bias, Out>
 //   void elementwise(const ElementwiseParams&, Grid);   // thread = blockIdx.x * threads_x + threadIdx.x
 //   template <BitSource S>                                 // Draw, or DrawShard for a shard
 //   void draw_mask(const DrawMaskParams&, Grid);
@@ -193,18 +193,18 @@ void launch_widening(const KernelCall& c, Executor& exec, const LaunchLimits& li
   const bool float_residual = c.residual_dtype == ScalarKind::Float;
   const bool float_bias = c.bias_dtype == ScalarKind::Float;
   if (c.epilogue == Epilogue::AddResidual && c.source == MaskSource::Draw) {
-    return launch_drawing<Operands<T, float, T, float>, Epilogue::AddResidual>(c, exec, limits);
+    return launch_drawing<OperandTypes<T, float, T, float>, Epilogue::AddResidual>(c, exec, limits);
   }
   if (c.epilogue == Epilogue::AddResidual && c.source == MaskSource::Units) {
-    return launch_unit_source<Operands<T, float, T, float>, Epilogue::AddResidual>(c, exec, limits);
+    return launch_unit_source<OperandTypes<T, float, T, float>, Epilogue::AddResidual>(c, exec, limits);
   }
   if (c.epilogue == Epilogue::AddBiasResidual && c.source == MaskSource::Draw) {
     constexpr Epilogue E = Epilogue::AddBiasResidual;
     if (float_residual && float_bias) {
-      return launch_drawing<Operands<T, float, float, float>, E>(c, exec, limits);
+      return launch_drawing<OperandTypes<T, float, float, float>, E>(c, exec, limits);
     }
-    if (float_residual) return launch_drawing<Operands<T, float, T, float>, E>(c, exec, limits);
-    return launch_drawing<Operands<T, T, float, float>, E>(c, exec, limits);
+    if (float_residual) return launch_drawing<OperandTypes<T, float, T, float>, E>(c, exec, limits);
+    return launch_drawing<OperandTypes<T, T, float, float>, E>(c, exec, limits);
   }
   throw std::logic_error("no CUDA kernel for this mix of dtypes");
 }
@@ -233,7 +233,7 @@ void launch_column_sums(const KernelCall& c, Executor& exec) {
 
 template <class T, class Executor>
 void launch_typed(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
-  using O = Operands<T>;
+  using O = OperandTypes<T>;
   if (c.bias_grad != nullptr) return launch_column_sums<T>(c, exec);
   switch (c.source) {
     case MaskSource::Draw:

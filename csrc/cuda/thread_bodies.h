@@ -341,17 +341,6 @@ REGDROP_HOST_DEVICE void load_bias(Group<T>& b, const ElementwiseParams& p, uint
   b.load(values, kUnitsPerGroup, false);
 }
 
-// The element types of a call's operands: one type throughout, or the
-// widening mix (kernel_call.h): a 16-bit input, a float output, and a
-// residual and bias of either. All compute in Compute<In>.
-template <class In, class Residual = In, class Bias = In, class Out = In>
-struct Operands {
-  using InT = In;
-  using ResidualT = Residual;
-  using BiasT = Bias;
-  using OutT = Out;
-};
-
 template <class O, Epilogue E, BitSource S>
 REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t g) {
   using T = typename O::InT;

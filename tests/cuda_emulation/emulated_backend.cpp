@@ -49,7 +49,7 @@ const char* dtype_name() {
 template <class O>
 std::string operands_name() {
   using In = typename O::InT;
-  if constexpr (std::is_same_v<O, cuda::Operands<In>>) {
+  if constexpr (std::is_same_v<O, OperandTypes<In>>) {
     return dtype_name<In>();
   } else {
     return std::string(dtype_name<In>()) + "/" + dtype_name<typename O::ResidualT>() + "/" +
