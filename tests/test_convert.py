@@ -19,7 +19,7 @@ from torch import nn
 
 import regdrop_ext
 from reference import keep_scale
-from test_dropout import binomial_bounds
+from helpers import binomial_bounds
 from third_party import import_or_skip
 
 TORCH_TO_FUSED = {

@@ -7,24 +7,13 @@ import pytest
 import torch
 
 import regdrop_ext
+from helpers import binomial_bounds, nonzero_input
 from reference import dropout_reference, element_keep, unpack_bits
 
 ops = torch.ops.regdrop
 
 SHAPES = [(0,), (1,), (7,), (8,), (9,), (1000,), (33, 65), (2, 3, 5, 7)]
 P_VALUES = [0.0, 0.1, 0.5, 0.9, 1.0]
-
-
-def nonzero_input(shape, dtype, device):
-    """Values in [0.5, 1.5) with random signs: never 0, so a zero output means dropped."""
-    x = torch.rand(shape, device=device) + 0.5
-    sign = torch.randint(0, 2, shape, device=device) * 2 - 1
-    return (x * sign).to(dtype)
-
-
-def binomial_bounds(n, q, sigmas=5.0):
-    mean, sd = n * q, math.sqrt(n * q * (1 - q))
-    return mean - sigmas * sd, mean + sigmas * sd
 
 
 # --- forward ---------------------------------------------------------------

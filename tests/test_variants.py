@@ -16,7 +16,7 @@ from reference import (
     sample_keep,
     unpack_bits,
 )
-from test_dropout import binomial_bounds, nonzero_input
+from helpers import binomial_bounds, nonzero_input
 
 ops = torch.ops.regdrop
 SEED = {"seed": 21, "offset": 8}

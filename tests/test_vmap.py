@@ -39,7 +39,7 @@ from reference import (
     sample_keep,
     unpack_bits,
 )
-from test_dropout import nonzero_input
+from helpers import nonzero_input
 
 ops = torch.ops.regdrop
 
