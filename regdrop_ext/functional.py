@@ -33,6 +33,12 @@ __all__ = [
 ]
 
 
+def _new_mask(units: int, like: Tensor) -> Tensor:
+    """The mask an in-place op writes: a bit per unit, ceil(units / 8) bytes.
+    From ``like``, so that under vmap it is a mask per sample."""
+    return like.new_empty([(units + 7) // 8], dtype=torch.uint8)
+
+
 def _check_probability(p: float, name: str = "dropout probability") -> None:
     if not 0.0 <= p <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} has to be between 0 and 1, but got {p}")
@@ -69,8 +75,7 @@ def dropout(
     if not training or p == 0.0:
         return input
     if inplace:
-        ops.dropout_(input, p, generator)
-        return input
+        return ops.dropout_(input, _new_mask(input.numel(), input), p, generator)[0]
     if low_memory:
         return ops.dropout_low_memory(input, p, generator)[0]
     return ops.dropout(input, p, generator)[0]
@@ -152,10 +157,11 @@ def _channel_dropout(
     Its callers have checked ``p``."""
     if not training or p == 0.0:
         return input
+    if inplace:  # as torch: an unbatched input gains and loses its batch dimension in place
+        x = input if batched else input.unsqueeze_(0)
+        out = ops.channel_dropout_(x, _new_mask(x.size(0) * x.size(1), x), p, generator)[0]
+        return out if batched else out.squeeze_(0)
     x = input if batched else input.unsqueeze(0)
-    if inplace:
-        ops.channel_dropout_(x, p, generator)
-        return input
     out = ops.channel_dropout(x, p, generator)[0]
     return out if batched else out.squeeze(0)
 

@@ -58,7 +58,7 @@ void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
 }  // namespace
 
 struct CpuBackend {
-  static constexpr bool kHostMemory = true;
+  static constexpr bool kLaunches = true;
 
   // The CPU generator is a Mersenne Twister, not a Philox counter: each call
   // takes a fresh 64-bit seed from it and starts its stream at offset 0.

@@ -13,7 +13,7 @@
 namespace regdrop::cuda {
 
 struct CudaBackend {
-  static constexpr bool kHostMemory = false;
+  static constexpr bool kLaunches = true;
 
   // A graph-safe Philox state from the CUDA generator of `device`, or the
   // given one, which must belong to that very device. Each call asks for an

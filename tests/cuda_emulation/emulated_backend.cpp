@@ -130,7 +130,7 @@ struct Emulator {
 };
 
 struct EmulatedCudaBackend {
-  static constexpr bool kHostMemory = true;
+  static constexpr bool kLaunches = true;
 
   // As the CPU backend: a fresh 64-bit seed from the CPU generator, offset 0,
   // so that a generator gives both backends the same stream.
