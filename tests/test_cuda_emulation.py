@@ -27,6 +27,8 @@ import pytest
 import torch
 from torch.utils.cpp_extension import load
 
+from regdrop_ext.manifest import OPS
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -165,7 +167,7 @@ def test_emulation_element_ops(emulation, dtype, numel, aligned):
         _, rng_state = compare(emulation, "dropout_low_memory", x, p, seed=7, offset=12)
         compare(emulation, "dropout_add_low_memory", x, r, p, seed=7, offset=16)
         compare(emulation, "dropout_low_memory_backward", g, rng_state, p)
-        compare(emulation, "dropout_", x, p, seed=3)
+        compare(emulation, "dropout_", x, OPS["dropout_"].new_mask(x), p, seed=3)
     compare(emulation, "dropout", x, 0.5, torch.Generator().manual_seed(11))
 
 
@@ -200,7 +202,7 @@ def test_emulation_channel_units(emulation, dtype, shape, channels_last, aligned
     for p in P + [0.5]:
         _, mask = compare(emulation, "channel_dropout", x, p, seed=9, offset=4)
         compare(emulation, "channel_dropout_backward", x, mask, p)
-        compare(emulation, "channel_dropout_", x, p, seed=9)
+        compare(emulation, "channel_dropout_", x, OPS["channel_dropout_"].new_mask(x), p, seed=9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -350,7 +352,7 @@ def test_emulation_sharded_draws(emulation, request, dtype, shard, launches):
     compare(emulation, "dropout", x, 0.5, seed=3, offset=8, shard=shard)
     compare(emulation, "dropout_add", x, r, 0.5, seed=3, shard=shard)
     compare(emulation, "bias_dropout_add", x, b, r, 0.5, seed=3, shard=shard)
-    compare(emulation, "dropout_", x, 0.5, seed=3, shard=shard)
+    compare(emulation, "dropout_", x, OPS["dropout_"].new_mask(x), 0.5, seed=3, shard=shard)
     _, state = compare(emulation, "dropout_low_memory", x, 0.5, seed=3, shard=shard)
     compare(emulation, "dropout_low_memory_backward", r, state, 0.5, shard=shard)
     compare(emulation, "drop_path", make((77, 3), dtype, seed=4), 0.5, seed=3, shard=shard)

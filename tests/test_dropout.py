@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import regdrop_ext
-from helpers import binomial_bounds, nonzero_input
+from helpers import binomial_bounds, in_place, nonzero_input
 from reference import dropout_reference, element_keep, unpack_bits
 
 ops = torch.ops.regdrop
@@ -243,7 +243,8 @@ def test_inplace_matches_out_of_place(device, dtype):
     x = nonzero_input((3, 257), dtype, device)
     expected, mask = ops.dropout(x, 0.5, seed=5, offset=0)
     y = x.clone()
-    inplace_mask = ops.dropout_(y, 0.5, seed=5, offset=0)
+    out, inplace_mask = in_place("dropout_", y, 0.5, seed=5, offset=0)
+    assert out is y
     assert torch.equal(y, expected) and torch.equal(inplace_mask, mask)
 
 
@@ -252,7 +253,7 @@ def test_inplace_on_a_sliced_view_writes_through(device):
     view = base[:, 1:8]
     expected, _ = ops.dropout(view, 0.5, seed=2, offset=0)
     untouched = base[:, 8:].clone()
-    ops.dropout_(view, 0.5, seed=2, offset=0)
+    in_place("dropout_", view, 0.5, seed=2, offset=0)
     assert torch.equal(base[:, 1:8], expected) and torch.equal(base[:, 8:], untouched)
 
 
@@ -271,7 +272,7 @@ def test_inplace_functional_with_autograd(device):
 def test_inplace_refuses_overlapping_memory(device):
     x = torch.randn(1, 8, device=device).expand(4, 8)
     with pytest.raises(RuntimeError, match="input has elements that share memory"):
-        ops.dropout_(x, 0.5)
+        in_place("dropout_", x, 0.5)
     with pytest.raises(RuntimeError, match="share memory"):
         regdrop_ext.dropout(x, 0.5, inplace=True)
 
@@ -331,7 +332,7 @@ def test_failed_call_leaves_generator_and_input_untouched(device):
     g.manual_seed(3)
     state = g.get_state()
     with pytest.raises(ValueError):
-        ops.dropout_(x, 2.0, g)
+        in_place("dropout_", x, 2.0, g)
     assert torch.equal(x, before) and torch.equal(g.get_state(), state)
 
 

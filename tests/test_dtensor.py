@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import regdrop_ext
+from helpers import in_place
 
 ops = torch.ops.regdrop
 
@@ -87,7 +88,7 @@ SEEDED = {"seed": 1234, "offset": 5}
 
 def _in_place(op, x, **rng):
     y = x.clone()  # autograd refuses in-place writes to leaves
-    op(y, P, **rng)
+    in_place(op._qualified_op_name.split("::")[1], y, P, **rng)
     return y
 
 
@@ -315,7 +316,7 @@ def _two_ranks(rank: int, world: int) -> list:
     bad.true("dropout of a transposed DTensor", "full_tensor() not contiguous", whole.is_contiguous())
     bad.equal("dropout of a transposed DTensor", "output", out.full_tensor(), ops.dropout(whole, P, seed=4)[0])
     written = transposed.clone()  # non-contiguous shards: the op writes a contiguous copy, copied back
-    ops.dropout_(written, P, seed=4)
+    in_place("dropout_", written, P, seed=4)
     bad.equal("dropout_ of a transposed DTensor", "output", written.full_tensor(), out.full_tensor())
 
     # A generator passed in: each rank draws from its own, in the same state.

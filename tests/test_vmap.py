@@ -39,7 +39,7 @@ from reference import (
     sample_keep,
     unpack_bits,
 )
-from helpers import nonzero_input
+from helpers import in_place, nonzero_input
 
 ops = torch.ops.regdrop
 
@@ -92,8 +92,8 @@ FORWARD = {
 # The random ops that FORWARD lacks, with the same call signature: in place
 # (returning the written input and the mask) and low-memory.
 INPLACE = {
-    "dropout_": Case("element", lambda x, r, b, p, **k: (x, ops.dropout_(x, p, **k))),
-    "channel_dropout_": Case("channel", lambda x, r, b, p, **k: (x, ops.channel_dropout_(x, p, **k))),
+    "dropout_": Case("element", lambda x, r, b, p, **k: in_place("dropout_", x, p, **k)),
+    "channel_dropout_": Case("channel", lambda x, r, b, p, **k: in_place("channel_dropout_", x, p, **k)),
 }
 LOW_MEMORY = {
     "dropout_low_memory": Case("element", lambda x, r, b, p, **k: ops.dropout_low_memory(x, p, **k)),
@@ -367,7 +367,9 @@ def test_explicit_seed_is_the_per_sample_call_in_every_mode(device, dtype, name,
     x, r, b = batch_inputs((67, 3, 5), dtype, device)
     state = generator_state(None, device)
     written = x.clone()
-    out, second = vmap(lambda t, s: case.call(t, s, b, 0.3, **SEED), randomness=mode, out_dims=(0, None))(
+    # An in-place op's mask is the argument it writes, made per sample (new_empty under vmap).
+    mask_dim = 0 if name in INPLACE else None
+    out, second = vmap(lambda t, s: case.call(t, s, b, 0.3, **SEED), randomness=mode, out_dims=(0, mask_dim))(
         written, r
     )
     assert torch.equal(generator_state(None, device), state)
@@ -375,7 +377,7 @@ def test_explicit_seed_is_the_per_sample_call_in_every_mode(device, dtype, name,
         sample = x[i].clone()
         expected, expected_second = case.call(sample, r[i], b, 0.3, **SEED)
         exact(out[i], expected)
-        assert torch.equal(second, expected_second)
+        assert torch.equal(second if mask_dim is None else second[i], expected_second)
         if name in INPLACE:
             exact(written[i], sample)
     if name in LOW_MEMORY:
@@ -751,9 +753,9 @@ def test_low_memory_per_sample_gradients_with_same(device, dtype, name):
 @pytest.mark.parametrize("name", INPLACE)
 def test_inplace_ops_write_the_batch(device, dtype, name, mode, layout):
     """An in-place op under vmap writes every sample of the batched input in
-    place, each as the reference under the returned mask (shared with
-    "same", a row per sample with "different"); memory outside the batched
-    view is untouched. With "different" and the batch first the result is
+    place, each as the reference under the returned mask (a row per sample:
+    the mask it writes is made per sample, by new_empty; with "same" every
+    row is the one shared mask); memory outside the batched view is untouched. With "different" and the batch first the result is
     the in-place op on the stacked batch, from the same generator state."""
     case, p = INPLACE[name], 0.3
     shape = (67, 3, 5)
@@ -770,14 +772,14 @@ def test_inplace_ops_write_the_batch(device, dtype, name, mode, layout):
     samples = [s.clone() for s in view.movedim(in_dim, 0)]
 
     torch.manual_seed(6)
-    mask = vmap(lambda t: case.call(t, None, None, p)[1], in_dims=in_dim, randomness=mode,
-                out_dims=None if mode == "same" else 0)(view)
+    mask = vmap(lambda t: case.call(t, None, None, p)[1], in_dims=in_dim, randomness=mode)(view)
     units = unit_count(case.units, shape)
-    assert mask.shape == ((nbytes(units),) if mode == "same" else (B, nbytes(units)))
+    assert mask.shape == (B, nbytes(units))
+    if mode == "same":
+        assert all(torch.equal(row, mask[0]) for row in mask)
     written = view.movedim(in_dim, 0)
     for i in range(B):
-        row = mask if mode == "same" else mask[i]
-        exact(written[i], masked_reference(samples[i], keep_flags(case.units, row, samples[i]), keep_scale(p)))
+        exact(written[i], masked_reference(samples[i], keep_flags(case.units, mask[i], samples[i]), keep_scale(p)))
     if layout == "batch_sliced":
         exact(base[:, 67:], before[:, 67:])
     if mode == "different":
