@@ -65,10 +65,10 @@ at::Tensor laid_out(const at::Tensor& t, c10::SymIntArrayRef strides) {
 }
 
 // The strides in whose memory order an op reads `t`: its own when dense,
-// else its suggested memory format's (walk.h).
+// else dense ones in their order (walk.h).
 std::vector<c10::SymInt> walked_strides(const at::Tensor& t) {
   if (t.is_non_overlapping_and_dense()) return t.sym_strides().vec();
-  return walk_detail::strides_in(t, t.suggest_memory_format());
+  return walk_detail::dense_strides_like(t);
 }
 
 // What a gradient, or a tangent, needs from its forward call.

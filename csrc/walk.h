@@ -2,8 +2,10 @@
 //
 // The output takes the layout torch gives the op it replaces: that of
 // empty_like(input), i.e. the input's strides when it is dense (any
-// permutation: contiguous, channels_last, transposed) and its suggested
-// memory format when it is not (a sliced view, an expanded tensor). Residual
+// permutation: contiguous, channels_last, transposed), and when it is not (a
+// sliced view, an expanded tensor) dense strides in the order of its own
+// (channels-last for a sliced channels-last tensor, contiguous for an
+// expanded one). Residual
 // forms do the same when input and residual share their strides, as eager
 // `residual + dropout(input)` does; operands with different layouts give a
 // contiguous output.
@@ -89,6 +91,44 @@ inline std::vector<c10::SymInt> strides_in(const at::Tensor& like, at::MemoryFor
   return at::empty_symint(like.sym_sizes(), like.options().device(at::kMeta), format).sym_strides().vec();
 }
 
+// Dense strides that keep the order of `t`'s strides: what empty_like(t)
+// gives a strided tensor that is not dense (ATen's infer_dense_strides, and
+// TensorIterator's order: dims sorted by stride, a stride of 0 ambiguous,
+// equal strides by size; size-1 dims take strides but no room), here on
+// SymInts.
+inline std::vector<c10::SymInt> dense_strides_like(const at::Tensor& t) {
+  const size_t ndim = static_cast<size_t>(t.dim());
+  const c10::SymIntArrayRef sizes = t.sym_sizes(), strides = t.sym_strides();
+  std::vector<size_t> perm(ndim);  // innermost first: n - 1, ..., 0 before sorting
+  for (size_t i = 0; i < ndim; ++i) perm[i] = ndim - 1 - i;
+  auto should_swap = [&](size_t a, size_t b) {  // 1: a goes after b; -1: before; 0: ambiguous
+    if (strides[a] == 0 || strides[b] == 0) return 0;
+    if (strides[a] < strides[b]) return -1;
+    if (strides[a] > strides[b]) return 1;
+    return sizes[a] > sizes[b] ? 1 : 0;
+  };
+  for (size_t i = 1; i < ndim; ++i) {  // a stable insertion sort, as ATen's
+    size_t b = i;
+    for (size_t j = 1; j <= i; ++j) {
+      const size_t a = i - j;
+      const int comparison = should_swap(perm[a], perm[b]);
+      if (comparison > 0) {
+        std::swap(perm[a], perm[b]);
+        b = a;
+      } else if (comparison < 0) {
+        break;
+      }
+    }
+  }
+  std::vector<c10::SymInt> out(ndim);
+  c10::SymInt next = 1;
+  for (size_t k : perm) {
+    out[k] = next;
+    if (sizes[k] > 1) next = next * sizes[k];
+  }
+  return out;
+}
+
 // `t` with `strides`: itself, or a copy.
 inline at::Tensor with_strides(const at::Tensor& t, c10::SymIntArrayRef strides) {
   if (t.sym_strides() == strides) return t;
@@ -129,7 +169,7 @@ inline Walk plan_walk(const at::Tensor& input, const at::Tensor& residual, UnitK
   }
   std::vector<c10::SymInt> output = !shared ? strides_in(input, at::MemoryFormat::Contiguous)
                                     : dense ? input.sym_strides().vec()
-                                            : strides_in(input, input.suggest_memory_format());
+                                            : dense_strides_like(input);
   const at::Tensor layout = at::empty_strided_symint(input.sym_sizes(), output, input.options().device(at::kMeta));
   std::vector<c10::SymInt> walked =
       walkable(layout, unit, rows) ? output : strides_in(input, at::MemoryFormat::Contiguous);

@@ -83,8 +83,9 @@ class Op:
                 bound[arg.name] = arg.default_value
         return bound
 
-    def call(self, bound: Dict[str, Any]):
-        """The op on arguments by name (bind's), positional and keyword-only as its schema has them."""
+    def arguments(self, bound: Dict[str, Any]):
+        """(args, kwargs) of a call with these arguments by name (bind's):
+        positional and keyword-only as its schema has them; others ignored."""
         args, kwargs = [], {}
         for arg in self.op.default._schema.arguments:
             if arg.name not in bound:
@@ -93,6 +94,11 @@ class Op:
                 kwargs[arg.name] = bound[arg.name]
             else:
                 args.append(bound[arg.name])
+        return args, kwargs
+
+    def call(self, bound: Dict[str, Any]):
+        """The op on arguments by name (bind's)."""
+        args, kwargs = self.arguments(bound)
         return self.op(*args, **kwargs)
 
 
