@@ -20,9 +20,10 @@ that the units it draws (or reads) are the ones the per-sample calls would:
   an unbatched tensor refuse "different", as torch's do).
 
 Under vmap an element mask follows each sample's memory order, as the op's
-on that sample alone would, and every operand of a call is laid out in the
-input's order (a residual of another layout is read element for element);
-the masks of "different" are batched along dim 0, one row of
+on that sample alone would: the input's where every operand's samples share
+its strides, row-major where they do not (the op then walks contiguous
+copies), and every operand is read element for element in that one order.
+The masks of "different" are batched along dim 0, one row of
 ceil(units / 8) bytes per sample. Backward ops follow their mask: a batched
 mask reads the batch first, an unbatched one inside each unit. So
 per-sample gradients (vmap of torch.func.grad) work. Low-memory ops support
@@ -113,27 +114,31 @@ def _memory_order(t: Tensor):
 
 
 class _Elements:
-    """Each element is a unit, numbered in its sample's memory order (in
-    row-major order with a bias: the op walks contiguous rows); "same" makes
-    each element a row of the batch. Every operand follows the order of
-    ``like``, the call's input."""
+    """Each element is a unit, numbered in its sample's memory order, as the
+    op on that sample alone numbers it: row-major where it walks contiguous
+    copies (operands of different layouts, or a bias: its rows); "same"
+    makes each element a row of the batch."""
 
     def __init__(self, rows: bool = False) -> None:
         self.rows = rows
 
-    def order(self, like: Tensor):
-        return list(range(1, like.dim())) if self.rows else _memory_order(like)
+    def order(self, like: Tensor, shared: bool = True):
+        """The sample dims of ``like`` (batch first) in the order its units are numbered;
+        ``shared``: every operand's samples have like's strides."""
+        return list(range(1, like.dim())) if self.rows or not shared else _memory_order(like)
 
     @staticmethod
     def count(shape) -> int:
         return math.prod(shape[1:])
 
-    def lay(self, t: Tensor, mode: str, like: Tensor) -> Tensor:
-        ordered = t.permute(0, *self.order(like))
+    @staticmethod
+    def lay(t: Tensor, mode: str, order) -> Tensor:
+        ordered = t.permute(0, *order)
         return ordered.contiguous() if mode == "different" else ordered.movedim(0, -1).reshape(-1, t.size(0))
 
-    def back(self, out: Tensor, mode: str, like: Tensor) -> Tensor:
-        order = [0, *self.order(like)]
+    @staticmethod
+    def back(out: Tensor, mode: str, like: Tensor, order) -> Tensor:
+        order = [0, *order]
         shape = [like.size(d) for d in order]
         ordered = out.view(shape) if mode == "different" else out.view(*shape[1:], shape[0]).movedim(-1, 0)
         return ordered.permute(sorted(range(len(order)), key=order.__getitem__))
@@ -143,15 +148,19 @@ class _Samples:
     """Drop-path: a sample (N, *R) has N units."""
 
     @staticmethod
+    def order(like: Tensor, shared: bool = True):
+        return None
+
+    @staticmethod
     def count(shape) -> int:
         return shape[1]
 
     @staticmethod
-    def lay(t: Tensor, mode: str, like: Tensor) -> Tensor:
+    def lay(t: Tensor, mode: str, order) -> Tensor:
         return t.flatten(0, 1) if mode == "different" else t.movedim(0, 1).contiguous()
 
     @staticmethod
-    def back(out: Tensor, mode: str, like: Tensor) -> Tensor:
+    def back(out: Tensor, mode: str, like: Tensor, order) -> Tensor:
         return out.view(like.shape) if mode == "different" else out.movedim(1, 0)
 
 
@@ -159,15 +168,19 @@ class _Channels:
     """Channel dropout: a sample (N, C, *S) has N * C units."""
 
     @staticmethod
+    def order(like: Tensor, shared: bool = True):
+        return None
+
+    @staticmethod
     def count(shape) -> int:
         return shape[1] * shape[2]
 
     @staticmethod
-    def lay(t: Tensor, mode: str, like: Tensor) -> Tensor:
+    def lay(t: Tensor, mode: str, order) -> Tensor:
         return t.flatten(0, 1) if mode == "different" else t.movedim(0, 2).contiguous()
 
     @staticmethod
-    def back(out: Tensor, mode: str, like: Tensor) -> Tensor:
+    def back(out: Tensor, mode: str, like: Tensor, order) -> Tensor:
         return out.view(like.shape) if mode == "different" else out.movedim(2, 0)
 
 
@@ -196,12 +209,13 @@ def _forward(op, mode, bound, dims, units=None):
     size = _batch_size([bound[n] for n in names], [dims[n] for n in names])
     batched = {n: _batch_first(bound[n], dims[n], size) for n in names}
     units, like = units or _units(op), batched["input"]
-    call = dict(bound, **{n: units.lay(batched[n], mode, like) for n in names})
+    order = units.order(like, shared=all(batched[n].stride()[1:] == like.stride()[1:] for n in names))
+    call = dict(bound, **{n: units.lay(batched[n], mode, order) for n in names})
     target = op if mode == "different" else _same_op(op)
     if target.scale_by_keep and not op.scale_by_keep:
         call["scale_by_keep"] = True  # an element drawn as a row: dropout's scale
     out, mask = target.call(call)
-    out = units.back(out, mode, like)
+    out = units.back(out, mode, like, order)
     if mode == "same":
         return (out, mask), (0, None)
     return (out, _rows(mask, size, units.count(like.shape))), (0, 0)
@@ -234,7 +248,8 @@ def _in_place(op, mode, bound, dims):
     if mode == "different" and dims["mask"] is None:
         raise RuntimeError(f"vmap: regdrop.{op.name} with randomness='different' writes a mask per sample, into "
                            "an unbatched mask: pass a batched mask (as input.new_empty makes under vmap)")
-    laid = units.lay(batched, mode, batched)
+    order = units.order(batched)
+    laid = units.lay(batched, mode, order)
     if mode == "different" and batched.is_contiguous() and laid.data_ptr() == batched.data_ptr():
         _, mask = op.call(dict(bound, input=laid, mask=op.new_mask(laid)))  # laid views batched's memory
     else:
@@ -243,7 +258,7 @@ def _in_place(op, mode, bound, dims):
         if mode == "same" and op.unit == ELEMENT:
             call["scale_by_keep"] = True  # an element drawn as a row: dropout's scale
         out, mask = (functional if mode == "different" else _same_op(functional)).call(call)
-        batched.copy_(units.back(out, mode, batched))
+        batched.copy_(units.back(out, mode, batched, order))
     written = bound["mask"] if dims["mask"] is None else bound["mask"].movedim(dims["mask"], 0)
     written.copy_(mask if mode == "same" else _rows(mask, batched.size(0), units.count(batched.shape)))
     return (bound["input"], bound["mask"]), (dims["input"], dims["mask"])
@@ -276,25 +291,28 @@ def _backward(op, bound, dims, units=None):
     size = _batch_size([bound["grad"], bound["mask"]], [dims["grad"], dims["mask"]])
     units = units or _units(op)
     g = _batch_first(bound["grad"], dims["grad"], size)
+    order = units.order(g)
     if dims["mask"] is None:
         target = _same_op(op)
-        call = dict(bound, grad=units.lay(g, "same", g))
+        call = dict(bound, grad=units.lay(g, "same", order))
         if target.scale_by_keep and not op.scale_by_keep:
             call["scale_by_keep"] = True
-        return units.back(target.call(call), "same", g), 0
+        return units.back(target.call(call), "same", g, order), 0
     rows = _batch_first(bound["mask"], dims["mask"], size)
-    call = dict(bound, grad=units.lay(g, "different", g), mask=_joined(rows, units.count(g.shape)))
-    return units.back(op.call(call), "different", g), 0
+    call = dict(bound, grad=units.lay(g, "different", order), mask=_joined(rows, units.count(g.shape)))
+    return units.back(op.call(call), "different", g, order), 0
 
 
 def _bias_backward(bound, dims):
-    """grad_input through the element mask (row-major units); grad_bias its
-    sums over each sample's rows."""
-    grad_input, _ = _backward(manifest.find(ELEMENT, False, variant="backward"), bound, dims,
-                              units=_Elements(rows=True))
-    accumulate = torch.float64 if grad_input.dtype == torch.float64 else torch.float32
-    rows = grad_input.reshape(grad_input.size(0), -1, grad_input.size(-1))  # (batch, rows, columns)
-    return (grad_input, rows.sum(1, dtype=accumulate).to(grad_input.dtype)), (0, 0)
+    """grad_input through the element mask (row-major units), computed in
+    float32 (float64 for float64) as the kernels compute it, and rounded once;
+    grad_bias the sums of those values over each sample's rows, rounded once."""
+    dtype = bound["grad"].dtype
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    wide, _ = _backward(manifest.find(ELEMENT, False, variant="backward"), dict(bound, grad=bound["grad"].to(accumulate)),
+                        dims, units=_Elements(rows=True))
+    rows = wide.reshape(wide.size(0), -1, wide.size(-1))  # (batch, rows, columns)
+    return (wide.to(dtype), rows.sum(1).to(dtype)), (0, 0)
 
 
 def _low_memory_backward(op, bound, dims):

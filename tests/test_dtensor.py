@@ -307,6 +307,21 @@ def _two_ranks(rank: int, world: int) -> list:
     out = ops.dropout(partial, P, seed=9)[0]
     bad.equal("dropout of a Partial input", "output", out.full_tensor(), ops.dropout(full, P, seed=9)[0])
     bad.true("dropout of a Partial input", f"output placements {out.placements}", out.placements == (Replicate(),))
+    # In place on a Partial sum or average: each rank's partial goes through the one mask (dropout
+    # is linear), and the tensor stays Partial; no reduction, no factor of the world size.
+    for name, reduce_op in [("dropout_", "sum"), ("channel_dropout_", "sum"), ("dropout_", "avg")]:
+        local = full / 2 if reduce_op == "sum" else full
+        written = DTensor.from_local(local.clone(), mesh, [Partial(reduce_op)])
+        in_place(name, written, P, seed=9)
+        expected = in_place(name, full.clone(), P, seed=9)[0]
+        case = f"{name} of a Partial({reduce_op}) input"
+        bad.equal(case, "output", written.full_tensor(), expected)
+        bad.true(case, f"placements {written.placements}", written.placements == (Partial(reduce_op),))
+    try:
+        in_place("dropout_", DTensor.from_local(full.clone(), mesh, [Partial("max")]), P, seed=9)
+        bad.true("dropout_ of a Partial(max) input", "no error", False)
+    except RuntimeError as error:
+        bad.true("dropout_ of a Partial(max) input", str(error), "redistribute it first" in str(error))
 
     # A DTensor whose shards are not contiguous (a transposed one): its units are numbered
     # row-major, as in the whole tensor that full_tensor() gives.
