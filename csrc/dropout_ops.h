@@ -192,8 +192,7 @@ inline Operands promote(const at::Tensor& input, const at::Tensor& residual, con
 }
 
 // A residual cast to a wider float type is a new value: its NaNs become the
-// canonical NaN, as the kernels write every NaN they compute (README,
-// "Semantics"). 16-bit outputs need nothing: their kernels store every NaN
+// canonical NaN, as the kernels write every NaN they compute (docs/semantics.md). 16-bit outputs need nothing: their kernels store every NaN
 // as the canonical one.
 inline void canonical_nans_(at::Tensor& t) {
   if (t.scalar_type() == at::kFloat) {

@@ -1,10 +1,11 @@
 // Philox4x32-10 and the one mapping from (seed, offset, unit index) to keep bits.
 //
 // This header is the only random-number generator in regdrop. It compiles for
-// the host (the CPU kernels, and the scalar reference they are tested against)
-// and for CUDA devices, so both devices draw bit-identical masks.
+// the host (the CPU kernels, and the host emulation of the CUDA kernels) and
+// for CUDA devices, so both devices draw bit-identical masks. The tests check
+// it against an independent NumPy implementation (tests/reference.py).
 //
-// The mapping (README, "The random mapping"):
+// The mapping (docs/random-mapping.md):
 //   * Units (elements, (n, c) pairs or samples) are numbered in memory order
 //     and grouped by 8. Group g is one Philox4x32-10 evaluation with
 //       counter = (g.lo, g.hi, offset.lo, offset.hi | kStreamTag)

@@ -14,7 +14,7 @@
 //                (grad, rng_state, p, *, shard) for the low-memory ops
 //   <rng>        Generator? generator=None, *, int? seed=None, int offset=0, int[]? shard=None
 //
-// Conventions shared by all ops (README, "Ops"; docs/random-mapping.md):
+// Conventions shared by all ops (docs/semantics.md, docs/random-mapping.md):
 //   * A mask is uint8 with ceil(units / 8) bytes; bit i % 8 of byte i / 8 is
 //     the keep flag of unit i. Element units are numbered in the memory order
 //     of the output; samples by index n, channels by n * C + c.

@@ -52,9 +52,9 @@ def dropout(
     generator: Optional[torch.Generator] = None,
     low_memory: bool = False,
 ) -> Tensor:
-    """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p)
-    (exactly: by the inverse of the keep probability, p being quantized to
-    2^-16 steps, so that the expected output is the input).
+    """Zero each element with probability ``p`` and scale the rest by 1 / q, q
+    the keep probability (1 - p, quantized to 2^-16 steps), so that the
+    expected output is the input.
 
     One pass over ``input``; autograd saves a 1-bit-per-element mask. Dropped
     elements are exactly 0 even where ``input`` is NaN or Inf.
@@ -128,7 +128,8 @@ def drop_path(
 ) -> Tensor:
     """Drop whole samples (stochastic depth), as ``timm.layers.drop_path``:
     one Bernoulli draw per slice along dim 0; kept samples are scaled by
-    1 / (1 - p) when ``scale_by_keep``. Autograd saves one bit per sample."""
+    1 / q, q the keep probability (1 - p, quantized to 2^-16 steps), when
+    ``scale_by_keep``. Autograd saves one bit per sample."""
     _check_probability(p, "drop_path probability")
     if not training or p == 0.0:
         return input

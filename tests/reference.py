@@ -1,7 +1,7 @@
 """Pure NumPy / pure-torch references the tests compare the kernels against.
 
 ``keep_bits`` is an independent implementation of the random mapping the
-README documents (Philox4x32-10, counter = (g, offset | 2^63), 16-bit
+docs/random-mapping.md documents (Philox4x32-10, counter = (g, offset | 2^63), 16-bit
 uniforms, keep iff u >= round(p * 2^16)); the C++ header philox.h is the
 other. The masks the kernels return must match it bit for bit.
 """
@@ -154,7 +154,7 @@ def keep_bits_at(seed: int, offset: int, units, p: float) -> torch.Tensor:
 
 
 def unit_numbers(unit: str, like: torch.Tensor, rows: bool = False) -> torch.Tensor:
-    """The number (README, "Ops") of the unit each element of ``like`` (the
+    """The number (docs/semantics.md) of the unit each element of ``like`` (the
     op's output) belongs to, as an int64 tensor shaped like it: elements in
     the memory order of empty_like(like) (like's own if dense, else its
     suggested memory format; row-major with a bias: ``rows``), samples by

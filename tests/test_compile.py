@@ -125,7 +125,7 @@ def fused_dropout_only(x):
     ids=["regdrop_only", "with_native_dropout", "with_native_dropout_fallback_random"],
 )
 def test_compiled_masks_equal_eager_only_when_every_random_op_is_regdrops(device, function, fallback_random, masks_match):
-    """README, Guarantees: the regdrop op reads the generator as in eager mode,
+    """docs/random-mapping.md, "Under torch.compile": the regdrop op reads the generator as in eager mode,
     but Inductor draws a graph's native random numbers its own way, from seeds
     it takes from the generator when the graph starts, so the regdrop op reads
     the generator at another point; fallback_random makes Inductor draw native

@@ -93,7 +93,7 @@ def nan_payloads(dtype, n, device):
 
 
 def test_kept_nans_are_written_as_the_canonical_nan(device, dtype):
-    """Contract (README, "Semantics"): a kept NaN comes out as the dtype's
+    """Contract (docs/semantics.md): a kept NaN comes out as the dtype's
     canonical NaN on both devices (0x7FFF for 16-bit types, 0x7FFFFFFF,
     0x7FFFFFFFFFFFFFFF), whatever its payload. A dropped element is 0, or the
     residual: its bits unchanged in float32 and float64, canonical in the

@@ -21,7 +21,7 @@
 // (grad_input, grad_bias); dropout_low_memory_backward(grad, rng_state, p, shard = nullopt).
 //
 // Masks are uint8 with ceil(units / 8) bytes: bit i % 8 of byte i / 8 keeps
-// unit i (README, "Ops"). Random ops draw from `generator` (default: the
+// unit i (docs/semantics.md). Random ops draw from `generator` (default: the
 // device's default generator) or, given `seed`, from the Philox stream
 // (seed, offset), the same on every device. Given `shard` = (first, run,
 // stride), a call is a shard of a larger one and draws its units where that
