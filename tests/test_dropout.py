@@ -40,14 +40,16 @@ def test_mask_bits_agree_with_zeros_in_output(device, dtype):
 
 
 @pytest.mark.parametrize("p", [0.001, 0.01, 0.1, 0.3, 0.5, 0.9, 0.99, 0.999])
-def test_keep_rate_within_5_sigma(device, p):
+def test_keep_rate_within_5_sigma_and_kept_units_scaled_by_its_inverse(device, p):
+    """The keep rate is q = 1 - round(65536 p) / 65536 (the 16-bit threshold),
+    within 5 sigma of a Binomial(n, q) count, and every kept element is 1 / q."""
     n = 1 << 22
-    _, mask = ops.dropout(torch.ones(n, device=device), p)
-    kept = int(unpack_bits(mask, n).sum())
-    q = 1 - round(p * 65536) / 65536  # the exact keep probability (16-bit threshold)
-    assert abs(q - (1 - p)) <= 2**-17
+    out, mask = ops.dropout(torch.ones(n, device=device, dtype=torch.float64), p)
+    keep = unpack_bits(mask, n)
+    q = 1 - round(p * 65536) / 65536
     low, high = binomial_bounds(n, q)
-    assert low <= kept <= high, f"kept {kept} of {n}, expected [{low:.0f}, {high:.0f}]"
+    assert low <= int(keep.sum()) <= high, f"kept {int(keep.sum())} of {n}, expected [{low:.0f}, {high:.0f}]"
+    assert torch.equal(out.cpu()[keep], torch.full((int(keep.sum()),), 1 / q, dtype=torch.float64))
 
 
 def test_p_one_gives_zeros_and_zero_gradient(device, dtype):

@@ -8,6 +8,7 @@ result silently.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -16,14 +17,16 @@ from hypothesis import strategies as st
 
 import regdrop_ext
 from helpers import in_place
-from reference import channel_keep, element_keep, keep_scale, masked_reference, sample_keep
+from reference import channel_keep, element_keep, keep_scale, masked_reference, sample_keep, unit_numbers, unpack_bits
 
 ops = torch.ops.regdrop
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 REJECTED_DTYPES = [torch.int32, torch.int64, torch.bool, torch.uint8, torch.complex64]
 PROBABILITIES = [-1.0, math.nan, math.inf, -math.inf, 0.0, 1.0, 1 - 1e-9, 1e-9, 0.5, 1.5, -1e-9]
-ARGUMENT_NAMES = ("input", "p", "mask", "grad", "residual", "bias", "rng_state", "probability", "dropout")
+# An error names the argument it is about, as the subject of its message.
+NAMES_AN_ARGUMENT = re.compile(r"\b(input|p|mask|grad|residual|bias|rng_state|shard|offset|generator) (must|has)\b|"
+                               r"(dropout|drop_path) probability has to be")
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -59,7 +62,7 @@ def call_and_classify(fn):
         return fn(), None
     except (ValueError, TypeError, RuntimeError) as error:
         message = str(error)
-        assert any(name in message for name in ARGUMENT_NAMES), f"unclear error: {message}"
+        assert NAMES_AN_ARGUMENT.search(message), f"unclear error: {message}"
         return None, error
 
 
@@ -84,8 +87,15 @@ def scale(p):
     return keep_scale(p)
 
 
+def bits(t):
+    """``t``'s bytes, as integers: equal bits, NaN payloads and signed zeros included."""
+    if t.dtype == torch.bool:
+        return t
+    return torch.empty(t.numel(), dtype=t.dtype, device=t.device).copy_(t.reshape(-1)).view(torch.uint8)
+
+
 def unchanged(before, after):
-    assert torch.equal(before, after) or (before.is_floating_point() and torch.allclose(before, after, equal_nan=True))
+    assert torch.equal(bits(before), bits(after))
 
 
 # --- raw forward ops ---------------------------------------------------------------
@@ -165,18 +175,19 @@ def flawed_mask(mask, flaw):
 
 
 @pytest.mark.parametrize(
-    "forward, backward, needs_dims",
+    "forward, backward, needs_dims, unit",
     [
-        (lambda x: ops.dropout(x, 0.5, seed=1), lambda g, m: ops.dropout_backward(g, m, 0.5), 0),
-        (lambda x: ops.drop_path(x, 0.5, seed=1), lambda g, m: ops.drop_path_backward(g, m, 0.5), 1),
-        (lambda x: ops.channel_dropout(x, 0.5, seed=1), lambda g, m: ops.channel_dropout_backward(g, m, 0.5), 2),
-        (lambda x: ops.dropout(x, 0.5, seed=1), lambda g, m: ops.bias_dropout_add_backward(g, m, 0.5)[0], 1),
+        (lambda x: ops.dropout(x, 0.5, seed=1), lambda g, m: ops.dropout_backward(g, m, 0.5), 0, "element"),
+        (lambda x: ops.drop_path(x, 0.5, seed=1), lambda g, m: ops.drop_path_backward(g, m, 0.5), 1, "sample"),
+        (lambda x: ops.channel_dropout(x, 0.5, seed=1), lambda g, m: ops.channel_dropout_backward(g, m, 0.5), 2,
+         "channel"),
+        (lambda x: ops.dropout(x, 0.5, seed=1), lambda g, m: ops.bias_dropout_add_backward(g, m, 0.5)[0], 1, "rows"),
     ],
     ids=["dropout", "drop_path", "channel_dropout", "bias_dropout_add"],
 )
 @SETTINGS
 @given(data=st.data())
-def test_backward_ops_check_their_masks(device, forward, backward, needs_dims, data):
+def test_backward_ops_check_their_masks(device, forward, backward, needs_dims, unit, data):
     x = data.draw(tensors(device, dtypes=FLOAT_DTYPES, min_dims=needs_dims))
     out, mask = forward(x)
     flaw = data.draw(st.sampled_from(MASK_FLAWS))
@@ -188,8 +199,10 @@ def test_backward_ops_check_their_masks(device, forward, backward, needs_dims, d
     check_outcome(result, error, None if still_valid else (TypeError if bad.dtype != torch.uint8 else RuntimeError))
     unchanged(before[0], grad)
     unchanged(before[1], bad)
-    if result is not None:
-        assert result.shape == grad.shape
+    if result is not None:  # grad through the mask's bits, unit by unit as the op numbers them
+        numbers = unit_numbers("element" if unit == "rows" else unit, grad, rows=unit == "rows").flatten()
+        keep = unpack_bits(bad, bad.numel() * 8)[numbers].view(grad.shape).to(device)
+        torch.testing.assert_close(result, masked_reference(grad, keep, scale(0.5)), rtol=0, atol=0)
 
 
 def test_low_memory_backward_checks_rng_state(device):
@@ -207,14 +220,17 @@ def test_low_memory_backward_checks_rng_state(device):
 # --- functions and modules -----------------------------------------------------------
 
 
-PUBLIC_CALLS = {
-    "dropout": lambda x, p: regdrop_ext.dropout(x, p),
-    "dropout_low_memory": lambda x, p: regdrop_ext.dropout(x, p, low_memory=True),
-    "Dropout": lambda x, p: regdrop_ext.Dropout(p)(x),
-    "drop_path": lambda x, p: regdrop_ext.drop_path(x, p, training=True),
-    "DropPath": lambda x, p: regdrop_ext.DropPath(p)(x),
-    "dropout_add": lambda x, p: regdrop_ext.dropout_add(x, x.detach().clone(), p),
-    "drop_path_add": lambda x, p: regdrop_ext.drop_path_add(x, x.detach().clone(), p),
+PUBLIC_CALLS = {  # name: (the public call, the raw op it must equal from the same generator state)
+    "dropout": (lambda x, p: regdrop_ext.dropout(x, p), lambda x, p: ops.dropout(x, p)[0]),
+    "dropout_low_memory": (lambda x, p: regdrop_ext.dropout(x, p, low_memory=True),
+                           lambda x, p: ops.dropout_low_memory(x, p)[0]),
+    "Dropout": (lambda x, p: regdrop_ext.Dropout(p)(x), lambda x, p: ops.dropout(x, p)[0]),
+    "drop_path": (lambda x, p: regdrop_ext.drop_path(x, p, training=True), lambda x, p: ops.drop_path(x, p)[0]),
+    "DropPath": (lambda x, p: regdrop_ext.DropPath(p)(x), lambda x, p: ops.drop_path(x, p)[0]),
+    "dropout_add": (lambda x, p: regdrop_ext.dropout_add(x, x.detach().clone(), p),
+                    lambda x, p: ops.dropout_add(x, x.detach().clone(), p)[0]),
+    "drop_path_add": (lambda x, p: regdrop_ext.drop_path_add(x, x.detach().clone(), p),
+                      lambda x, p: ops.drop_path_add(x, x.detach().clone(), p)[0]),
 }
 
 
@@ -230,8 +246,10 @@ def test_public_functions_and_modules(device, entry, data):
         with pytest.raises(ValueError, match="dropout probability"):
             regdrop_ext.Dropout(p)
         return
+    public, raw = PUBLIC_CALLS[entry]
     before = x.clone()
-    result, error = call_and_classify(lambda: PUBLIC_CALLS[entry](x, p))
+    torch.manual_seed(5)
+    result, error = call_and_classify(lambda: public(x, p))
     if not valid_p(p):
         expected = ValueError
     elif p == 0.0 or x.dtype in FLOAT_DTYPES:
@@ -240,8 +258,10 @@ def test_public_functions_and_modules(device, entry, data):
         expected = TypeError
     check_outcome(result, error, expected)
     unchanged(before, x)
-    if result is not None:
-        assert result.shape == x.shape and result.dtype == x.dtype
+    if result is not None:  # p == 0 returns the input itself (and adds a residual), as torch does
+        torch.manual_seed(5)
+        expected = (x + x if entry.endswith("_add") else x) if p == 0.0 else raw(x, p)
+        assert result.dtype == expected.dtype and torch.equal(bits(result), bits(expected))
 
 
 @SETTINGS

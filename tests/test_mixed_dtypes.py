@@ -135,6 +135,7 @@ def test_under_autocast_a_block_matches_its_eager_expression(device):
     torch.testing.assert_close(out, masked_reference(y, keep, keep_scale(0.2), residual=h, bias=bias), rtol=0, atol=0)
     (out.sum() + fused.sum()).backward()
     assert h.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    assert_rounded_once(bias.grad, keep * keep_scale(0.2))  # the bias gradient: column sums of the mask's scale
 
 
 @pytest.mark.parametrize("mix", [(torch.bfloat16, torch.float32, torch.float32), (torch.float16, torch.float16,

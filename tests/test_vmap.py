@@ -461,9 +461,14 @@ def test_bias_dropout_add_backward_of_1d_samples(device):
     exact(grad_bias, grad_input)
 
     bias = nonzero_input((h,), torch.float32, device)
+    torch.manual_seed(4)
     per_sample = vmap(grad(lambda b, t: regdrop_ext.bias_dropout_add(t, b, t, p).sum()),
                       in_dims=(None, 0), randomness="different")(bias, grads)
-    assert per_sample.shape == (B, h)
+    torch.manual_seed(4)  # the same draw: one call over the stacked batch, a row of bits per sample
+    rows = split_rows(ops.dropout(grads, p)[1], B, h)
+    for i in range(B):
+        exact(per_sample[i], masked_reference(torch.ones(h, device=device), unpack_bits(rows[i], h).to(device),
+                                              keep_scale(p)))
 
 
 @pytest.mark.parametrize("states", ["shared", "rows"])
