@@ -44,6 +44,9 @@ from regdrop_ext import manifest
 
 ops = torch.ops.regdrop
 
+# The batching rules lay tensors out whatever their dtype: float32, and
+# bfloat16 for its rounding (the kernels' dtypes are test_dropout's).
+TEST_DTYPES = [torch.float32, torch.bfloat16]
 B = 3  # the batch size of every vmapped call
 SEED = {"seed": 21, "offset": 8}
 # Per-sample shapes (N, C, L): units per sample (elements, samples N,
