@@ -397,6 +397,37 @@ def test_draws_in_one_captured_graph_read_their_own_streams(request, kernels):
     assert rng_state.tolist() == [seed, offset + 8]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_subnormals_are_kept_under_set_flush_denormal(emulation, dtype):
+    """torch.set_flush_denormal(True) sets the calling thread's FTZ and DAZ
+    bits. Both devices keep subnormals all the same (csrc/subnormals.h): the
+    CPU kernels and the emulated CUDA kernels give the bits they give without
+    it, as a GPU, which never flushes, does."""
+    tiny = torch.finfo(dtype).tiny  # the smallest normal number
+
+    def subnormals(shape, seed):
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, shape, generator=g, dtype=torch.float64) * 2 - 1
+        return (torch.rand(shape, generator=g, dtype=torch.float64) * tiny * signs).to(dtype)
+
+    x, r, b = subnormals((16, 24), 1), subnormals((16, 24), 2), subnormals((24,), 3)
+    calls = [("dropout", (x, 0.5), {"seed": 1}), ("dropout_add", (x, r, 0.5), {"seed": 1}),
+             ("bias_dropout_add", (x, b, r, 0.5), {"seed": 1}),
+             ("bias_dropout_add_backward", (x, torch.ops.regdrop.dropout(x, 0.5, seed=1)[1], 0.5), {})]
+    kept = [compare(emulation, op, *args, **kwargs) for op, args, kwargs in calls]
+    out = kept[0][0]
+    assert ((out != 0) & (out.abs() < tiny)).any(), "no subnormal output to keep"
+    if not torch.set_flush_denormal(True):
+        pytest.skip("torch.set_flush_denormal is not supported on this CPU")
+    try:
+        flushed = [compare(emulation, op, *args, **kwargs) for op, args, kwargs in calls]
+    finally:
+        torch.set_flush_denormal(False)
+    for (op, _, _), before, after in zip(calls, kept, flushed):
+        for k, (a, e) in enumerate(zip(after, before)):
+            same_bits(a, e, f"{op} output {k} under set_flush_denormal(True)")
+
+
 WIDENING = [torch.float16, torch.bfloat16]
 
 

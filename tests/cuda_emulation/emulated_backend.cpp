@@ -23,6 +23,7 @@
 #include "cuda/philox_state.h"
 #include "dropout_ops.h"
 #include "schemas.h"
+#include "subnormals.h"
 
 namespace regdrop::cuda_emulation {
 namespace {
@@ -192,7 +193,9 @@ struct EmulatedCudaBackend {
     return source;
   }
 
+  // Subnormals kept, as on a GPU (subnormals.h).
   static void run(const KernelCall& c) {
+    const KeepSubnormals keep;
     Emulator emulator;
     cuda::launch(c, emulator, limits);
   }
