@@ -17,7 +17,14 @@ groups and rows that are not; bias gradients with one chunk and with many;
 special values (NaN payloads, infinities, subnormals, fp16 overflow); and,
 with the launch limits lowered, calls split into many launches with
 normalized divisors; shards of larger calls (shard=(first, run, stride)) of
-every shape of run. `pytest -k emulation` selects these tests.
+every shape of run; subnormals under torch.set_flush_denormal(True); and the
+CUDA backend's generator code with a stand-in for PyTorch's CUDA generator,
+eager and under graph capture. `pytest -k emulation` selects the tests that
+compare the two kernel families on many shapes.
+
+Two tests take a `kernels` parameter: "emulated" runs here, "cuda" runs
+the same body on a GPU's kernels (benchmarks/gpu_check.sh): every kernel
+against the CPU, and draws captured in one CUDA graph against eager draws.
 """
 
 import os
