@@ -50,7 +50,7 @@ PY
 
 # The toolkit has no cuobjdump; the triton wheel beside torch ships one.
 gate() { "$venv/bin/python" .ci/sass_gate.py --cuobjdump "$site/triton/backends/nvidia/bin/cuobjdump" "$@"; }
-archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
+archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 --threads 0)
 echo "== machine-code gate (sm_80, sm_90)"
 gate "$(ls "$work"/site/regdrop_ext/_C*.so)" --require sm_80,sm_90
 
