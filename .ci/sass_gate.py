@@ -10,8 +10,8 @@ No GPU runs here, so this reads what the GPU would run (cuobjdump -sass and
 them) and prints, per architecture and kernel: registers, spills/local
 memory, CALLs, 128-bit global loads and stores, and the issue time per group
 of 8 elements on its vector path (every operand 16-byte aligned) and on its
-scalar path (misaligned operands, or the last partial group), with the
-bandwidth ceilings they imply. It fails (exit 1) when
+scalar path (misaligned operands, the last partial group, unaligned
+shards), with the bandwidth ceilings they imply. It fails (exit 1) when
 
   * the binary holds an architecture with no machine model below, or lacks
     one that --require names (so every architecture built is gated);
@@ -42,12 +42,13 @@ conversions), lsu (memory, special registers), cbu (branches, barriers,
 constant loads); uniform-datapath instructions only take an issue slot.
 Rates are thread-instructions per clock per SM, from the CUDA C++
 Programming Guide's arithmetic throughput table and NVIDIA's description
-of each chip's pipes; where neither says (lsu, cbu, VIADD), the model
-assumes the slower candidate. Every instruction also takes one of the 4
-schedulers' 128 issue slots per clock. A path's issue time is the most any
-pipe is busy: max over pipes of sum(count / rate), in slots (clocks x 128),
-so that a path of full-rate instructions costs its instruction count, as
-the former single-rate model counted.
+of each chip's pipes. Where NVIDIA gives none the model assumes: lsu and
+cbu at 32 (a warp-instruction per clock per SM), and sm_90's VIADD,
+VIMNMX and VIADDMNMX on the alu pipe. Every instruction also takes one of
+the 4 schedulers' 128 issue slots per clock. A path's issue time is the
+most any pipe is busy: max over pipes of sum(count / rate), in slots
+(clocks x 128), so that a path of full-rate instructions costs its
+instruction count, as the former single-rate model counted.
 
 Paths. A kernel's paths run from entry to exit, or once around the loop
 that holds its 128-bit accesses; back edges of other loops are not
