@@ -17,10 +17,11 @@
 // Only the combinations the ops launch are instantiated: drawing with every
 // epilogue (forward), plainly or as a shard of a larger call (DrawShard: a
 // kernel of its own, so that the plain ones carry no shard arithmetic),
-// reading element masks with Scale (backward), reading
-// unit masks with Scale (channel dropout, drop-path, their backward) and
-// sample units with AddResidual (drop_path_add); and the widening mix for the
-// residual forms.
+// reading element masks with Scale (backward), reading unit masks with Scale
+// (channel dropout, drop-path, their backward) and with the epilogues the
+// manifest's unit ops have (drop_path_add: sample units with AddResidual);
+// and the widening mix for the residual forms. So a new row of the manifest
+// brings the kernels it needs.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +29,7 @@
 #include <stdexcept>
 
 #include "../column_sums.h"
+#include "../include/regdrop/manifest.h"
 #include "../kernel_call.h"
 #include "thread_bodies.h"
 
@@ -176,22 +178,33 @@ void launch_drawing(const KernelCall& c, Executor& exec, const LaunchLimits& lim
   launch_elementwise<O, E, BitSource::Draw>(c, exec, limits);
 }
 
-// Channels-last units come only from channel dropout, which has no residual
-// form: AddResidual reads sample units, always runs.
+// Whether a forward op of the manifest reads `unit` units with epilogue E:
+// only those kernels are built (Scale always: every unit's backward).
+constexpr bool manifest_reads_units(UnitKind unit, Epilogue e) {
+  if (e == Epilogue::Scale) return true;
+  for (const OpSpec& op : kOps) {
+    const Epilogue epilogue = op.bias ? Epilogue::AddBiasResidual : op.residual ? Epilogue::AddResidual : Epilogue::Scale;
+    if (op.is_forward() && op.unit == unit && epilogue == e) return true;
+  }
+  return false;
+}
+
+// Units in runs of elements (samples, contiguous channels), or channels-last.
 template <class O, Epilogue E, class Executor>
 void launch_unit_source(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
-  switch (unit_source(c.units)) {
-    case BitSource::UnitPerGroup:
-      return launch_elementwise<O, E, BitSource::UnitPerGroup>(c, exec, limits);
-    case BitSource::UnitRuns:
-      return launch_elementwise<O, E, BitSource::UnitRuns>(c, exec, limits);
-    default:
-      if constexpr (E == Epilogue::Scale) {
-        return launch_elementwise<O, E, BitSource::UnitChannelsLast>(c, exec, limits);
-      } else {
-        throw std::logic_error("no CUDA kernel for channels-last units with a residual");
-      }
+  constexpr bool runs = manifest_reads_units(UnitKind::Sample, E) || manifest_reads_units(UnitKind::Channel, E);
+  constexpr bool channels_last = manifest_reads_units(UnitKind::Channel, E);
+  const BitSource source = unit_source(c.units);
+  if constexpr (runs) {
+    if (source == BitSource::UnitPerGroup) return launch_elementwise<O, E, BitSource::UnitPerGroup>(c, exec, limits);
+    if (source == BitSource::UnitRuns) return launch_elementwise<O, E, BitSource::UnitRuns>(c, exec, limits);
   }
+  if constexpr (channels_last) {
+    if (source == BitSource::UnitChannelsLast) {
+      return launch_elementwise<O, E, BitSource::UnitChannelsLast>(c, exec, limits);
+    }
+  }
+  throw std::logic_error("no CUDA kernel for these units with this epilogue (no op of the manifest reads them so)");
 }
 
 // The widening mix (kernel_call.h): 16-bit input T, float output; only the
@@ -205,6 +218,14 @@ void launch_widening(const KernelCall& c, Executor& exec, const LaunchLimits& li
   }
   if (c.epilogue == Epilogue::AddResidual && c.source == MaskSource::Units) {
     return launch_unit_source<OperandTypes<T, float, T, float>, Epilogue::AddResidual>(c, exec, limits);
+  }
+  if (c.epilogue == Epilogue::AddBiasResidual && c.source == MaskSource::Units) {
+    constexpr Epilogue E = Epilogue::AddBiasResidual;
+    if (c.residual_dtype == ScalarKind::Float && c.bias_dtype == ScalarKind::Float) {
+      return launch_unit_source<OperandTypes<T, float, float, float>, E>(c, exec, limits);
+    }
+    if (c.residual_dtype == ScalarKind::Float) return launch_unit_source<OperandTypes<T, float, T, float>, E>(c, exec, limits);
+    return launch_unit_source<OperandTypes<T, T, float, float>, E>(c, exec, limits);
   }
   if (c.epilogue == Epilogue::AddBiasResidual && c.source == MaskSource::Draw) {
     constexpr Epilogue E = Epilogue::AddBiasResidual;
@@ -260,8 +281,14 @@ void launch_typed(const KernelCall& c, Executor& exec, const LaunchLimits& limit
       }
       break;
     case MaskSource::Units:
-      if (c.epilogue == Epilogue::Scale) return launch_unit_source<O, Epilogue::Scale>(c, exec, limits);
-      if (c.epilogue == Epilogue::AddResidual) return launch_unit_source<O, Epilogue::AddResidual>(c, exec, limits);
+      switch (c.epilogue) {
+        case Epilogue::Scale:
+          return launch_unit_source<O, Epilogue::Scale>(c, exec, limits);
+        case Epilogue::AddResidual:
+          return launch_unit_source<O, Epilogue::AddResidual>(c, exec, limits);
+        case Epilogue::AddBiasResidual:
+          return launch_unit_source<O, Epilogue::AddBiasResidual>(c, exec, limits);
+      }
       break;
   }
   throw std::logic_error("no CUDA kernel for this mask source and epilogue");
