@@ -1,74 +1,47 @@
 """regdrop_ext: fused one-pass dropout kernels for PyTorch, with 1-bit masks.
 
-Importing the package loads the C++/CUDA library, which registers the ops as
-``torch.ops.regdrop.*`` and their autograd, then their fake kernels
-(``_ops``) and vmap rules (``batching``).
+Importing the package loads the C++/CUDA library, which registers the ops of
+the manifest as ``torch.ops.regdrop.*`` with their kernels, meta kernels and
+autograd; then the in-place ops' functionalization (``_ops``), the vmap rules
+(``batching``) and the DTensor handlers (``dtensor``). The package exports
+every function of ``functional`` and every module of ``modules``.
 """
 
 from ._library import load_compiled_library
 
 load_compiled_library()  # registers torch.ops.regdrop, or says why it cannot
 
-from . import _ops  # noqa: E402, F401  (fake kernels)
+from . import _ops  # noqa: E402, F401  (the in-place ops' functionalization)
 from . import batching  # noqa: E402
 
 batching.register()
 from . import dtensor  # noqa: E402
 
 dtensor.register_when_imported()  # DTensor handlers, once torch.distributed.tensor is imported
-from .convert import ConversionSummary, convert
-from .distributed import SharedRandomState, seed_ranks
-from .functional import (
-    bias_dropout_add,
-    drop_path,
-    drop_path_add,
-    dropout,
-    dropout1d,
-    dropout2d,
-    dropout3d,
-    dropout_add,
-)
-from .dropout_layers import is_dropout_layer
-from .mc import MCPrediction, mc_dropout, mc_predict, mc_unreachable_random_calls
-from .modules import (
-    BiasDropoutAdd,
-    DropPath,
-    DropPathAdd,
-    Dropout,
-    Dropout1d,
-    Dropout2d,
-    Dropout3d,
-    DropoutAdd,
-)
-from .trace import RandomCall, RandomOpTrace, trace_random_ops
+from . import functional, modules  # noqa: E402
+from .convert import ConversionSummary, convert  # noqa: E402
+from .distributed import SharedRandomState, seed_ranks  # noqa: E402
+from .dropout_layers import is_dropout_layer  # noqa: E402
+from .functional import *  # noqa: E402, F401, F403  (every function of the functional layer)
+from .mc import MCPrediction, mc_dropout, mc_predict, mc_unreachable_random_calls  # noqa: E402
+from .modules import *  # noqa: E402, F401, F403  (every module)
+from .trace import RandomCall, RandomOpTrace, trace_random_ops  # noqa: E402
 
-__all__ = [
-    "BiasDropoutAdd",
-    "ConversionSummary",
-    "DropPath",
-    "DropPathAdd",
-    "Dropout",
-    "Dropout1d",
-    "Dropout2d",
-    "Dropout3d",
-    "DropoutAdd",
-    "MCPrediction",
-    "RandomCall",
-    "RandomOpTrace",
-    "SharedRandomState",
-    "bias_dropout_add",
-    "convert",
-    "drop_path",
-    "drop_path_add",
-    "dropout",
-    "dropout1d",
-    "dropout2d",
-    "dropout3d",
-    "dropout_add",
-    "is_dropout_layer",
-    "mc_dropout",
-    "mc_predict",
-    "mc_unreachable_random_calls",
-    "seed_ranks",
-    "trace_random_ops",
-]
+__all__ = sorted(
+    functional.__all__
+    + modules.__all__
+    + [
+        "ConversionSummary",
+        "MCPrediction",
+        "RandomCall",
+        "RandomOpTrace",
+        "SharedRandomState",
+        "convert",
+        "is_dropout_layer",
+        "mc_dropout",
+        "mc_predict",
+        "mc_unreachable_random_calls",
+        "seed_ranks",
+        "trace_random_ops",
+    ]
+)
