@@ -9,6 +9,8 @@ from ._library import load_compiled_library
 
 load_compiled_library()  # registers torch.ops.regdrop, or says why it cannot
 
+from ._built_against import VERSION as __version__  # noqa: E402  (0.1.0+torch2.13.0cpu: names its torch)
+
 from . import _ops  # noqa: E402, F401  (fake kernels)
 from . import batching  # noqa: E402
 
@@ -16,6 +18,7 @@ batching.register()
 from . import dtensor  # noqa: E402
 
 dtensor.register_when_imported()  # DTensor handlers, once torch.distributed.tensor is imported
+from .attention import scaled_dot_product_attention
 from .convert import ConversionSummary, convert
 from .distributed import SharedRandomState, seed_ranks
 from .functional import (
@@ -69,6 +72,7 @@ __all__ = [
     "mc_dropout",
     "mc_predict",
     "mc_unreachable_random_calls",
+    "scaled_dot_product_attention",
     "seed_ranks",
     "trace_random_ops",
 ]
