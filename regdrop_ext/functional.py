@@ -34,6 +34,9 @@ __all__ = [
 
 
 def _check_probability(p: float, name: str = "dropout probability") -> None:
+    if not torch.jit.is_scripting() and not isinstance(p, (int, float)):
+        # Scripted, p is a float by its annotation; in Python, '0.1' would fail the comparison below, unnamed.
+        raise TypeError(f"{name} must be a float, got {type(p).__name__}")
     if not 0.0 <= p <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} has to be between 0 and 1, but got {p}")
 

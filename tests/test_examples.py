@@ -1,6 +1,7 @@
 """Each example runs to the end in its quick mode."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,18 @@ def test_mc_regression(tmp_path):
     assert "mean" in out and "std" in out
     pytest.importorskip("matplotlib", reason="no plot without matplotlib")
     assert plot.stat().st_size > 0
+
+
+def test_mc_regression_writes_nothing_into_the_working_directory(tmp_path):
+    pytest.importorskip("matplotlib", reason="no plot without matplotlib")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mc_regression.py"), "--quick"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    plot = Path(re.search(r"^plot written to (.*)$", result.stdout, re.M).group(1))
+    assert plot.stat().st_size > 0 and plot.parent != tmp_path
+    shutil.rmtree(plot.parent)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ddp_train_on_two_processes():

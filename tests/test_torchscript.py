@@ -91,6 +91,23 @@ def test_scripted_functional_refuses_a_bad_probability():
         torch.jit.script(regdrop_ext.dropout)(torch.ones(3), 1.5)
 
 
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: regdrop_ext.dropout(torch.ones(3), "0.1"), "dropout probability"),
+        (lambda: regdrop_ext.drop_path(torch.ones(3), "0.1", True), "drop_path probability"),
+        (lambda: regdrop_ext.Dropout("0.1"), "dropout probability"),
+        (lambda: regdrop_ext.Dropout2d("0.1"), "dropout probability"),
+        (lambda: regdrop_ext.DropPath("0.1"), "drop_path probability"),
+    ],
+    ids=["dropout", "drop_path", "Dropout", "Dropout2d", "DropPath"],
+)
+def test_a_probability_that_is_no_number_is_named(call, name):
+    """In Python; scripted, the annotation types p (the functions above still script)."""
+    with pytest.raises(TypeError, match=f"^{name} must be a float, got str$"):
+        call()
+
+
 class Block(nn.Module):
     """A residual block with torch's dropout, timm's DropPath and a functional dropout, to convert."""
 
