@@ -360,3 +360,20 @@ def test_a_converted_hugging_face_bert_classifier():
     )  # fmt: skip
     torch.testing.assert_close(logits.mean.sum(-1), torch.ones(4))
     assert logits.std.max() > 0 and logits.entropy.shape == (4,)
+
+
+def test_a_converted_timm_vit():
+    """Drop paths and the head's dropout are layers, which MC dropout reaches;
+    fused attention's dropout_p is 0 outside training: the check names it."""
+    timm = import_or_skip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=16, num_classes=3, depth=2,
+        drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.1,
+    )  # fmt: skip
+    model, _ = regdrop_ext.convert(model.eval(), functional=True, attention="math")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="(?s)2 random ops .*blocks.0.attn .*scaled_dot_product_attention"):
+        prediction = regdrop_ext.mc_predict(model, x, 8, reduce="softmax", generator=torch.Generator().manual_seed(0))
+    assert prediction.mean.shape == (2, 3) and prediction.std.max() > 0
+    assert not model.training

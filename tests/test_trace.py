@@ -136,7 +136,7 @@ def test_timm_vit_attention_dropout_stays_native_and_attn_drop_is_never_called()
     trace = convert_and_trace(model, torch.randn(2, 3, 32, 32))
     assert any("scaled_dot_product_attention" in call.function for call in trace.native), str(trace)
     assert "blocks.0.attn.attn_drop" in trace.never_called
-    assert any(call.module == "blocks.0.drop_path1" for call in trace.fused)
+    assert any(call.module == "blocks.1.drop_path1" for call in trace.fused)  # block 0 has rate 0: Identity
 
 
 def test_timm_resnet_classifier_dropout_stays_native():
