@@ -8,10 +8,11 @@ For each model, one training-mode forward is traced three times:
                  functional dropout and SDPA's dropout_p too (on the CPU,
                  SDPA runs its math path once dropout_p > 0 anyway)
 and it checks that the converted model's eval output is bit-identical to the
-original's. Then it times training steps (forward, backward, SGD step) of the
-original and of the fully converted model, interleaved, in one run, and
-prints their medians and the ratio original / converted (>1: regdrop_ext is
-faster). Models whose package does not import here are skipped, with why.
+original's. Then it times training steps (forward, backward, SGD step) of
+the three, interleaved, in one run, and prints their medians and two ratios
+(>1: the second is faster): layers / + functional, the opt-in's own effect,
+and original / + functional. Models whose package does not import here are
+skipped, with why.
 
     python examples/real_models.py [--quick] [--steps N] [--only NAME ...]
 
@@ -39,7 +40,7 @@ def hf_loss(model, batch):
     return model(**batch).loss
 
 
-def images(size: int, batch: int = 4, classes: int = 10):
+def images(size: int, batch: int = 2, classes: int = 10):
     return torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
 
 
@@ -67,7 +68,7 @@ def hf_model(config_name: str, model_name: str, full: dict, quick: dict, kind: s
         transformers = importlib.import_module("transformers")
         config = getattr(transformers, config_name)(**(quick if is_quick else full))
         model = getattr(transformers, model_name)(config)
-        batch, tokens = (4, 16) if is_quick else (8, 128)
+        batch, tokens = (4, 16) if is_quick else (4, 64)
         ids = torch.randint(0, config.vocab_size, (batch, tokens))
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if kind == "classifier":
@@ -81,8 +82,9 @@ def hf_model(config_name: str, model_name: str, full: dict, quick: dict, kind: s
 
 MODELS = {
     "timm ViT-S/16": timm_model(
-        "vit_small_patch16_224", dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, attn_drop_rate=0.1),
-        attn_drop_rate=0.1,
+        "vit_small_patch16_224",
+        dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, attn_drop_rate=0.1, proj_drop_rate=0.1),
+        attn_drop_rate=0.1, proj_drop_rate=0.1,
     ),
     "timm ConvNeXt-T": timm_model("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))),
     "timm EfficientNet-B0": timm_model("efficientnet_b0", {}),
@@ -163,13 +165,14 @@ def step_times(models: dict, batch, loss_fn, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small configs, 2 timed steps")
-    parser.add_argument("--steps", type=int, help="timed steps per model, 0 for none (default: 2 quick, 5 otherwise)")
+    parser.add_argument("--steps", type=int, help="timed steps per model, 0 for none (default: 2 quick, 3 otherwise)")
     parser.add_argument("--only", nargs="*", help="models whose name contains one of these")
     args = parser.parse_args()
-    steps = args.steps if args.steps is not None else 2 if args.quick else 5
+    steps = args.steps if args.steps is not None else 2 if args.quick else 3
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, regdrop_ext {regdrop_ext.__version__}")
     print("model | native random ops of a training forward: original, layers converted, + functional | "
-          "eval identical | step ms: original, converted + functional | ratio (>1: regdrop_ext faster)")
+          "eval identical | step ms: original, layers, + functional | ratios layers / + functional, "
+          "original / + functional (>1: + functional faster)")
     for name, (package, build) in MODELS.items():
         if args.only and not any(part in name for part in args.only):
             continue
@@ -186,9 +189,9 @@ def main() -> None:
         identical = torch.equal(eval_output(original, batch), eval_output(functional, batch))
         row = f"{name} | {counts[0][0]}/{counts[0][1]}, {counts[1][0]}, {counts[2][0]} | {identical}"
         if steps:
-            times = step_times({"original": original, "functional": functional}, batch, loss_fn, steps)
-            ratio = times["original"] / times["functional"]
-            row += f" | {1e3 * times['original']:.1f}, {1e3 * times['functional']:.1f} | {ratio:.2f}x"
+            times = step_times({"original": original, "layers": layers, "functional": functional}, batch, loss_fn, steps)
+            row += " | " + ", ".join(f"{1e3 * times[name]:.1f}" for name in ("original", "layers", "functional"))
+            row += f" | {times['layers'] / times['functional']:.2f}x, {times['original'] / times['functional']:.2f}x"
         print(row, flush=True)
 
 

@@ -1,9 +1,10 @@
 """Which random ops one forward of a model runs, where, and whether regdrop_ext draws them.
 
-``convert`` swaps dropout *layers*. It cannot see dropout that a model calls
-as a function (``F.dropout(x, self.drop_rate, self.training)`` in a classifier
-head, ``F.scaled_dot_product_attention(..., dropout_p=...)`` in fused
-attention), nor tell whether a layer it replaced is ever called (timm keeps
+``convert`` swaps dropout *layers*. Without ``functional=True`` it cannot
+reach dropout that a model calls as a function (``F.dropout(x,
+self.drop_rate, self.training)`` in a classifier head,
+``F.scaled_dot_product_attention(..., dropout_p=...)`` in fused attention),
+and it cannot tell whether a layer it replaced is ever called (timm keeps
 ``attn_drop`` but does not call it when fused attention is on). Only a
 forward can tell, so ``trace_random_ops`` runs one on an example input:
 
@@ -12,7 +13,8 @@ forward can tell, so ``trace_random_ops`` runs one on an example input:
 - module hooks say which module was running;
 - a TorchFunctionMode records the torch function the model's own code
   called, which is what one would change: ``torch.nn.functional.dropout``,
-  not the ``aten.bernoulli_`` it runs on the CPU.
+  not the ``aten.bernoulli_`` it runs on the CPU; for a call that
+  ``convert(..., functional=True)`` routes, the routing mode names it.
 """
 
 from dataclasses import dataclass
