@@ -16,7 +16,7 @@ from typing import Any, Optional
 from torch import nn
 
 from . import modules, routing
-from .dropout_layers import modes, stochastic_depth_class, timm_drop_path_classes
+from .dropout_layers import stochastic_depth_class, timm_drop_path_classes, training_but_statistics
 from .trace import RandomOpTrace, trace_random_ops
 
 __all__ = ["ConversionSummary", "convert"]
@@ -159,8 +159,9 @@ def convert(
             kernels fused; ``"always"`` does so on every device, giving up the
             fused GPU kernels. Default: ``"sdpa"``
         example_args, example_kwargs: inputs for one training-mode forward of
-            the converted model (:func:`trace_random_ops`, without gradients,
-            leaving the model and the generators as they were): the summary
+            the converted model (BatchNorm and InstanceNorm kept in eval mode;
+            :func:`trace_random_ops`: without gradients, leaving the model and
+            the generators as they were): the summary
             then counts the replaced layers that run apart from those never
             called, and lists the random ops left native.
 
@@ -223,7 +224,7 @@ def convert(
         routing.route(model, functional, attention)
         summary.routed = _describe_routing(functional, attention)
     if example_args is not None or example_kwargs is not None:
-        with modes(model, lambda module: True):
+        with training_but_statistics(model):
             summary.trace = trace_random_ops(model, *(example_args or ()), **(example_kwargs or {}))
         never = set(summary.trace.never_called)
         summary.never_called = [name for name in summary.replaced if name in never]

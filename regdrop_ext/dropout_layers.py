@@ -8,10 +8,18 @@ import sys
 from typing import Callable, Optional
 
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from . import modules
 
-__all__ = ["dropout_probability", "is_dropout_layer", "modes", "stochastic_depth_class", "timm_drop_path_classes"]
+__all__ = [
+    "dropout_probability",
+    "is_dropout_layer",
+    "modes",
+    "stochastic_depth_class",
+    "timm_drop_path_classes",
+    "training_but_statistics",
+]
 
 _DROPOUT_LAYERS = (
     nn.Dropout,  # also regdrop_ext's Dropout, which subclass torch's
@@ -71,3 +79,11 @@ def modes(model: nn.Module, training: Callable[[nn.Module], bool]):
     finally:
         for module, mode in previous.items():
             module.training = mode
+
+
+def training_but_statistics(model: nn.Module):
+    """:func:`modes` for a training-mode trace: every module in training mode
+    except the normalization layers with running statistics (BatchNorm,
+    InstanceNorm), which would normalize with batch statistics instead (and
+    refuse a batch of one). Random ops do not depend on their mode."""
+    return modes(model, lambda module: not isinstance(module, _NormBase))

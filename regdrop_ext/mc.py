@@ -21,9 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
-
-from .dropout_layers import is_dropout_layer, modes
+from .dropout_layers import is_dropout_layer, modes, training_but_statistics
 from .routing import is_routing_hook
 from .trace import RandomCall, trace_random_ops
 
@@ -74,7 +72,7 @@ def mc_unreachable_random_calls(model: nn.Module, *args, **kwargs) -> list[Rando
     (BatchNorm, InstanceNorm) stay in eval mode, and the model's own hooks see
     neither forward."""
     with _user_hooks_suspended(model):
-        with modes(model, lambda module: not isinstance(module, _NormBase)):
+        with training_but_statistics(model):
             training = trace_random_ops(model, *args, **kwargs)
         with mc_dropout(model):
             reached = {(c.module, c.function, c.op) for c in trace_random_ops(model, *args, **kwargs).calls}

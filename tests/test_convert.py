@@ -184,6 +184,13 @@ def test_with_an_example_the_summary_counts_only_layers_that_run():
     assert not model.training
 
 
+def test_the_example_forward_keeps_batch_norm_in_eval_mode():
+    """A batch of one, which BatchNorm refuses in training mode; random ops do not depend on its mode."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.2))
+    _, summary = regdrop_ext.convert(model, example_args=(torch.randn(1, 4),))
+    assert [call.op for call in summary.trace.calls] == ["regdrop.dropout.default"] and model[1].training
+
+
 def test_with_functional_and_attention_no_native_random_op_is_left():
     model = Classifier()
     _, summary = regdrop_ext.convert(model, functional=True, attention="math", example_args=(torch.randn(4, 5, 16),))
