@@ -12,6 +12,7 @@ they have defaults. In-place calls are the raw in-place ops, whose autograd
 is in C++ (csrc/autograd.cpp), so they need no autograd.Function either.
 """
 
+import numbers
 import warnings
 from typing import Optional
 
@@ -33,8 +34,13 @@ __all__ = [
 ]
 
 
+@torch.jit.unused
+def _is_real_number(p: float) -> bool:  # annotated for TorchScript, which never calls it
+    return isinstance(p, numbers.Real)  # numpy's scalars too
+
+
 def _check_probability(p: float, name: str = "dropout probability") -> None:
-    if not torch.jit.is_scripting() and not isinstance(p, (int, float)):
+    if not torch.jit.is_scripting() and not _is_real_number(p):
         # Scripted, p is a float by its annotation; in Python, '0.1' would fail the comparison below, unnamed.
         raise TypeError(f"{name} must be a float, got {type(p).__name__}")
     if not 0.0 <= p <= 1.0:  # also rejects NaN

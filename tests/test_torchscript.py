@@ -108,6 +108,11 @@ def test_a_probability_that_is_no_number_is_named(call, name):
         call()
 
 
+def test_numpy_probabilities_are_numbers():
+    numpy = pytest.importorskip("numpy")
+    assert regdrop_ext.dropout(torch.ones(8), numpy.float32(0.0)).equal(torch.ones(8))
+
+
 class Block(nn.Module):
     """A residual block with torch's dropout, timm's DropPath and a functional dropout, to convert."""
 
