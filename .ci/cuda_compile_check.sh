@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Builds the extension with CUDA forced, for sm_90, against a CUDA 13.0 build of
-# torch and the nvcc on PATH, then checks that every regdrop op has a CUDA
-# kernel, and runs the machine-code gate (.ci/sass_gate.py) on the sm_90 code
-# it built. Nothing CUDA runs: this machine has no GPU. A .cu that does not
-# compile, or whose kernels spill, call slow paths, lack 128-bit accesses or
-# issue too many instructions per group, fails here.
+# Builds the extension with CUDA forced, for sm_80 and sm_90, against a CUDA
+# 13.0 build of torch and the nvcc on PATH, then checks that every regdrop op
+# has a CUDA kernel, and runs the machine-code gate (.ci/sass_gate.py) on the
+# code of both architectures. Nothing CUDA runs: this machine has no GPU. A
+# .cu that does not compile, or whose kernels spill, call slow paths,
+# contract a multiply and an add, flush subnormals, lack 128-bit accesses or
+# issue too slowly for the bandwidth, fails here. Then:
+#   * the kernels alone, built with -use_fast_math (--fmad=true, --ftz=true
+#     and more): still no contraction and no flushing, so CPU/CUDA parity
+#     does not rest on setup.py's flags;
+#   * a probe that contracts when nvcc may (.ci/contraction_probe.cu): with
+#     --fmad=true the gate must refuse it, for FFMA, DFMA and HFMA2 on both
+#     architectures and for nothing else; with --fmad=false it must pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_CUDA=${TORCH_CUDA:-torch==2.14.1}
@@ -20,7 +27,7 @@ command -v nvcc >/dev/null || { echo "nvcc not on PATH"; exit 1; }
 # nvcc may be a wrapper script; ask it where its toolkit is.
 CUDA_HOME=$(cd "$(nvcc --dryrun -c /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p')" && pwd)
 site=$("$venv/bin/python" -c "import site; print(site.getsitepackages()[0])")
-export CUDA_HOME TORCH_CUDA_ARCH_LIST=9.0 REGDROP_CUDA=1 MAX_JOBS=${MAX_JOBS:-2}
+export CUDA_HOME TORCH_CUDA_ARCH_LIST="8.0;9.0" REGDROP_CUDA=1 MAX_JOBS=${MAX_JOBS:-2}
 # cuBLAS/cuSPARSE/cuRAND headers come from torch's nvidia wheels, not the toolkit.
 export CPATH="$site/nvidia/cu13/include${CPATH:+:$CPATH}"
 echo "CUDA_HOME=$CUDA_HOME torch: $("$venv/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
@@ -42,6 +49,23 @@ PY
 )
 
 # The toolkit has no cuobjdump; the triton wheel beside torch ships one.
-echo "== machine-code gate (sm_90)"
-"$venv/bin/python" .ci/sass_gate.py "$(ls "$work"/site/regdrop_ext/_C*.so)" \
-  --cuobjdump "$site/triton/backends/nvidia/bin/cuobjdump"
+gate() { "$venv/bin/python" .ci/sass_gate.py --cuobjdump "$site/triton/backends/nvidia/bin/cuobjdump" "$@"; }
+archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 --threads 0)
+echo "== machine-code gate (sm_80, sm_90)"
+gate "$(ls "$work"/site/regdrop_ext/_C*.so)" --require sm_80,sm_90
+
+echo "== the kernels built with -use_fast_math: no contraction, no flushing"
+nvcc -fatbin "${archs[@]}" -O3 -use_fast_math -std=c++17 -Icsrc -o "$work/fast_math.fatbin" csrc/cuda/kernels.cu
+gate "$work/fast_math.fatbin" --require sm_80,sm_90 --checks contraction
+
+echo "== the gate refuses a contracting probe built with --fmad=true, and only that"
+nvcc -fatbin "${archs[@]}" -O3 --fmad=true -o "$work/probe.fatbin" .ci/contraction_probe.cu
+if gate "$work/probe.fatbin" --checks contraction > "$work/probe.log"; then
+  cat "$work/probe.log"; echo "the gate passed a contracting build"; exit 1
+fi
+cat "$work/probe.log"
+refused=$(grep -cE '^  sm_(80|90) probe_(float|double|half2)\(.*\): (FFMA|DFMA|HFMA2)[A-Z0-9.]* .*\(a contracted multiply-add\)$' "$work/probe.log")
+failures=$(sed -n '/^FAILED:/,$p' "$work/probe.log" | grep -c '^  ')
+[ "$refused" -eq 6 ] && [ "$failures" -eq 6 ] || { echo "expected exactly 6 contractions refused, got $refused of $failures"; exit 1; }
+nvcc -fatbin "${archs[@]}" -O3 --fmad=false -o "$work/probe.fatbin" .ci/contraction_probe.cu
+gate "$work/probe.fatbin" --checks contraction

@@ -1,33 +1,67 @@
 #!/usr/bin/env python3
-"""Machine-code gate for the CUDA kernels, read from the compiled sm_90 code.
+"""Machine-code gate for the CUDA kernels, read from the compiled code of
+every architecture a binary holds.
 
     python .ci/sass_gate.py LIBRARY_OR_CUBIN [--cuobjdump PATH] [--markdown]
+                            [--require sm_80,sm_90] [--checks contraction]
 
 No GPU runs here, so this reads what the GPU would run (cuobjdump -sass and
--res-usage, from the triton wheel when the toolkit lacks them) and prints, per
-kernel: registers, spills/local memory, slow-path CALLs, 128-bit global loads
-and stores, and the instructions issued per group of 8 elements on its vector
-path, with the bandwidth ceiling they imply. It fails (exit 1) when
+-res-usage, per architecture, from the triton wheel when the toolkit lacks
+them) and prints, per architecture and kernel: registers, spills/local
+memory, CALLs, 128-bit global loads and stores, and the issue time per group
+of 8 elements on its vector path (every operand 16-byte aligned) and on its
+scalar path (misaligned operands, the last partial group, unaligned
+shards), with the bandwidth ceilings they imply. It fails (exit 1) when
 
+  * the binary holds an architecture with no machine model below, or lacks
+    one that --require names (so every architecture built is gated);
   * a kernel spills or uses local memory, or CALLs a subroutine (the 64-bit
-    division and modulo, for one);
-  * a kernel with a vector path lacks 128-bit global loads or stores;
-  * a streaming kernel's issue ceiling is below MIN_CEILING_TBPS;
+    division, for one). sm_80's `@P CALL.REL.NOINC` to a nearby address is
+    how that architecture leaves a loop, a jump, not a call;
+  * a kernel contracts a multiply and an add: an FFMA, DFMA or HFMA2 (.MMA
+    or not) that adds a product to something (nvcc also writes moves,
+    0 * 0 + c, and plain products, a * b + -0, with them). The CPU kernels
+    round the product and the sum apart, and so must the GPU
+    (csrc/epilogue.h);
+  * a kernel flushes subnormals (.FTZ, but on a NaN test, where it changes
+    nothing): both devices keep them;
+  * an instruction has no pipe in the model (so a new one is a decision);
+  * a kernel with a vector path lacks 128-bit global loads or stores, or its
+    vector path stores other than one group's 128-bit words per group;
+  * a streaming kernel's vector-path ceiling is below its architecture's
+    floor;
   * a kernel is not in the table below (every kernel is classified).
+With --checks contraction only the contraction and .FTZ checks run, on any
+kernel (CI shows them failing a deliberately contracting probe).
 
-The issue model. An H200 issues ISSUE_RATE thread-instructions per second
-(132 SMs x 4 schedulers x 32 lanes x 1.98 GHz). A kernel's vector path is
-the path through its control-flow graph, from entry to exit or once around
-the loop that holds its 128-bit accesses, with the most 128-bit global
-accesses and, among those, the fewest instructions; every instruction on it
-counts, predicated or not, NOPs excepted, and a CALL counts its subroutine.
-The groups that path moves are its 128-bit stores divided by the stores one
-group needs (8 elements x element size / 16 bytes), and each group moves the
-bytes of its streamed tensors (input, output, residual) and its mask byte.
-The ceiling is ISSUE_RATE x bytes per group / instructions per group: the
-bandwidth the kernel could not exceed even if memory were infinitely fast.
-MIN_CEILING_TBPS is 1.25 x a measured H200 copy (4.14 TB/s), so that issue
-is never what limits a kernel.
+The issue model. Each instruction goes to one pipe of an SM (NVIDIA's pipes
+as Nsight Compute names them): fma (FP32, and IMAD, which only its heavy
+half runs on sm_90), alu (integer and logic, compares, selects, moves,
+F32->16-bit conversions), fp64 (with FP16x2 on sm_80), xu (other
+conversions), lsu (memory, special registers), cbu (branches, barriers,
+constant loads); uniform-datapath instructions only take an issue slot.
+Rates are thread-instructions per clock per SM, from the CUDA C++
+Programming Guide's arithmetic throughput table and NVIDIA's description
+of each chip's pipes. Where NVIDIA gives none the model assumes: lsu and
+cbu at 32 (a warp-instruction per clock per SM), and sm_90's VIADD,
+VIMNMX and VIADDMNMX on the alu pipe. Every instruction also takes one of
+the 4 schedulers' 128 issue slots per clock. A path's issue time is the
+most any pipe is busy: max over pipes of sum(count / rate), in slots
+(clocks x 128), so that a path of full-rate instructions costs its
+instruction count, as the former single-rate model counted.
+
+Paths. A kernel's paths run from entry to exit, or once around the loop
+that holds its 128-bit accesses; back edges of other loops are not
+followed, so an inner loop's body counts once. The vector path is every
+path with the most 128-bit global accesses, the scalar path every path with
+none; each is reported at its WORST: since max over paths of max over pipes
+is max over pipes of max over paths, that is each pipe's longest path, a
+plain longest-path walk per pipe. The ceiling is SMs x clock x 128 x bytes
+per group / slots per group: the bandwidth the kernel could not exceed even
+if memory were infinitely fast. A group moves its streamed tensors' bytes
+(input, output, residual) and its mask byte. The floor (sm_90: 1.25 x a
+copy measured on an H200, 4.14 TB/s) keeps issue from ever being what
+limits a kernel; the scalar path is reported, not held to it.
 """
 
 import argparse
@@ -37,9 +71,94 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-ISSUE_RATE = 132 * 128 * 1.98e9
-MIN_CEILING_TBPS = 5.2
+ROOT = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------ the machines
+
+# Instruction classes, by opcode (the part before the first dot).
+CLASSES = {
+    "fp32": {"FADD", "FMUL", "FFMA", "FADD32I", "FMUL32I", "FFMA32I"},
+    "fp16x2": {"HADD2", "HMUL2", "HFMA2", "HSETP2", "HSET2", "HMNMX2"},
+    "imad": {"IMAD", "IMUL", "IMUL32I", "IMAD32I", "IDP", "IDP4A"},
+    "fp64": {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX"},
+    "alu": {"IADD3", "IADD", "IADD32I", "LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "ISETP", "ISET", "FSETP",
+            "FSET", "SEL", "FSEL", "PRMT", "LEA", "IMNMX", "FMNMX", "IABS", "PLOP3", "PSETP", "P2R", "R2P", "MOV",
+            "MOV32I", "CS2R", "F2FP", "BMSK", "SGXT", "VIADD", "VIMNMX", "VIADDMNMX", "VOTE", "LEPC"},
+    "conversion": {"F2F", "F2I", "I2F", "I2FP", "F2IP", "FRND", "MUFU", "POPC", "FLO", "BREV", "I2I"},
+    "memory": {"LDG", "STG", "LDS", "STS", "LD", "ST", "LDL", "STL", "ATOM", "ATOMG", "ATOMS", "RED", "SHFL", "S2R",
+               "LDGSTS", "LDSM", "MEMBAR", "ERRBAR", "CCTL", "DEPBAR"},
+    "branch": {"BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT", "BSSY", "BSYNC", "WARPSYNC", "BAR", "BMOV", "YIELD",
+               "NANOSLEEP", "LDC", "KILL", "BPT"},
+    "uniform": {"R2UR", "S2UR", "VOTEU"},  # and every U* opcode
+    "mma": {"HMMA", "IMMA", "DMMA"},  # and HFMA2.MMA, a move issued to the tensor pipe
+}
+
+
+def instruction_class(opcode: str):
+    if opcode.startswith("HFMA2.MMA"):
+        return "mma"
+    base = opcode.split(".")[0]
+    for name, opcodes in CLASSES.items():
+        if base in opcodes:
+            return name
+    if base.startswith("U"):
+        return "uniform"
+    return None
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The GPU an architecture's ceilings are computed for."""
+
+    gpu: str
+    sms: int
+    clock_hz: float
+    floor_tbps: float
+    floor_why: str
+    # pipe -> {instruction class: thread-instructions per clock per SM}
+    pipes: dict
+
+
+ISSUE = {name: 128 for name in CLASSES}  # 4 schedulers x 1 warp-instruction per clock
+
+MACHINES = {
+    # H200 (GH100): 128 FP32 lanes per SM in two halves, FMAheavy (which
+    # also runs IMAD) and FMAlite; FP16x2 runs on both at once; FP64 on the
+    # shared (tensor) pipe at 64; integer and logic at 64.
+    "sm_90": Machine(
+        "H200", 132, 1.98e9, 5.2, "1.25 x a copy measured on an H200 (4.14 TB/s)",
+        {
+            "issue": ISSUE,
+            "fma": {"fp32": 128, "imad": 128, "fp16x2": 128},
+            "fmaheavy": {"imad": 64, "fp16x2": 128},
+            "alu": {"alu": 64},
+            "fp64": {"fp64": 64, "mma": 64},
+            "xu": {"conversion": 16},
+            "lsu": {"memory": 32},
+            "cbu": {"branch": 32},
+        },
+    ),
+    # A100 (GA100): one FMA pipe of 64 lanes for FP32 and IMAD; FP64 (32),
+    # FP16x2 (256 results, 128 instructions) and tensor share a pipe. No
+    # A100 copy was measured: its floor takes the published peak (2.04 TB/s
+    # for the 80 GB SXM part), which a copy never exceeds.
+    "sm_80": Machine(
+        "A100-SXM4-80GB", 108, 1.41e9, 2.55, "1.25 x its peak bandwidth (2.04 TB/s)",
+        {
+            "issue": ISSUE,
+            "fma": {"fp32": 64, "imad": 64},
+            "alu": {"alu": 64},
+            "fp64": {"fp64": 32, "fp16x2": 128, "mma": 128},
+            "xu": {"conversion": 16},
+            "lsu": {"memory": 32},
+            "cbu": {"branch": 32},
+        },
+    ),
+}
+
+# ---------------------------------------------------------------- kernels
 
 ELEMENT_BYTES = {"float": 4, "double": 8, "regdrop::cuda::Half": 2, "regdrop::cuda::BFloat16": 2}
 DTYPE_NAMES = {"float": "fp32", "double": "fp64", "regdrop::cuda::Half": "fp16", "regdrop::cuda::BFloat16": "bf16"}
@@ -49,13 +168,20 @@ BIT_SOURCES = {"0": "Draw", "1": "Elements", "2": "UnitPerGroup", "3": "UnitRuns
 MASK_BYTE = {"Draw": 1, "Elements": 1, "DrawShard": 1}  # unit masks are a bit per unit: ~0 bytes per group
 
 
+def column_sum_unroll() -> int:
+    """Rows a column_sums thread loads per pass (csrc/column_sums.h)."""
+    text = (ROOT / "csrc" / "column_sums.h").read_text()
+    return int(re.search(r"kColumnSumUnroll = (\d+);", text).group(1))
+
+
 @dataclass
 class Kernel:
     """What the table says of one kernel, from its demangled name."""
 
     label: str
-    element_bytes: int = 0  # 0: no vector path (not a streaming kernel)
+    element_bytes: int = 0  # of its output; 0: no vector path (not a streaming kernel)
     bytes_per_group: float = 0.0
+    groups_per_pass: int = 1  # per thread from entry to exit, or per trip around its loop
 
 
 def classify(name: str):
@@ -69,13 +195,12 @@ def classify(name: str):
         names = [DTYPE_NAMES[t] for t in types]
         label = names[0] if len(set(types)) == 1 else f"{names[0]}/{names[1]}/{names[2]}->{names[3]}"
         streamed = [types[0], types[3]] + ([types[1]] if epilogue != "Scale" else [])
-        # Its 128-bit stores are the output's: a group stores 8 output elements.
         return Kernel(f"elementwise {label} {epilogue} {source}", ELEMENT_BYTES[types[3]],
                       8 * sum(ELEMENT_BYTES[t] for t in streamed) + MASK_BYTE.get(source, 0))
     m = re.match(r"regdrop::cuda::kernels::column_sums_kernel<(.+)>", name)
     if m:  # reads grad and the mask, writes grad_input
         size = ELEMENT_BYTES[m.group(1)]
-        return Kernel(f"column_sums {DTYPE_NAMES[m.group(1)]}", size, 16 * size + 1)
+        return Kernel(f"column_sums {DTYPE_NAMES[m.group(1)]}", size, 16 * size + 1, column_sum_unroll())
     m = re.match(r"regdrop::cuda::kernels::fold_chunks_kernel<(.+)>", name)
     if m:  # chunks x cols sums, a few per column: not a streaming kernel
         return Kernel(f"fold_chunks {DTYPE_NAMES[m.group(1)]}")
@@ -131,11 +256,39 @@ def demangle(names):
     return dict(zip(names, out.stdout.splitlines()))
 
 
-# --------------------------------------------------------- the path model
+def architectures(tool, binary):
+    """The architectures of the ELF images in `binary` (a cubin, a fatbin, or
+    a library embedding one)."""
+    listing = subprocess.run([tool, "-lelf", binary], capture_output=True, text=True, check=True).stdout
+    return sorted(set(re.findall(r"\.(sm_\d+[af]?)\.cubin", listing)))
+
+
+def dump(tool, binary, arch):
+    """(SASS, resource usage) of one architecture's code."""
+    sass = subprocess.run([tool, "-sass", "-arch", arch, binary], capture_output=True, text=True, check=True).stdout
+    targets = set(re.findall(r"\.target\s+(sm_\w+)", sass))
+    if targets != {arch}:  # a plain cubin ignores -arch: it must hold that one architecture
+        sys.exit(f"asked cuobjdump for {arch}, got code for {sorted(targets)}")
+    res = subprocess.run([tool, "-res-usage", "-arch", arch, binary], capture_output=True, text=True,
+                         check=True).stdout
+    return sass, res
+
+
+# ------------------------------------------------------------ control flow
 
 
 def is_vector_access(i: Instr) -> bool:
     return i.opcode.startswith(("LDG.E.128", "STG.E.128"))
+
+
+def is_loop_exit_jump(i: Instr) -> bool:
+    """sm_80 leaves a loop with `@P CALL.REL.NOINC target`: no return address
+    is pushed (NOINC), so it is a conditional jump."""
+    return i.opcode == "CALL.REL.NOINC"
+
+
+def is_call(i: Instr) -> bool:
+    return i.opcode.startswith("CALL") and not is_loop_exit_jump(i)
 
 
 def branch_target(i: Instr):
@@ -156,11 +309,12 @@ def build_cfg(instrs):
     leaders = {instrs[0].addr}
     for n, i in enumerate(instrs):
         op = i.opcode.split(".")[0]
-        if op in ("BRA", "CALL"):
+        jumps = op == "BRA" or is_loop_exit_jump(i)
+        if jumps or is_call(i):
             target = branch_target(i)
             if target is not None:
                 leaders.add(target)
-        if op in ("BRA", "EXIT", "RET", "CALL") and n + 1 < len(instrs):
+        if (jumps or op in ("EXIT", "RET") or is_call(i)) and n + 1 < len(instrs):
             leaders.add(instrs[n + 1].addr)
     blocks, order = {}, sorted(leaders)
     for k, start in enumerate(order):
@@ -170,7 +324,7 @@ def build_cfg(instrs):
         op = last.opcode.split(".")[0]
         following = end if end in by_addr else None
         conditional = last.predicated or re.match(r"!?U?P[T0-9]+,", last.operands)
-        if op == "BRA":
+        if op == "BRA" or is_loop_exit_jump(last):
             b.succ = [branch_target(last)] + ([following] if conditional and following else [])
         elif op == "EXIT":
             b.exits = True
@@ -183,57 +337,115 @@ def build_cfg(instrs):
     return blocks
 
 
-def block_cost(b: Block, blocks):
-    """(128-bit accesses, instructions, 128-bit stores) of a block; a CALL
-    adds its subroutine's instructions."""
-    vec = sum(is_vector_access(i) for i in b.instrs)
-    stores = sum(i.opcode.startswith("STG.E.128") for i in b.instrs)
-    cost = sum(not i.opcode.startswith("NOP") for i in b.instrs)
-    for i in b.instrs:
-        if i.opcode.startswith("CALL") and branch_target(i) in blocks:
-            cost += best_path(blocks, branch_target(i), None)[1]
-    return vec, cost, stores
-
-
-def best_path(blocks, start, stop):
-    """(128-bit accesses, instructions, 128-bit stores) of the best path from
-    `start` to an exit (stop None) or to the back edge into `stop`: the most
-    128-bit accesses, then the fewest instructions. Back edges other than
-    that one are not followed, so the graph walked is acyclic."""
+def longest(blocks, start, stop, value, allowed=lambda b: True):
+    """The largest `value` summed over a path from `start` to an exit (stop
+    None) or to the back edge into `stop`, through allowed blocks only;
+    values are tuples, summed element-wise and compared in order. Only
+    forward edges and that back edge are followed, so the walk is acyclic.
+    None where no such path exists."""
     memo = {}
-    dead_end = (-1, 0, 0)
 
     def visit(addr):
         if addr not in memo:
-            b = blocks[addr]
-            here = block_cost(b, blocks)
-            options = []
-            if (b.exits and stop is None) or (stop is not None and stop in b.succ and addr >= stop):
-                options.append((0, 0, 0))
-            options += [visit(s) for s in b.succ if s in blocks and s > addr]
-            options = [o for o in options if o[0] >= 0]
-            if options:
-                v, c, st = max(options, key=lambda o: (o[0], -o[1]))
-                memo[addr] = (v + here[0], c + here[1], st + here[2])
-            else:
-                memo[addr] = dead_end
+            b, best = blocks[addr], None
+            if allowed(b):
+                ends = (stop is None and b.exits) or (stop is not None and stop in b.succ and addr >= stop)
+                options = [tuple(0 for _ in value(b))] if ends else []
+                options += [v for s in b.succ if s in blocks and s > addr for v in [visit(s)] if v is not None]
+                if options:
+                    best = tuple(a + o for a, o in zip(value(b), max(options)))
+            memo[addr] = best
         return memo[addr]
 
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(blocks) + 100))
     return visit(start)
 
 
-def vector_path(instrs):
-    """(128-bit accesses, instructions, 128-bit stores) on the vector path:
-    once around the loop that holds 128-bit accesses, if one does, else
-    from entry to exit."""
-    blocks = build_cfg(instrs)
-    for b in blocks.values():
+def streaming_loop(instrs, blocks):
+    """The header of the loop that holds 128-bit accesses, or None."""
+    for b in sorted(blocks.values(), key=lambda b: b.start):
         for header in b.succ:
             if header is not None and header <= b.start:
-                body = [i for i in instrs if header <= i.addr <= b.instrs[-1].addr]
-                if any(is_vector_access(i) for i in body):
-                    return best_path(blocks, header, header)
-    return best_path(blocks, instrs[0].addr, None)
+                if any(is_vector_access(i) for i in instrs if header <= i.addr <= b.instrs[-1].addr):
+                    return header
+    return None
+
+
+@dataclass
+class PathCost:
+    slots: float  # issue time in slots (clocks x 128) on its busiest pipe
+    pipe: str  # that pipe
+    instructions: int  # issued (the worst path's, for the issue pipe)
+
+
+def pipe_loads(instrs, machine):
+    """{pipe: slots} of a straight sequence of instructions."""
+    loads = {pipe: 0.0 for pipe in machine.pipes}
+    for i in instrs:
+        if i.opcode.startswith("NOP"):
+            continue
+        cls = instruction_class(i.opcode)
+        for pipe, rates in machine.pipes.items():
+            if cls in rates:
+                loads[pipe] += 128 / rates[cls]
+    return loads
+
+
+def worst_paths(instrs, machine):
+    """(vector PathCost or None, 128-bit stores on the vector path as a
+    (fewest, most) pair, scalar PathCost or None) of one kernel."""
+    blocks = build_cfg(instrs)
+    header = streaming_loop(instrs, blocks)
+    start, stop = (instrs[0].addr, None) if header is None else (header, header)
+    loads = {addr: pipe_loads(b.instrs, machine) for addr, b in blocks.items()}
+    vec = {addr: sum(is_vector_access(i) for i in b.instrs) for addr, b in blocks.items()}
+    st128 = {addr: sum(i.opcode.startswith("STG.E.128") for i in b.instrs) for addr, b in blocks.items()}
+
+    def cost(key_of, allowed=lambda b: True):
+        best = None
+        for pipe in machine.pipes:
+            found = longest(blocks, start, stop, lambda b: key_of(b) + (loads[b.start][pipe],), allowed)
+            if found is not None and (best is None or found[-1] > best.slots):
+                best = PathCost(found[-1], pipe, 0)
+        if best is not None:
+            count = longest(blocks, start, stop, lambda b: key_of(b) + (loads[b.start]["issue"],), allowed)
+            best.instructions = round(count[-1])
+        return best
+
+    vector = cost(lambda b: (vec[b.start],)) if any(vec.values()) else None
+    stores = None
+    if vector is not None:
+        most = longest(blocks, start, stop, lambda b: (vec[b.start], st128[b.start]))
+        fewest = longest(blocks, start, stop, lambda b: (vec[b.start], -st128[b.start]))
+        stores = (-fewest[1], most[1])
+    scalar = cost(lambda b: (), allowed=lambda b: vec[b.start] == 0)
+    return vector, stores, scalar
+
+
+def is_zero(operand: str) -> bool:
+    return operand.lstrip("-|").rstrip("|") == "RZ"
+
+
+def contracts(i: Instr) -> bool:
+    """An FFMA, DFMA or HFMA2 (.MMA or not) d = a * b + c that adds a product
+    to something: nvcc also uses them for moves (a or b zero: d = c) and for
+    products (c zero: a * b rounded once), which are no contraction."""
+    if i.opcode.split(".")[0] not in ("FFMA", "FFMA32I", "DFMA", "HFMA2"):
+        return False
+    operands = [o.strip() for o in i.operands.split(",")]
+    a, b, addend = operands[1], operands[2], operands[3:]
+    return not (is_zero(a) or is_zero(b) or all(is_zero(c) for c in addend))
+
+
+def contraction_and_flushing(instrs):
+    """Failures of the contraction and subnormal checks, as text."""
+    found = []
+    for i in instrs:
+        if contracts(i):
+            found.append(f"{i.opcode} {i.operands} at {i.addr:#06x} (a contracted multiply-add)")
+        if ".FTZ" in i.opcode and not i.opcode.startswith("FSETP.NAN"):  # a NaN test flushes nothing
+            found.append(f"{i.opcode} at {i.addr:#06x} (flushes subnormals)")
+    return found
 
 
 # ------------------------------------------------------------------- gate
@@ -253,60 +465,74 @@ def find_cuobjdump():
     sys.exit("no cuobjdump: install triton (it ships one) or set CUOBJDUMP")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("binary")
-    parser.add_argument("--cuobjdump", default=None)
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    args = parser.parse_args()
-    tool = args.cuobjdump or find_cuobjdump()
-    sass = subprocess.run([tool, "-sass", args.binary], capture_output=True, text=True, check=True).stdout
-    res = subprocess.run([tool, "-res-usage", args.binary], capture_output=True, text=True, check=True).stdout
-    functions, resources = parse_sass(sass), parse_resources(res)
-    if not functions:
-        sys.exit(f"no sm_90 kernels found in {args.binary}")
-    names = demangle(list(functions))
+def ceiling(machine, kernel, slots):
+    return machine.sms * machine.clock_hz * 128 * kernel.bytes_per_group / slots / 1e12
 
+
+def gate_architecture(arch, machine, functions, resources, names, only_contraction):
+    """(table rows, failures) of one architecture's kernels."""
     rows, failures = [], []
     for mangled, instrs in sorted(functions.items(), key=lambda kv: names[kv[0]]):
         name = names[mangled]
+        for problem in contraction_and_flushing(instrs):
+            failures.append(f"{arch} {name}: {problem}")
+        if only_contraction:
+            continue
         kernel = classify(name)
         if kernel is None:
-            failures.append(f"{name}: not classified in .ci/sass_gate.py")
+            failures.append(f"{arch} {name}: not classified in .ci/sass_gate.py")
+            continue
+        unknown = sorted({i.opcode for i in instrs if not i.opcode.startswith("NOP") and
+                          instruction_class(i.opcode) is None})
+        if unknown:
+            failures.append(f"{arch} {kernel.label}: no pipe in the issue model for {', '.join(unknown)}")
             continue
         r = resources.get(mangled, {})
-        local = sum(i.opcode.startswith(("LDL", "STL")) for i in instrs)
-        calls = sum(i.opcode.startswith("CALL") for i in instrs)
+        local = sum(i.opcode.startswith(("LDL", "STL")) for i in instrs) + r.get("LOCAL", 0) + r.get("STACK", 0)
+        calls = sum(is_call(i) for i in instrs)
         loads128 = sum(i.opcode.startswith("LDG.E.128") for i in instrs)
         stores128 = sum(i.opcode.startswith("STG.E.128") for i in instrs)
-        row = {"kernel": kernel.label, "regs": r.get("REG", 0), "spill": local + r.get("LOCAL", 0) + r.get("STACK", 0),
-               "calls": calls, "ld128": loads128, "st128": stores128, "per_group": None, "ceiling": None}
-        if local or r.get("LOCAL", 0) or r.get("STACK", 0):
-            failures.append(f"{kernel.label}: local memory (spills or a stack frame)")
+        row = {"kernel": kernel.label, "regs": r.get("REG", 0), "spill": local, "calls": calls, "ld128": loads128,
+               "st128": stores128, "vector": None, "bound": None, "vector_tbps": None, "scalar": None,
+               "scalar_tbps": None}
+        if local:
+            failures.append(f"{arch} {kernel.label}: local memory (spills or a stack frame)")
         if calls:
-            failures.append(f"{kernel.label}: {calls} CALL(s) to a slow path")
+            failures.append(f"{arch} {kernel.label}: {calls} CALL(s) to a slow path")
         if kernel.element_bytes:
-            if not loads128 or not stores128:
-                failures.append(f"{kernel.label}: no 128-bit global loads and stores on its vector path")
+            vector, stores, scalar = worst_paths(instrs, machine)
+            expected = kernel.groups_per_pass * 8 * kernel.element_bytes // 16
+            if vector is None or not loads128 or not stores128:
+                failures.append(f"{arch} {kernel.label}: no 128-bit global loads and stores on its vector path")
+            elif stores != (expected, expected):
+                failures.append(f"{arch} {kernel.label}: its vector paths store {stores[0]} to {stores[1]} "
+                                f"128-bit words, not the {expected} of {kernel.groups_per_pass} group(s)")
             else:
-                _, cost, stores = vector_path(instrs)
-                stores_per_group = 8 * kernel.element_bytes // 16
-                groups = stores / stores_per_group
-                if groups <= 0:
-                    failures.append(f"{kernel.label}: the vector path stores no group")
-                else:
-                    per_group = cost / groups
-                    ceiling = ISSUE_RATE * kernel.bytes_per_group / per_group / 1e12
-                    row["per_group"], row["ceiling"] = per_group, ceiling
-                    if ceiling < MIN_CEILING_TBPS:
-                        failures.append(f"{kernel.label}: issue ceiling {ceiling:.2f} TB/s < {MIN_CEILING_TBPS}")
+                row["vector"], row["bound"] = vector.slots / kernel.groups_per_pass, vector.pipe
+                row["vector_tbps"] = ceiling(machine, kernel, row["vector"])
+                if row["vector_tbps"] < machine.floor_tbps:
+                    failures.append(f"{arch} {kernel.label}: issue ceiling {row['vector_tbps']:.2f} TB/s "
+                                    f"< {machine.floor_tbps} ({vector.pipe}-bound)")
+            if scalar is not None:
+                row["scalar"] = scalar.slots / kernel.groups_per_pass
+                row["scalar_tbps"] = ceiling(machine, kernel, row["scalar"])
         rows.append(row)
+    return rows, failures
 
-    header = ["kernel", "regs", "spill", "calls", "ld128", "st128", "instr/group", "ceiling TB/s"]
+
+def print_table(arch, machine, rows, markdown):
+    header = ["kernel", "regs", "spill", "calls", "ld128", "st128", "vector slots/group", "bound by", "TB/s",
+              "scalar slots/group", "TB/s"]
+
+    def number(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
     cells = [[row["kernel"], str(row["regs"]), str(row["spill"]), str(row["calls"]), str(row["ld128"]),
-              str(row["st128"]), "-" if row["per_group"] is None else f"{row['per_group']:.0f}",
-              "-" if row["ceiling"] is None else f"{row['ceiling']:.2f}"] for row in rows]
-    if args.markdown:
+              str(row["st128"]), number(row["vector"], 0), row["bound"] or "-", number(row["vector_tbps"], 2),
+              number(row["scalar"], 0), number(row["scalar_tbps"], 2)] for row in rows]
+    print(f"\n{arch} ({machine.gpu}: {machine.sms} SMs x {machine.clock_hz / 1e9:.2f} GHz; "
+          f"floor {machine.floor_tbps} TB/s = {machine.floor_why})")
+    if markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for c in cells:
@@ -316,8 +542,35 @@ def main():
         print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
         for c in cells:
             print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
-    print(f"\n{len(rows)} kernels; issue model: {ISSUE_RATE:.3g} thread-instructions/s, "
-          f"floor {MIN_CEILING_TBPS} TB/s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("binary")
+    parser.add_argument("--cuobjdump", default=None)
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    parser.add_argument("--require", default="", help="architectures the binary must hold, e.g. sm_80,sm_90")
+    parser.add_argument("--checks", choices=["all", "contraction"], default="all",
+                        help="contraction: only the contraction and .FTZ checks, on any kernel")
+    args = parser.parse_args()
+    tool = args.cuobjdump or find_cuobjdump()
+    archs = architectures(tool, args.binary)
+    failures = [f"{arch}: not in the binary" for arch in args.require.split(",") if arch and arch not in archs]
+    if not archs:
+        sys.exit(f"no GPU code found in {args.binary}")
+    for arch in archs:
+        machine = MACHINES.get(arch)
+        if machine is None and args.checks == "all":
+            failures.append(f"{arch}: no machine model in .ci/sass_gate.py (every architecture built is gated)")
+            continue
+        sass, res = dump(tool, args.binary, arch)
+        functions, resources = parse_sass(sass), parse_resources(res)
+        names = demangle(list(functions))
+        rows, problems = gate_architecture(arch, machine, functions, resources, names, args.checks == "contraction")
+        failures += problems
+        if rows:
+            print_table(arch, machine, rows, args.markdown)
+        print(f"\n{arch}: {len(functions)} kernels")
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
         return 1

@@ -1,18 +1,25 @@
 // Argument checks shared by every op. Each message names the argument, and
 // each raises the Python exception a caller would expect: ValueError for a
 // bad probability, TypeError for a bad dtype, RuntimeError otherwise.
+//
+// The op bodies run on the Meta key too, for meta tensors and under
+// torch.compile (fake tensors, symbolic sizes included): sizes are read as
+// SymInts, and a check on a symbolic size is a runtime assertion
+// (TORCH_SYM_CHECK), as torch's own meta kernels make it.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/Exception.h>
 #include <c10/util/OptionalArrayRef.h>
 #include <c10/util/safe_numerics.h>
-#include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
 
 #include <optional>
 
-#include "kernel_call.h"
+#include "include/regdrop/manifest.h"
 
 namespace regdrop {
 
@@ -31,97 +38,112 @@ inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.layout() == at::kStrided, name, " must be a strided (dense) tensor, got ", t.layout());
 }
 
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.device() == like.device(), name, " must be on the same device as ", like_name, " (", like.device(),
+              "), got ", t.device());
+}
+
 // `other` must be a float tensor with `like`'s shape and device: the fused
 // ops do not broadcast. Float dtypes may differ (the output promotes).
 inline void check_matches(const at::Tensor& other, const char* name, const at::Tensor& like,
                           const char* like_name) {
   check_floating(other, name);
-  TORCH_CHECK(other.device() == like.device(), name, " must be on the same device as ", like_name,
-              " (", like.device(), "), got ", other.device());
-  TORCH_CHECK(other.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
-              like.sizes(), ", got ", other.sizes(), " (broadcasting is not supported)");
+  check_same_device(other, name, like, like_name);
+  TORCH_CHECK(other.sym_sizes() == like.sym_sizes(), name, " must have the shape of ", like_name, " ",
+              like.sym_sizes(), ", got ", other.sym_sizes(), " (broadcasting is not supported)");
+}
+
+// The dimensions an op's unit needs: a sample dimension (dim 0) for
+// drop-path, (N, C, *) for channel dropout.
+inline void check_unit_dims(UnitKind unit, const at::Tensor& t, const char* name) {
+  if (unit == UnitKind::Sample) {
+    TORCH_CHECK(t.dim() >= 1, name, " must have a sample dimension (dim 0) for drop-path, got a 0-d tensor");
+  } else if (unit == UnitKind::Channel) {
+    TORCH_CHECK(t.dim() >= 2, name, " must have shape (N, C, *) for channel dropout, got ", t.sym_sizes());
+  }
+}
+
+inline void check_bias(const at::Tensor& input, const at::Tensor& bias) {
+  TORCH_CHECK(input.dim() >= 1, "input must have at least 1 dimension for a bias, got a 0-d tensor");
+  check_floating(bias, "bias");
+  check_same_device(bias, "bias", input, "input");
+  TORCH_CHECK(bias.dim() == 1 && bias.sym_size(0) == input.sym_size(-1),
+              "bias must be 1-D with the size of input's last dimension (", input.sym_size(-1), "), got shape ",
+              bias.sym_sizes());
 }
 
 // Whether `t`'s storage holds its elements: a resized or borrowed storage
-// may not.
+// may not. Only kernels that read memory need it (not the meta kernels).
 inline void check_storage(const at::Tensor& t, const char* name) {
   const int64_t needed = (t.storage_offset() + t.numel()) * static_cast<int64_t>(t.element_size());
   TORCH_CHECK(t.numel() == 0 || (t.has_storage() && static_cast<int64_t>(t.storage().nbytes()) >= needed),
               name, "'s storage holds fewer bytes than its ", t.numel(), " elements need");
 }
 
+// ceil(units / 8): the bytes of a mask.
+inline c10::SymInt mask_bytes(const c10::SymInt& units) { return (units + 7) / 8; }
+
 // A bit mask for `units` units: uint8, 1-D, contiguous, ceil(units / 8) bytes.
 // A mask's meaning is the forward call that returned it: a backward op needs
-// the mask of a tensor of the same shape and layout. That cannot be proved
-// from the mask; its size is checked here, and its padding bits, which
-// forward ops leave 0, by check_mask_padding where the mask is in host memory.
-inline void check_mask(const at::Tensor& mask, int64_t units, const at::Tensor& like,
+// the mask of a tensor of the same shape and layout. Only its size can be
+// checked (without reading device memory, which would wait for a GPU): its
+// values are the caller's, on every device; bits past the units are ignored.
+inline void check_mask(const at::Tensor& mask, const c10::SymInt& units, const at::Tensor& like,
                        const char* like_name) {
   TORCH_CHECK(mask.defined(), "mask must be a tensor, got None");
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, "mask must be uint8, got ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == like.device(), "mask must be on the same device as ", like_name,
-              " (", like.device(), "), got ", mask.device());
-  TORCH_CHECK(mask.dim() == 1 && mask.is_contiguous(),
-              "mask must be a contiguous 1-D tensor, got shape ", mask.sizes(), " and strides ",
-              mask.strides());
-  TORCH_CHECK(mask.numel() == mask_bytes(units), "mask must have ceil(", units, " / 8) = ",
-              mask_bytes(units), " bytes for ", like_name, ", got ", mask.numel());
-  check_storage(mask, "mask");
+  check_same_device(mask, "mask", like, like_name);
+  TORCH_CHECK(mask.dim() == 1 && mask.is_contiguous(), "mask must be a contiguous 1-D tensor, got shape ",
+              mask.sym_sizes(), " and strides ", mask.sym_strides());
+  TORCH_SYM_CHECK(mask.sym_numel().sym_eq(mask_bytes(units)),
+                  "mask must have ceil(", units, " / 8) = ", mask_bytes(units), " bytes for ", like_name, ", got ",
+                  mask.sym_numel());
 }
 
-// Bits past `units` in the last byte are 0 in every mask a forward op
-// returns; one with such bits set was drawn for more units than `like` has.
-inline void check_mask_padding(const at::Tensor& mask, int64_t units, const char* like_name) {
-  if (units % 8 == 0) return;
-  const uint8_t last = mask.const_data_ptr<uint8_t>()[mask.numel() - 1];
-  TORCH_CHECK((last >> (units % 8)) == 0, "mask has bits set past the ", units, " units of ", like_name,
-              ": it was returned for a tensor with more units (a mask belongs to the shape of its forward call)");
-}
-
-// The (seed, offset) a low-memory forward recorded: int64[2] on grad's device.
+// The (seed, offset) a low-memory forward recorded: int64[2] on grad's
+// device. Its values, as a mask's, are the caller's: the kernels take the
+// offset modulo 2^63 (philox.h), on every device.
 inline void check_rng_state(const at::Tensor& rng_state, const at::Tensor& like) {
   TORCH_CHECK(rng_state.defined(), "rng_state must be a tensor, got None");
-  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong, "rng_state must be int64, got ",
-                   rng_state.scalar_type());
-  TORCH_CHECK(rng_state.device() == like.device(), "rng_state must be on the same device as grad (",
-              like.device(), "), got ", rng_state.device());
-  TORCH_CHECK(rng_state.dim() == 1 && rng_state.numel() == 2 && rng_state.is_contiguous(),
+  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong, "rng_state must be int64, got ", rng_state.scalar_type());
+  check_same_device(rng_state, "rng_state", like, "grad");
+  TORCH_CHECK(rng_state.dim() == 1 && rng_state.sym_numel() == 2 && rng_state.is_contiguous(),
               "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset), got shape ",
-              rng_state.sizes());
-  check_storage(rng_state, "rng_state");
+              rng_state.sym_sizes());
 }
 
-// An rng_state in host memory: its offset lies in [0, 2^63), as forward
-// requires of an offset. (On a GPU the values are read by the kernel, not
-// here: checking them would wait for the device.)
-inline void check_rng_state_values(const at::Tensor& rng_state) {
-  const int64_t offset = rng_state.const_data_ptr<int64_t>()[1];
-  TORCH_CHECK_VALUE(offset >= 0, "rng_state's offset must lie in [0, 2^63), got ", offset);
-}
-
-// shard = (first, run, stride), ShardMap's, for a call of `units` units:
-// runs that do not overlap, and a last unit below 2^63.
-inline void check_shard(at::OptionalIntArrayRef shard, int64_t units) {
+// shard = (first, run, stride), ShardMap's (kernel_call.h), for a call of
+// `units` units: runs that do not overlap, and a last unit below 2^63.
+inline void check_shard(at::OptionalIntArrayRef shard, const c10::SymInt& units) {
   if (!shard.has_value()) return;
   TORCH_CHECK_VALUE(shard->size() == 3, "shard must be (first, run, stride), got ", *shard);
   const int64_t first = (*shard)[0], run = (*shard)[1], stride = (*shard)[2];
   TORCH_CHECK_VALUE(first >= 0 && run >= 1 && stride >= run,
                     "shard (first, run, stride) needs first >= 0, run >= 1 and stride >= run, got ", *shard);
-  if (units == 0) return;
+  const std::optional<int64_t> count = units.maybe_as_int();
+  if (!count.has_value() || *count == 0) return;  // a symbolic count: a shard's runs never reach 2^63
   int64_t rows_end = 0, last = 0;
-  const bool overflows = c10::mul_overflows((units - 1) / run, stride, &rows_end) ||
+  const bool overflows = c10::mul_overflows((*count - 1) / run, stride, &rows_end) ||
                          c10::add_overflows(first, rows_end, &last) ||
-                         c10::add_overflows(last, (units - 1) % run, &last);
+                         c10::add_overflows(last, (*count - 1) % run, &last);
   TORCH_CHECK_VALUE(!overflows, "shard ", *shard, " puts units past 2^63 - 1");
 }
 
-inline void check_rng_args(const std::optional<at::Generator>& generator,
-                           const std::optional<int64_t>& seed, int64_t offset) {
-  TORCH_CHECK(!(generator.has_value() && generator->defined() && seed.has_value()),
-              "pass either generator or seed, not both");
+// A generator draws for its own device: a CPU generator for CPU tensors, a
+// CUDA one of the input's GPU for CUDA tensors.
+inline void check_rng_args(const std::optional<at::Generator>& generator, const std::optional<int64_t>& seed,
+                           int64_t offset, const at::Tensor& input) {
+  const bool has_generator = generator.has_value() && generator->defined();
+  TORCH_CHECK(!(has_generator && seed.has_value()), "pass either generator or seed, not both");
   TORCH_CHECK_VALUE(offset >= 0, "offset must be non-negative, got ", offset);
   TORCH_CHECK_VALUE(seed.has_value() || offset == 0, "offset=", offset,
                     " needs seed= too: a generator chooses its own offset");
+  if (has_generator && input.device().type() != at::kMeta) {
+    const at::Device own = generator->device();
+    const at::Device device = input.device();
+    TORCH_CHECK(own.type() == device.type() && (!own.has_index() || !device.has_index() || own.index() == device.index()),
+                "generator must be a generator of input's device (", device, "), got a generator of ", own);
+  }
 }
 
 inline void check_writable(const at::Tensor& t, const char* name) {

@@ -1,30 +1,41 @@
-// The device-generic body of every op: argument checks, memory layout,
-// output allocation, and the KernelCall it runs. A Backend supplies what
-// differs per device:
+// The device-generic body of every op of the manifest (regdrop/manifest.h):
+// argument checks, memory layout (walk.h), output allocation, and the
+// KernelCall it runs. One body per variant (forward, in place, low memory,
+// backward, low-memory backward), read off the op's row, and registered for a
+// device by register_ops<Backend>() as a boxed kernel per op. A Backend
+// supplies what differs per device:
 //
+//   static constexpr bool kLaunches;
+//       whether it runs kernels. The Meta backend does not: the very same
+//       bodies, run on meta and fake tensors (under torch.compile, symbolic
+//       sizes included), make every check and give every output's shape,
+//       dtype and strides, so there is no second copy of them to keep in step;
 //   static PhiloxSource generator_source(const std::optional<at::Generator>&, at::Device);
 //       locks the generator and reserves a Philox stream from it;
 //   static void run(const KernelCall&);
-//       runs the call on the current device (and stream);
-//   static constexpr bool kHostMemory;
-//       whether tensors live in host memory, where checks may read a mask's
-//       or an rng_state's values without waiting for a device.
+//       runs the call on the current device (and stream).
 //
 // Each device's kernel file ends with
 //   TORCH_LIBRARY_IMPL(regdrop, <Device>, m) { register_ops<Backend>(m); }
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/isnan.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
+#include "include/regdrop/manifest.h"
 #include "kernel_call.h"
 #include "walk.h"
 
@@ -51,12 +62,17 @@ inline double keep_scale(double p) {
   return threshold < 65536 ? 65536.0 / (65536 - threshold) : 0.0;
 }
 
-inline double drop_path_scale(double p, bool scale_by_keep) {
-  return scale_by_keep ? keep_scale(p) : 1.0;
+// Kept units' scale: 1 / q, but 1 for drop-path without scale_by_keep.
+inline double unit_scale(const OpSpec& op, double p, bool scale_by_keep) {
+  return op.scale_by_keep() && !scale_by_keep ? 1.0 : keep_scale(p);
 }
 
-inline at::Tensor new_mask(int64_t units, const at::Tensor& like) {
-  return at::empty({mask_bytes(units)}, like.options().dtype(at::kByte));
+inline at::Tensor new_mask(const c10::SymInt& units, const at::Tensor& like) {
+  return at::empty_symint({mask_bytes(units)}, like.options().dtype(at::kByte));
+}
+
+inline at::OptionalIntArrayRef as_ref(const std::optional<std::vector<int64_t>>& list) {
+  return list.has_value() ? at::OptionalIntArrayRef(*list) : std::nullopt;
 }
 
 // A checked shard argument (check_shard) as the kernels take it.
@@ -73,7 +89,7 @@ struct RngArgs {
   int64_t offset;
   at::OptionalIntArrayRef shard;  // (first, run, stride): kernel_call.h's ShardMap
 
-  void check() const { check_rng_args(generator, seed, offset); }
+  void check(const at::Tensor& input) const { check_rng_args(generator, seed, offset, input); }
 
   ShardMap shard_map() const { return to_shard_map(shard); }
 
@@ -88,7 +104,7 @@ struct RngArgs {
 };
 
 // A call that reads the walk's operands and writes `out`, element by element.
-inline KernelCall apply_call(const Walk& w, const at::Tensor& out, const at::Tensor& bias,
+inline KernelCall apply_call(const Walk& w, UnitKind unit, const at::Tensor& out, const at::Tensor& bias,
                              double scale) {
   KernelCall c;
   c.dtype = scalar_kind(w.input.scalar_type());
@@ -99,8 +115,8 @@ inline KernelCall apply_call(const Walk& w, const at::Tensor& out, const at::Ten
   c.in = w.input.const_data_ptr();
   c.out = out.mutable_data_ptr();
   c.scale = scale;
-  c.units = w.units;
-  c.unit_count = w.unit_count;
+  c.units = unit_layout(w.input, unit);
+  c.unit_count = w.unit_count.expect_int();
   if (w.residual.defined()) {
     c.residual = w.residual.const_data_ptr();
     c.epilogue = Epilogue::AddResidual;
@@ -123,12 +139,12 @@ inline KernelCall apply_call(const Walk& w, const at::Tensor& out, const at::Ten
 // shard: the larger call it is part of takes one, and so must each of its
 // shards, empty or not, for the ranks that hold them to stay in step.
 template <class Backend>
-void draw_and_apply(const Walk& w, Granularity g, const at::Tensor& out, const at::Tensor& bias,
-                    double p, double scale, const RngArgs& rng, uint8_t* mask,
-                    int64_t* rng_state = nullptr) {
-  if (w.unit_count == 0 && !rng.shard.has_value()) return;
+void draw_and_apply(const Walk& w, UnitKind unit, const at::Tensor& out, const at::Tensor& bias, double p,
+                    double scale, const RngArgs& rng, uint8_t* mask, int64_t* rng_state = nullptr) {
+  const int64_t units = w.unit_count.expect_int();
+  if (units == 0 && !rng.shard.has_value()) return;
   const PhiloxSource source = rng.source<Backend>(w.input.device());
-  if (w.unit_count == 0) return;
+  if (units == 0) return;
   auto drawing = [&](KernelCall c) {
     c.source = MaskSource::Draw;
     c.threshold = keep_threshold(p);
@@ -138,37 +154,16 @@ void draw_and_apply(const Walk& w, Granularity g, const at::Tensor& out, const a
     c.shard = rng.shard_map();
     return c;
   };
-  if (g == Granularity::Element || g == Granularity::Rows) {
-    return Backend::run(drawing(apply_call(w, out, bias, scale)));
-  }
+  if (unit == UnitKind::Element) return Backend::run(drawing(apply_call(w, unit, out, bias, scale)));
   KernelCall bits_only;
-  bits_only.numel = w.unit_count;
+  bits_only.numel = units;
   Backend::run(drawing(bits_only));
   if (w.input.numel() == 0) return;
-  KernelCall c = apply_call(w, out, bias, scale);
+  KernelCall c = apply_call(w, unit, out, bias, scale);
   c.source = MaskSource::Units;
   c.mask_in = mask;
   Backend::run(c);
 }
-
-// Writes `mask`'s epilogue of the walk (backward: grad through the mask) into `out`.
-inline KernelCall read_call(const Walk& w, Granularity g, const at::Tensor& out,
-                            const at::Tensor& mask, double scale) {
-  KernelCall c = apply_call(w, out, {}, scale);
-  c.source = g == Granularity::Element || g == Granularity::Rows ? MaskSource::Elements
-                                                                 : MaskSource::Units;
-  c.mask_in = mask.const_data_ptr<uint8_t>();
-  return c;
-}
-
-// Checked in torch's order: the probability first, then the tensors.
-inline void check_forward(const at::Tensor& input, double p, const RngArgs& rng) {
-  check_probability(p);
-  check_floating(input, "input");
-  rng.check();
-}
-
-// --------------------------------------------------------------- the ops
 
 // The operands of a residual form, as the kernels take them. The output has
 // eager's dtype, torch.result_type(input [, bias], residual). One dtype
@@ -196,286 +191,209 @@ inline Operands promote(const at::Tensor& input, const at::Tensor& residual, con
   return {cast(input), cast(residual), cast(bias), out};
 }
 
-// A forward op that returns (output, mask), for any granularity and epilogue.
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> masked_forward(Granularity g, const at::Tensor& input_,
-                                                  const at::Tensor& residual_,
-                                                  const at::Tensor& bias_, double p, double scale,
-                                                  const RngArgs& rng) {
-  c10::DeviceGuard guard(input_.device());
-  const auto [input, residual, bias, out_dtype] = promote(input_, residual_, bias_);
-  const Walk w = plan_walk(input, residual, g);
-  check_shard(rng.shard, w.unit_count);
-  at::Tensor out = at::empty_like(w.input, w.input.options().dtype(out_dtype));
-  at::Tensor mask = new_mask(w.unit_count, w.input);
-  draw_and_apply<Backend>(w, g, out, bias.defined() ? bias.contiguous() : bias, p, scale, rng,
-                          mask.mutable_data_ptr<uint8_t>());
-  return {out, mask};
-}
-
-// In place: each element is written where it was read. An input whose
-// elements are not dense (or not in a supported order) goes through a
-// contiguous copy, so its mask follows the contiguous order.
-template <class Backend>
-at::Tensor masked_forward_inplace(Granularity g, const at::Tensor& input, double p,
-                                  const RngArgs& rng) {
-  check_writable(input, "input");
-  c10::DeviceGuard guard(input.device());
-  const Walk w = plan_walk(input, {}, g);
-  check_shard(rng.shard, w.unit_count);
-  at::Tensor mask = new_mask(w.unit_count, w.input);
-  draw_and_apply<Backend>(w, g, w.input, {}, p, keep_scale(p), rng,
-                          mask.mutable_data_ptr<uint8_t>());
-  if (!w.input.is_same(input)) input.copy_(w.input);
-  return mask;
-}
-
-// A backward op: grad through the mask of `g` units.
-template <class Backend>
-at::Tensor masked_backward(Granularity g, const at::Tensor& grad, const at::Tensor& mask,
-                           double scale) {
-  c10::DeviceGuard guard(grad.device());
-  const Walk w = plan_walk(grad, {}, g);
-  check_mask(mask, w.unit_count, grad, "grad");
-  if constexpr (Backend::kHostMemory) check_mask_padding(mask, w.unit_count, "grad");
-  at::Tensor out = at::empty_like(w.input);
-  if (w.input.numel() > 0) Backend::run(read_call(w, g, out, mask, scale));
-  return out;
-}
-
-// A residual: input's shape and device, any float dtype (the output takes
-// eager's result dtype; see promote()).
-inline void check_residual(const at::Tensor& input, const at::Tensor& residual) {
-  check_matches(residual, "residual", input, "input");
-}
-
-inline void check_bias(const at::Tensor& input, const at::Tensor& bias) {
-  TORCH_CHECK(input.dim() >= 1, "input must have at least 1 dimension for a bias, got a 0-d tensor");
-  check_floating(bias, "bias");
-  TORCH_CHECK(bias.device() == input.device(), "bias must be on the same device as input (",
-              input.device(), "), got ", bias.device());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == input.size(-1),
-              "bias must be 1-D with the size of input's last dimension (", input.size(-1),
-              "), got shape ", bias.sizes());
-}
-
-inline void check_channels(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() >= 2, name, " must have shape (N, C, *) for channel dropout, got ", t.sizes());
-}
-
-inline void check_samples(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() >= 1, name, " must have a sample dimension (dim 0) for drop-path, got a 0-d tensor");
-}
-
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> dropout(const at::Tensor& input, double p,
-                                           const std::optional<at::Generator>& generator,
-                                           std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  return masked_forward<Backend>(Granularity::Element, input, {}, {}, p, keep_scale(p), rng);
-}
-
-template <class Backend>
-at::Tensor dropout_inplace(const at::Tensor& input, double p,
-                           const std::optional<at::Generator>& generator,
-                           std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  return masked_forward_inplace<Backend>(Granularity::Element, input, p, rng);
-}
-
-template <class Backend>
-at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p) {
-  check_probability(p);
-  check_floating(grad, "grad");
-  return masked_backward<Backend>(Granularity::Element, grad, mask, keep_scale(p));
-}
-
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> dropout_add(const at::Tensor& input, const at::Tensor& residual,
-                                               double p,
-                                               const std::optional<at::Generator>& generator,
-                                               std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  check_residual(input, residual);
-  return masked_forward<Backend>(Granularity::Element, input, residual, {}, p, keep_scale(p), rng);
-}
-
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> bias_dropout_add(const at::Tensor& input, const at::Tensor& bias,
-                                                    const at::Tensor& residual, double p,
-                                                    const std::optional<at::Generator>& generator,
-                                                    std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  check_bias(input, bias);
-  check_residual(input, residual);
-  return masked_forward<Backend>(Granularity::Rows, input, residual, bias, p, keep_scale(p), rng);
-}
-
-// grad_input = grad through the mask; grad_bias = its sums over all but the
-// last dimension, added in the order column_sums.h fixes (in float; double
-// for float64) and rounded once to grad's dtype.
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad,
-                                                             const at::Tensor& mask, double p) {
-  check_probability(p);
-  check_floating(grad, "grad");
-  TORCH_CHECK(grad.dim() >= 1, "grad must have at least 1 dimension for a bias, got a 0-d tensor");
-  c10::DeviceGuard guard(grad.device());
-  const Walk w = plan_walk(grad, {}, Granularity::Rows);
-  check_mask(mask, w.unit_count, grad, "grad");
-  if constexpr (Backend::kHostMemory) check_mask_padding(mask, w.unit_count, "grad");
-  at::Tensor out = at::empty_like(w.input);
-  at::Tensor sums = at::zeros({grad.size(-1)}, grad.options());
-  if (w.input.numel() > 0) {
-    KernelCall c = read_call(w, Granularity::Rows, out, mask, keep_scale(p));
-    c.bias_len = grad.size(-1);
-    c.bias_grad = sums.mutable_data_ptr();
-    Backend::run(c);
+// A residual cast to a wider float type is a new value: its NaNs become the
+// canonical NaN, as the kernels write every NaN they compute (docs/semantics.md). 16-bit outputs need nothing: their kernels store every NaN
+// as the canonical one.
+inline void canonical_nans_(at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) {
+    t.view(at::kInt).masked_fill_(t.isnan(), int64_t{0x7FFFFFFF});
+  } else if (t.scalar_type() == at::kDouble) {
+    t.view(at::kLong).masked_fill_(t.isnan(), int64_t{0x7FFFFFFFFFFFFFFF});
   }
-  return {out, sums};
 }
 
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> channel_dropout(const at::Tensor& input, double p,
-                                                   const std::optional<at::Generator>& generator,
-                                                   std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  check_channels(input, "input");
-  return masked_forward<Backend>(Granularity::Channel, input, {}, {}, p, keep_scale(p), rng);
+// ------------------------------------------------------------- the bodies
+
+struct ForwardArgs {
+  at::Tensor input, bias, residual;
+  at::Tensor mask;  // in place: the caller's, written
+  double p = 0;
+  bool scale_by_keep = true;
+  std::optional<at::Generator> generator;
+  std::optional<int64_t> seed;
+  int64_t offset = 0;
+  std::optional<std::vector<int64_t>> shard;
+
+  RngArgs rng() const { return RngArgs{generator, seed, offset, as_ref(shard)}; }
+};
+
+// Checked in torch's order: the probability first, then the tensors.
+inline void check_forward(const OpSpec& op, const ForwardArgs& a) {
+  check_probability(a.p);
+  check_floating(a.input, "input");
+  a.rng().check(a.input);
+  check_unit_dims(op.unit, a.input, "input");
+  if (op.bias) check_bias(a.input, a.bias);
+  if (op.residual) check_matches(a.residual, "residual", a.input, "input");
+  if (op.variant == Variant::InPlace) check_writable(a.input, "input");
 }
 
+// A forward op: (output, mask), (output, rng_state) in low-memory mode, or,
+// in place, (input, mask) with each element written where it was read.
 template <class Backend>
-at::Tensor channel_dropout_inplace(const at::Tensor& input, double p,
-                                   const std::optional<at::Generator>& generator,
-                                   std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  check_channels(input, "input");
-  return masked_forward_inplace<Backend>(Granularity::Channel, input, p, rng);
-}
-
-template <class Backend>
-at::Tensor channel_dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p) {
-  check_probability(p);
-  check_floating(grad, "grad");
-  check_channels(grad, "grad");
-  return masked_backward<Backend>(Granularity::Channel, grad, mask, keep_scale(p));
-}
-
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> drop_path(const at::Tensor& input, double p, bool scale_by_keep,
-                                             const std::optional<at::Generator>& generator,
-                                             std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  check_samples(input, "input");
-  return masked_forward<Backend>(Granularity::Sample, input, {}, {}, p,
-                                 drop_path_scale(p, scale_by_keep), rng);
-}
-
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> drop_path_add(const at::Tensor& input, const at::Tensor& residual,
-                                                 double p, bool scale_by_keep,
-                                                 const std::optional<at::Generator>& generator,
-                                                 std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  check_samples(input, "input");
-  check_residual(input, residual);
-  return masked_forward<Backend>(Granularity::Sample, input, residual, {}, p,
-                                 drop_path_scale(p, scale_by_keep), rng);
-}
-
-template <class Backend>
-at::Tensor drop_path_backward(const at::Tensor& grad, const at::Tensor& mask, double p,
-                              bool scale_by_keep) {
-  check_probability(p);
-  check_floating(grad, "grad");
-  check_samples(grad, "grad");
-  return masked_backward<Backend>(Granularity::Sample, grad, mask, drop_path_scale(p, scale_by_keep));
-}
-
-// Low-memory mode: no mask; the kernel records the (seed, offset) it drew
-// with in a 2-element int64 tensor on the input's device, and backward draws
-// the same bits again from it.
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> low_memory_forward(const at::Tensor& input_,
-                                                      const at::Tensor& residual_, double p,
-                                                      const RngArgs& rng) {
-  c10::DeviceGuard guard(input_.device());
-  const auto [input, residual, bias, out_dtype] = promote(input_, residual_, {});
-  const Walk w = plan_walk(input, residual, Granularity::Element);
+std::tuple<at::Tensor, at::Tensor> forward(const OpSpec& op, const ForwardArgs& a) {
+  check_forward(op, a);
+  c10::DeviceGuard guard(a.input.device());
+  const RngArgs rng = a.rng();
+  const double scale = unit_scale(op, a.p, a.scale_by_keep);
+  if (op.variant == Variant::InPlace) {
+    const Walk w = plan_walk(a.input, {}, op.unit);
+    check_mask(a.mask, w.unit_count, a.input, "input");
+    check_writable(a.mask, "mask");
+    check_shard(rng.shard, w.unit_count);
+    if constexpr (Backend::kLaunches) {
+      check_storage(a.mask, "mask");
+      draw_and_apply<Backend>(w, op.unit, w.input, {}, a.p, scale, rng, a.mask.mutable_data_ptr<uint8_t>());
+    }
+    if (!w.input.is_same(a.input)) a.input.copy_(w.input);
+    return {a.input, a.mask};
+  }
+  auto [input, residual, bias, out_dtype] = promote(a.input, a.residual, a.bias);
+  const Walk w = plan_walk(input, residual, op.unit, op.bias);
   check_shard(rng.shard, w.unit_count);
-  at::Tensor out = at::empty_like(w.input, w.input.options().dtype(out_dtype));
-  at::Tensor rng_state = at::zeros({2}, input_.options().dtype(at::kLong));
-  draw_and_apply<Backend>(w, Granularity::Element, out, {}, p, keep_scale(p), rng, nullptr,
-                          rng_state.mutable_data_ptr<int64_t>());
-  return {out, rng_state};
+  at::Tensor out = w.new_output(out_dtype);
+  const bool low_memory = op.variant == Variant::LowMemory;
+  at::Tensor saved = low_memory ? at::zeros({2}, a.input.options().dtype(at::kLong)) : new_mask(w.unit_count, w.input);
+  if constexpr (Backend::kLaunches) {
+    at::Tensor walked_residual = w.residual;
+    if (residual.defined() && a.residual.scalar_type() != out_dtype && !residual.is_same(a.residual)) {
+      canonical_nans_(walked_residual);  // a copy of its own: cast, or laid out
+    }
+    Walk launched = w;
+    launched.residual = walked_residual;
+    draw_and_apply<Backend>(launched, op.unit, out, bias.defined() ? bias.contiguous() : bias, a.p, scale, rng,
+                            low_memory ? nullptr : saved.mutable_data_ptr<uint8_t>(),
+                            low_memory ? saved.mutable_data_ptr<int64_t>() : nullptr);
+  }
+  return {w.output(out), saved};
+}
+
+struct BackwardArgs {
+  at::Tensor grad, saved;  // saved: the mask, or the rng_state
+  double p = 0;
+  bool scale_by_keep = true;
+  std::optional<std::vector<int64_t>> shard;  // low-memory: the forward's
+};
+
+// A backward op: grad through the mask of its unit, with the bias gradient
+// (its sums over all but the last dimension, added in the order
+// column_sums.h fixes, in float32, float64 for float64, and rounded once to
+// grad's dtype) where the row has a bias; the low-memory backward draws its
+// element mask again from the rng_state.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> backward(const OpSpec& op, const BackwardArgs& a) {
+  check_probability(a.p);
+  check_floating(a.grad, "grad");
+  check_unit_dims(op.unit, a.grad, "grad");
+  if (op.bias) TORCH_CHECK(a.grad.dim() >= 1, "grad must have at least 1 dimension for a bias, got a 0-d tensor");
+  c10::DeviceGuard guard(a.grad.device());
+  const Walk w = plan_walk(a.grad, {}, op.unit, op.bias);
+  const bool low_memory = op.variant == Variant::LowMemoryBackward;
+  if (low_memory) {
+    check_rng_state(a.saved, a.grad);
+    check_shard(as_ref(a.shard), w.unit_count);
+  } else {
+    check_mask(a.saved, w.unit_count, a.grad, "grad");
+  }
+  at::Tensor out = w.new_output(w.input.scalar_type());
+  at::Tensor sums = op.bias ? at::zeros_symint({a.grad.sym_size(-1)}, a.grad.options()) : at::Tensor();
+  if constexpr (Backend::kLaunches) {
+    check_storage(a.saved, low_memory ? "rng_state" : "mask");
+    if (w.input.numel() > 0) {
+      KernelCall c = apply_call(w, op.unit, out, {}, unit_scale(op, a.p, a.scale_by_keep));
+      if (low_memory) {
+        c.source = MaskSource::Draw;
+        c.threshold = keep_threshold(a.p);
+        c.rng.seed_ptr = a.saved.const_data_ptr<int64_t>();
+        c.rng.offset_ptr = c.rng.seed_ptr + 1;
+        c.shard = to_shard_map(as_ref(a.shard));
+      } else {
+        c.source = op.unit == UnitKind::Element ? MaskSource::Elements : MaskSource::Units;
+        c.mask_in = a.saved.const_data_ptr<uint8_t>();
+      }
+      if (op.bias) {
+        c.bias_len = a.grad.size(-1);
+        c.bias_grad = sums.mutable_data_ptr();
+      }
+      Backend::run(c);
+    }
+  }
+  return {w.output(out), sums};
+}
+
+// ------------------------------------------------------ boxed registration
+
+// The arguments of a call, read off the stack in schema order (schemas.h).
+class StackArgs {
+ public:
+  StackArgs(const torch::jit::Stack& stack, size_t count) : stack_(stack), next_(stack.size() - count) {}
+  const c10::IValue& next() { return stack_[next_++]; }
+  at::Tensor tensor() { return next().toTensor(); }
+  std::optional<std::vector<int64_t>> int_list() {
+    const c10::IValue& v = next();
+    if (v.isNone()) return std::nullopt;
+    return v.toIntVector();
+  }
+
+ private:
+  const torch::jit::Stack& stack_;
+  size_t next_;
+};
+
+inline ForwardArgs forward_args(const OpSpec& op, const torch::jit::Stack& stack, size_t count) {
+  StackArgs s(stack, count);
+  ForwardArgs a;
+  a.input = s.tensor();
+  if (op.variant == Variant::InPlace) a.mask = s.tensor();
+  if (op.bias) a.bias = s.tensor();
+  if (op.residual) a.residual = s.tensor();
+  a.p = s.next().toDouble();
+  if (op.scale_by_keep()) a.scale_by_keep = s.next().toBool();
+  a.generator = s.next().toOptional<at::Generator>();
+  a.seed = s.next().toOptional<int64_t>();
+  a.offset = s.next().toInt();
+  a.shard = s.int_list();
+  return a;
+}
+
+inline BackwardArgs backward_args(const OpSpec& op, const torch::jit::Stack& stack, size_t count) {
+  StackArgs s(stack, count);
+  BackwardArgs a;
+  a.grad = s.tensor();
+  a.saved = s.tensor();
+  a.p = s.next().toDouble();
+  if (op.scale_by_keep()) a.scale_by_keep = s.next().toBool();
+  if (op.variant == Variant::LowMemoryBackward) a.shard = s.int_list();
+  return a;
 }
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> dropout_low_memory(const at::Tensor& input, double p,
-                                                      const std::optional<at::Generator>& generator,
-                                                      std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  return low_memory_forward<Backend>(input, {}, p, rng);
-}
+class OpKernel final : public c10::OperatorKernel {
+ public:
+  explicit OpKernel(const OpSpec& op) : op_(op) {}
 
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> dropout_add_low_memory(
-    const at::Tensor& input, const at::Tensor& residual, double p,
-    const std::optional<at::Generator>& generator, std::optional<int64_t> seed, int64_t offset, at::OptionalIntArrayRef shard) {
-  const RngArgs rng{generator, seed, offset, shard};
-  check_forward(input, p, rng);
-  check_residual(input, residual);
-  return low_memory_forward<Backend>(input, residual, p, rng);
-}
+  void operator()(const c10::OperatorHandle& handle, c10::DispatchKeySet, torch::jit::Stack* stack) {
+    const size_t count = handle.schema().arguments().size();
+    at::Tensor first, second;
+    if (op_.is_forward()) {
+      std::tie(first, second) = forward<Backend>(op_, forward_args(op_, *stack, count));
+    } else {
+      std::tie(first, second) = backward<Backend>(op_, backward_args(op_, *stack, count));
+    }
+    torch::jit::drop(*stack, count);
+    torch::jit::push(*stack, std::move(first));
+    if (handle.schema().returns().size() == 2) torch::jit::push(*stack, std::move(second));
+  }
 
-template <class Backend>
-at::Tensor dropout_low_memory_backward(const at::Tensor& grad, const at::Tensor& rng_state,
-                                       double p, at::OptionalIntArrayRef shard) {
-  check_probability(p);
-  check_floating(grad, "grad");
-  check_rng_state(rng_state, grad);
-  if constexpr (Backend::kHostMemory) check_rng_state_values(rng_state);
-  c10::DeviceGuard guard(grad.device());
-  const Walk w = plan_walk(grad, {}, Granularity::Element);
-  check_shard(shard, w.unit_count);
-  at::Tensor out = at::empty_like(w.input);
-  if (w.input.numel() == 0) return out;
-  KernelCall c = apply_call(w, out, {}, keep_scale(p));
-  c.source = MaskSource::Draw;
-  c.threshold = keep_threshold(p);
-  c.rng.seed_ptr = rng_state.const_data_ptr<int64_t>();
-  c.rng.offset_ptr = c.rng.seed_ptr + 1;
-  c.shard = to_shard_map(shard);
-  Backend::run(c);
-  return out;
-}
+ private:
+  const OpSpec& op_;
+};
 
 template <class Backend>
 void register_ops(torch::Library& m) {
-  m.impl("dropout", TORCH_FN(dropout<Backend>));
-  m.impl("dropout_", TORCH_FN(dropout_inplace<Backend>));
-  m.impl("dropout_backward", TORCH_FN(dropout_backward<Backend>));
-  m.impl("dropout_add", TORCH_FN(dropout_add<Backend>));
-  m.impl("bias_dropout_add", TORCH_FN(bias_dropout_add<Backend>));
-  m.impl("bias_dropout_add_backward", TORCH_FN(bias_dropout_add_backward<Backend>));
-  m.impl("channel_dropout", TORCH_FN(channel_dropout<Backend>));
-  m.impl("channel_dropout_", TORCH_FN(channel_dropout_inplace<Backend>));
-  m.impl("channel_dropout_backward", TORCH_FN(channel_dropout_backward<Backend>));
-  m.impl("drop_path", TORCH_FN(drop_path<Backend>));
-  m.impl("drop_path_add", TORCH_FN(drop_path_add<Backend>));
-  m.impl("drop_path_backward", TORCH_FN(drop_path_backward<Backend>));
-  m.impl("dropout_low_memory", TORCH_FN(dropout_low_memory<Backend>));
-  m.impl("dropout_add_low_memory", TORCH_FN(dropout_add_low_memory<Backend>));
-  m.impl("dropout_low_memory_backward", TORCH_FN(dropout_low_memory_backward<Backend>));
+  for (const OpSpec& op : kOps) {
+    m.impl(op.name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<OpKernel<Backend>>(op)));
+  }
 }
 
 }  // namespace regdrop

@@ -1,10 +1,11 @@
 // Philox4x32-10 and the one mapping from (seed, offset, unit index) to keep bits.
 //
 // This header is the only random-number generator in regdrop. It compiles for
-// the host (the CPU kernels, and the scalar reference they are tested against)
-// and for CUDA devices, so both devices draw bit-identical masks.
+// the host (the CPU kernels, and the host emulation of the CUDA kernels) and
+// for CUDA devices, so both devices draw bit-identical masks. The tests check
+// it against an independent NumPy implementation (tests/reference.py).
 //
-// The mapping (README, "The random mapping"):
+// The mapping (docs/random-mapping.md):
 //   * Units (elements, (n, c) pairs or samples) are numbered in memory order
 //     and grouped by 8. Group g is one Philox4x32-10 evaluation with
 //       counter = (g.lo, g.hi, offset.lo, offset.hi | kStreamTag)
@@ -62,7 +63,28 @@ REGDROP_HOST_DEVICE void philox_mulhilo(uint32_t a, uint32_t b, uint32_t& hi, ui
 #endif
 }
 
-REGDROP_HOST_DEVICE PhiloxBlock philox4x32_10(PhiloxBlock ctr, uint32_t k0, uint32_t k1) {
+// The key schedule of a seed: round r mixes in (seed.lo + r W0, seed.hi + r W1).
+// It depends on the seed alone, so a kernel that knows the seed at launch
+// takes it precomputed (as kernel parameters) instead of computing it in
+// every thread.
+struct PhiloxKeys {
+  uint32_t k0[kPhiloxRounds];
+  uint32_t k1[kPhiloxRounds];
+};
+
+REGDROP_HOST_DEVICE PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys keys;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    keys.k0[round] = static_cast<uint32_t>(seed) + static_cast<uint32_t>(round) * kPhiloxW0;
+    keys.k1[round] = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(round) * kPhiloxW1;
+  }
+  return keys;
+}
+
+REGDROP_HOST_DEVICE PhiloxBlock philox4x32_10(PhiloxBlock ctr, const PhiloxKeys& keys) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -70,11 +92,13 @@ REGDROP_HOST_DEVICE PhiloxBlock philox4x32_10(PhiloxBlock ctr, uint32_t k0, uint
     uint32_t hi0, lo0, hi1, lo1;
     philox_mulhilo(kPhiloxM0, ctr.w[0], hi0, lo0);
     philox_mulhilo(kPhiloxM1, ctr.w[2], hi1, lo1);
-    ctr = PhiloxBlock{{hi1 ^ ctr.w[1] ^ k0, lo1, hi0 ^ ctr.w[3] ^ k1, lo0}};
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
+    ctr = PhiloxBlock{{hi1 ^ ctr.w[1] ^ keys.k0[round], lo1, hi0 ^ ctr.w[3] ^ keys.k1[round], lo0}};
   }
   return ctr;
+}
+
+REGDROP_HOST_DEVICE PhiloxBlock philox4x32_10(PhiloxBlock ctr, uint32_t k0, uint32_t k1) {
+  return philox4x32_10(ctr, philox_keys((static_cast<uint64_t>(k1) << 32) | k0));
 }
 
 REGDROP_HOST_DEVICE PhiloxBlock group_counter(uint64_t group, uint64_t offset) {
@@ -102,12 +126,14 @@ REGDROP_HOST_DEVICE uint32_t keep_bits(const PhiloxBlock& words, uint32_t thresh
   return bits;
 }
 
+REGDROP_HOST_DEVICE uint32_t group_keep_bits(const PhiloxKeys& keys, uint64_t offset, uint64_t group,
+                                            uint32_t threshold) {
+  return keep_bits(philox4x32_10(group_counter(group, offset), keys), threshold);
+}
+
 REGDROP_HOST_DEVICE uint32_t group_keep_bits(uint64_t seed, uint64_t offset, uint64_t group,
                                             uint32_t threshold) {
-  const PhiloxBlock words = philox4x32_10(group_counter(group, offset),
-                                          static_cast<uint32_t>(seed),
-                                          static_cast<uint32_t>(seed >> 32));
-  return keep_bits(words, threshold);
+  return group_keep_bits(philox_keys(seed), offset, group, threshold);
 }
 
 }  // namespace regdrop

@@ -1,78 +1,74 @@
-// Every regdrop op schema, written once: define_ops() declares them in a
-// library. ops.cpp calls it for TORCH_LIBRARY(regdrop); the host emulation of
-// the CUDA kernels (tests/cuda_emulation) calls it for a namespace of its own,
-// so that both run the very same ops. The kernels are registered per device
-// at the end of cpu/dropout_cpu.cpp and cuda/cuda_backend.cpp, autograd in
-// autograd.cpp, and fake kernels in regdrop_ext/_ops.py.
+// Every op's schema, written from the manifest (regdrop/manifest.h):
+// define_ops() declares them in a library. ops.cpp calls it for
+// TORCH_LIBRARY(regdrop); the host emulation of the CUDA kernels
+// (tests/cuda_emulation) calls it for a namespace of its own, so that both
+// run the very same ops.
 //
-// Conventions shared by all ops:
+// The argument lists, by the row's operands and unit:
+//   forward      (input[, bias][, residual], p[, scale_by_keep], <rng>) -> (output, mask)
+//   in place     (input!, mask!, p[, scale_by_keep], <rng>) -> (input!, mask!): the caller's mask
+//                of ceil(units / 8) bytes is written (torch.compile supports no op that returns
+//                both an alias of its input and a new tensor)
+//   low memory   (input[, bias][, residual], p, <rng>) -> (output, rng_state)
+//   backward     (grad, mask, p[, scale_by_keep]) -> grad_input[, grad_bias]
+//                (grad, rng_state, p, *, shard) for the low-memory ops
+//   <rng>        Generator? generator=None, *, int? seed=None, int offset=0, int[]? shard=None
+//
+// Conventions shared by all ops (docs/semantics.md, docs/random-mapping.md):
 //   * A mask is uint8 with ceil(units / 8) bytes; bit i % 8 of byte i / 8 is
 //     the keep flag of unit i. Element units are numbered in the memory order
-//     of `input` (operands without one shared dense layout are made
-//     contiguous first, and the output is contiguous); samples by index n,
-//     channels by n * C + c.
+//     of the output; samples by index n, channels by n * C + c.
 //   * Random ops draw from `generator` (default: the device's default
 //     generator), or, given `seed`, from the Philox stream (seed, offset), the
-//     same on every device (README, "The random mapping").
+//     same on every device.
 //   * Given `shard` = (first, run, stride), a random op is a shard of a
 //     larger call (a DTensor's local part) and draws each unit where that
 //     call would: unit i is the larger call's unit
-//     first + (i / run) * stride + i % run. So shards of a tensor, drawn
-//     apart, draw what the whole tensor draws. Backward ops need no shard,
-//     but dropout_low_memory_backward, which draws again, takes the forward's.
-//   * Backward ops read `grad` in the same memory order as the forward output.
+//     first + (i / run) * stride + i % run.
+//   * Kept units are scaled by 1 / q, q the keep probability the 16-bit
+//     threshold gives (philox.h), so that E[output] = input for every p.
 #pragma once
 
 #include <torch/library.h>
 
-// The shared tail of every random op's arguments.
-#define REGDROP_RNG_ARGS "Generator? generator=None, *, int? seed=None, int offset=0, int[]? shard=None)"
+#include <string>
+
+#include "include/regdrop/manifest.h"
 
 namespace regdrop {
 
+inline std::string schema_of(const OpSpec& op) {
+  const std::string rng = "Generator? generator=None, *, int? seed=None, int offset=0, int[]? shard=None";
+  const std::string keep = op.scale_by_keep() ? ", bool scale_by_keep=True" : "";
+  std::string tensors = "Tensor input";
+  if (op.bias) tensors += ", Tensor bias";
+  if (op.residual) tensors += ", Tensor residual";
+  switch (op.variant) {
+    case Variant::Masked:
+      return std::string(op.name) + "(" + tensors + ", float p" + keep + ", " + rng + ") -> (Tensor output, Tensor mask)";
+    case Variant::InPlace:
+      return std::string(op.name) + "(Tensor(a!) input, Tensor(b!) mask, float p" + keep + ", " + rng +
+             ") -> (Tensor(a!), Tensor(b!))";
+    case Variant::LowMemory:
+      return std::string(op.name) + "(" + tensors + ", float p" + keep + ", " + rng +
+             ") -> (Tensor output, Tensor rng_state)";
+    case Variant::Backward:
+      return std::string(op.name) + "(Tensor grad, Tensor mask, float p" + keep + ") -> " +
+             (op.bias ? "(Tensor grad_input, Tensor grad_bias)" : "Tensor");
+    case Variant::LowMemoryBackward:
+      return std::string(op.name) + "(Tensor grad, Tensor rng_state, float p" + keep + ", *, int[]? shard=None) -> Tensor";
+  }
+  return {};
+}
+
 inline void define_ops(torch::Library& m) {
-  const std::vector<at::Tag> random = {at::Tag::nondeterministic_seeded};
-
-  // Element dropout: y = keep ? x / (1 - p) : 0.
-  m.def("dropout(Tensor input, float p, " REGDROP_RNG_ARGS " -> (Tensor output, Tensor mask)", random);
-  m.def("dropout_(Tensor(a!) input, float p, " REGDROP_RNG_ARGS " -> Tensor mask", random);
-  m.def("dropout_backward(Tensor grad, Tensor mask, float p) -> Tensor");
-
-  // Fused residual forms: y = residual + dropout(input [+ bias]).
-  m.def("dropout_add(Tensor input, Tensor residual, float p, " REGDROP_RNG_ARGS
-            " -> (Tensor output, Tensor mask)",
-        random);
-  m.def("bias_dropout_add(Tensor input, Tensor bias, Tensor residual, float p, " REGDROP_RNG_ARGS
-            " -> (Tensor output, Tensor mask)",
-        random);
-  m.def("bias_dropout_add_backward(Tensor grad, Tensor mask, float p)"
-        " -> (Tensor grad_input, Tensor grad_bias)");
-
-  // Channel dropout (Dropout1d/2d/3d): one bit per (n, c) of an (N, C, *) input.
-  m.def("channel_dropout(Tensor input, float p, " REGDROP_RNG_ARGS " -> (Tensor output, Tensor mask)",
-        random);
-  m.def("channel_dropout_(Tensor(a!) input, float p, " REGDROP_RNG_ARGS " -> Tensor mask", random);
-  m.def("channel_dropout_backward(Tensor grad, Tensor mask, float p) -> Tensor");
-
-  // Drop-path (stochastic depth): one bit per sample along dim 0.
-  m.def("drop_path(Tensor input, float p, bool scale_by_keep=True, " REGDROP_RNG_ARGS
-            " -> (Tensor output, Tensor mask)",
-        random);
-  m.def("drop_path_add(Tensor input, Tensor residual, float p, bool scale_by_keep=True, " REGDROP_RNG_ARGS
-            " -> (Tensor output, Tensor mask)",
-        random);
-  m.def("drop_path_backward(Tensor grad, Tensor mask, float p, bool scale_by_keep=True) -> Tensor");
-
-  // Low-memory element dropout: no mask; rng_state = int64[2] (seed, offset)
-  // on the input's device, from which backward draws the same bits again.
-  m.def("dropout_low_memory(Tensor input, float p, " REGDROP_RNG_ARGS " -> (Tensor output, Tensor rng_state)",
-        random);
-  m.def("dropout_add_low_memory(Tensor input, Tensor residual, float p, " REGDROP_RNG_ARGS
-            " -> (Tensor output, Tensor rng_state)",
-        random);
-  m.def("dropout_low_memory_backward(Tensor grad, Tensor rng_state, float p, *, int[]? shard=None) -> Tensor");
+  for (const OpSpec& op : kOps) {
+    if (op.is_forward()) {
+      m.def(schema_of(op).c_str(), {at::Tag::nondeterministic_seeded});
+    } else {
+      m.def(schema_of(op).c_str());
+    }
+  }
 }
 
 }  // namespace regdrop
-
-#undef REGDROP_RNG_ARGS

@@ -50,28 +50,8 @@ from typing import Optional
 
 import torch
 
-ELEMENT, ROWS, SAMPLE, CHANNEL = "element", "rows", "sample", "channel"
-
-# op name -> the granularity of its units
-_FORWARD = {
-    "dropout": ELEMENT,
-    "dropout_": ELEMENT,
-    "dropout_add": ELEMENT,
-    "bias_dropout_add": ROWS,
-    "channel_dropout": CHANNEL,
-    "channel_dropout_": CHANNEL,
-    "drop_path": SAMPLE,
-    "drop_path_add": SAMPLE,
-    "dropout_low_memory": ELEMENT,
-    "dropout_add_low_memory": ELEMENT,
-}
-_BACKWARD = {
-    "dropout_backward": ELEMENT,
-    "bias_dropout_add_backward": ROWS,
-    "channel_dropout_backward": CHANNEL,
-    "drop_path_backward": SAMPLE,
-    "dropout_low_memory_backward": ELEMENT,
-}
+from .manifest import CHANNEL, ELEMENT, SAMPLE
+from . import manifest
 
 
 # --- where a block's units lie among the global tensor's -------------------------
@@ -85,16 +65,16 @@ def _row_major_strides(shape):
     return strides[::-1]
 
 
-def unit_shard(global_shape, offsets, local_shape, granularity: str) -> Optional[tuple]:
+def unit_shard(global_shape, offsets, local_shape, unit: str) -> Optional[tuple]:
     """``(first, run, stride)`` of the block of a tensor of ``global_shape``
     that starts at ``offsets`` and has ``local_shape``: its units, numbered
     in the block as the ops number them, are the global tensor's units
     ``first + (i // run) * stride + i % run``. None when no one (run, stride)
     places them (element units along two non-leading sharded dims)."""
     global_shape, offsets, local_shape = list(global_shape), list(offsets), list(local_shape)
-    if granularity == SAMPLE:
+    if unit == SAMPLE:
         return (offsets[0], max(local_shape[0], 1), max(local_shape[0], 1))
-    if granularity == CHANNEL:
+    if unit == CHANNEL:
         channels = global_shape[1]
         return (offsets[0] * channels + offsets[1], max(local_shape[1], 1), max(channels, local_shape[1], 1))
     if math.prod(local_shape) == 0:
@@ -130,14 +110,21 @@ def _is_plain_shard(p) -> bool:
     return type(p) is Shard  # not _StridedShard, a subclass of Shard in some torch versions
 
 
-def _effective_placements(placements, global_shape, granularity: str):
+def _is_linear_partial(p) -> bool:
+    return p.is_partial() and p.reduce_op in ("sum", "avg")
+
+
+def _effective_placements(placements, global_shape, unit: str, keep_linear_partial: bool = False):
     """The placements the op runs on: the input's, with Partial and
     _StridedShard replicated and, for element units, only two dims sharded:
     the last sharded one and the leading one (the first longer than 1), so
-    that the dims between them are whole and unit_shard places every shard."""
+    that the dims between them are whole and unit_shard places every shard.
+    ``keep_linear_partial``: a Partial sum or average stays (in place, where
+    each rank's partial goes through the same mask: dropout is linear)."""
     _, Replicate, _ = _placement_types()
-    out = [p if _is_plain_shard(p) else Replicate() for p in placements]
-    if granularity in (ELEMENT, ROWS):
+    out = [p if _is_plain_shard(p) or (keep_linear_partial and _is_linear_partial(p)) else Replicate()
+           for p in placements]
+    if unit == ELEMENT:
         sharded = [p.dim for p in out if _is_plain_shard(p) and global_shape[p.dim] > 1]
         if sharded:
             leading = next(d for d, size in enumerate(global_shape) if size > 1)
@@ -156,14 +143,6 @@ def _shard_grid(global_shape, mesh, placements):
             grid[p.dim] *= parts
             largest[p.dim] = -(-largest[p.dim] // parts)
     return grid, largest
-
-
-def _units(shape, granularity: str) -> int:
-    if granularity == SAMPLE:
-        return shape[0]
-    if granularity == CHANNEL:
-        return shape[0] * shape[1]
-    return math.prod(shape)
 
 
 # --- random streams ----------------------------------------------------------------
@@ -220,30 +199,6 @@ def _sync_generators(mesh) -> None:
 # --- the handlers ------------------------------------------------------------------
 
 
-def _bind(op, args, kwargs) -> dict:
-    bound = {}
-    for k, arg in enumerate(op._schema.arguments):
-        if k < len(args):
-            bound[arg.name] = args[k]
-        elif arg.name in kwargs:
-            bound[arg.name] = kwargs[arg.name]
-        elif arg.has_default_value():
-            bound[arg.name] = arg.default_value
-    return bound
-
-
-def _call(op, bound: dict):
-    args, kwargs = [], {}
-    for arg in op._schema.arguments:
-        if arg.name not in bound:
-            continue
-        if arg.kwarg_only:
-            kwargs[arg.name] = bound[arg.name]
-        else:
-            args.append(bound[arg.name])
-    return op(*args, **kwargs)
-
-
 def _require_dtensor(t, name: str, op_name: str):
     from torch.distributed.tensor import DTensor
 
@@ -277,14 +232,20 @@ def _local_block(x, placements):
 
 
 def _forward(op, args, kwargs):
-    name = op._schema.name.split("::")[1]
-    granularity = _FORWARD[name]
-    b = _bind(op, args, kwargs)
+    spec = manifest.OPS[op._schema.name.split("::")[1]]
+    b = spec.bind(args, kwargs)
     x = b["input"]
     for other in ("residual", "bias"):
-        _require_dtensor(b.get(other), other, name)
+        _require_dtensor(b.get(other), other, spec.name)
     mesh, placements, shape = x.device_mesh, tuple(x.placements), tuple(x.shape)
-    effective = _effective_placements(placements, shape, granularity)
+    in_place = spec.variant == "in_place"
+    if in_place and any(p.is_partial() and not _is_linear_partial(p) for p in placements):
+        raise RuntimeError(
+            f"regdrop.{spec.name}: an in-place op on a DTensor with placements {list(placements)} would have to "
+            "redistribute it (a Partial that is not a sum or an average), which an in-place op cannot do to its "
+            "input; redistribute it first, or use the out-of-place op"
+        )
+    effective = _effective_placements(placements, shape, spec.unit, keep_linear_partial=in_place)
     Shard, Replicate, _ = _placement_types()
 
     with torch.no_grad():
@@ -292,7 +253,7 @@ def _forward(op, args, kwargs):
             _sync_generators(mesh)
         moved = x.redistribute(mesh, effective) if list(effective) != list(placements) else x
         local = moved.to_local()
-        if granularity in (ELEMENT, ROWS):
+        if spec.unit == ELEMENT:
             local = local.contiguous()  # element units in row-major order, as the whole tensor's
         local_shape, offsets = _local_block(x, effective)
         b["input"] = local
@@ -304,21 +265,19 @@ def _forward(op, args, kwargs):
             b["bias"] = b["bias"].redistribute(mesh, bias_placements).to_local()
         # A shard draws (takes a stream) even when empty, as the larger call does; a larger call
         # with no units draws nothing, so then no rank may.
-        if _units(shape, granularity):
-            b["shard"] = list(unit_shard(shape, offsets, local_shape, granularity))
-
-        in_place = name.endswith("_")
+        if spec.units(shape):
+            b["shard"] = list(unit_shard(shape, offsets, local_shape, spec.unit))
         if in_place:
-            mask = _call(op, b)
-            out = local
-        else:
-            out, mask = _call(op, b)
+            b["mask"] = spec.new_mask(local)
+        out, mask = spec.call(b)
         grid, largest = _shard_grid(shape, mesh, effective)
-        width = 2 if name.endswith("low_memory") else -(-_units(largest, granularity) // 8)  # rng_state, or mask
+        width = 2 if spec.variant == "low_memory" else -(-spec.units(largest) // 8)  # rng_state, or mask
         saved = _per_shard(mask, mesh, effective, grid, width)
         result = _wrap(out, mesh, effective, shape)
-        back = [Replicate() if p.is_partial() else p for p in placements]
-        if list(back) != list(effective):
+        # In place: back in the input's own placements, to write its local tensor; else as
+        # documented, a Partial input's output is replicated.
+        back = list(placements) if in_place else [Replicate() if p.is_partial() else p for p in placements]
+        if back != list(effective):
             result = result.redistribute(mesh, back)
         if in_place:
             # The op wrote x's own memory unless the local was copied (redistributed, or made
@@ -326,45 +285,43 @@ def _forward(op, args, kwargs):
             # in size-1 dims: compare the memory, as copy_ onto such a view would refuse.
             if result.to_local().data_ptr() != x.to_local().data_ptr():
                 x.to_local().copy_(result.to_local())
-            return saved
+            return x, saved
     return result, saved
 
 
 def _backward(op, args, kwargs):
-    name = op._schema.name.split("::")[1]
-    granularity = _BACKWARD[name]
-    b = _bind(op, args, kwargs)
+    spec = manifest.OPS[op._schema.name.split("::")[1]]
+    b = spec.bind(args, kwargs)
     grad = b["grad"]
-    state_name = "rng_state" if "rng_state" in b else "mask"
+    state_name = spec.tensors[1]
     saved = b[state_name]
-    _require_dtensor(saved, state_name, name)
+    _require_dtensor(saved, state_name, spec.name)
     mesh, shape = grad.device_mesh, tuple(grad.shape)
     Shard, Replicate, Partial = _placement_types()
-    linear = lambda p: p.is_partial() and p.reduce_op in ("sum", "avg")  # noqa: E731
     target = []
     for p_saved, p_grad in zip(saved.placements, grad.placements):
         if _is_plain_shard(p_saved):
             target.append(p_saved)
         else:  # the mask is the same on these ranks: a partial sum goes through it as it is
-            target.append(p_grad if linear(p_grad) else Replicate())
+            target.append(p_grad if _is_linear_partial(p_grad) else Replicate())
     mask_placements = [p if _is_plain_shard(p) else Replicate() for p in target]
 
     with torch.no_grad():
         moved = grad.redistribute(mesh, target) if list(target) != list(grad.placements) else grad
         local = moved.to_local()
-        if granularity in (ELEMENT, ROWS):
+        if spec.unit == ELEMENT:
             local = local.contiguous()
         local_shape, offsets = _local_block(grad, mask_placements)
-        units = _units(local_shape, granularity)
+        units = spec.units(local_shape)
         local_saved = saved.to_local().reshape(-1)
         b["grad"] = local
         if state_name == "mask":
             b["mask"] = local_saved[: -(-units // 8)]
         else:
             b["rng_state"] = local_saved
-            b["shard"] = list(unit_shard(shape, offsets, local_shape, granularity))
-        result = _call(op, b)
-        grad_input, grad_bias = result if name == "bias_dropout_add_backward" else (result, None)
+            b["shard"] = list(unit_shard(shape, offsets, local_shape, spec.unit))
+        result = spec.call(b)
+        grad_input, grad_bias = result if spec.bias else (result, None)
         grad_input = _wrap(grad_input, mesh, target, shape)
         # Sharded again where grad was and the op replicated it (a local slice), as the forward's
         # output went back to the input's placements: so a leaf's .grad, and optimizer state made
@@ -390,10 +347,8 @@ def register() -> None:
     from torch.distributed.tensor import DTensor
 
     handlers = DTensor._op_dispatcher._custom_op_handlers
-    for name in _FORWARD:
-        handlers[getattr(torch.ops.regdrop, name).default] = _forward
-    for name in _BACKWARD:
-        handlers[getattr(torch.ops.regdrop, name).default] = _backward
+    for spec in manifest.ops():
+        handlers[spec.op.default] = _forward if spec.is_forward else _backward
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

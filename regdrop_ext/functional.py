@@ -34,6 +34,12 @@ __all__ = [
 ]
 
 
+def _new_mask(units: int, like: Tensor) -> Tensor:
+    """The mask an in-place op writes: a bit per unit, ceil(units / 8) bytes.
+    From ``like``, so that under vmap it is a mask per sample."""
+    return like.new_empty([(units + 7) // 8], dtype=torch.uint8)
+
+
 @torch.jit.unused
 def _is_real_number(p: float) -> bool:  # annotated for TorchScript, which never calls it
     return isinstance(p, numbers.Real)  # numpy's scalars too
@@ -55,9 +61,9 @@ def dropout(
     generator: Optional[torch.Generator] = None,
     low_memory: bool = False,
 ) -> Tensor:
-    """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p)
-    (exactly: by the inverse of the keep probability, p being quantized to
-    2^-16 steps, so that the expected output is the input).
+    """Zero each element with probability ``p`` and scale the rest by 1 / q, q
+    the keep probability (1 - p, quantized to 2^-16 steps), so that the
+    expected output is the input.
 
     One pass over ``input``; autograd saves a 1-bit-per-element mask. Dropped
     elements are exactly 0 even where ``input`` is NaN or Inf.
@@ -78,8 +84,7 @@ def dropout(
     if not training or p == 0.0:
         return input
     if inplace:
-        ops.dropout_(input, p, generator)
-        return input
+        return ops.dropout_(input, _new_mask(input.numel(), input), p, generator)[0]
     if low_memory:
         return ops.dropout_low_memory(input, p, generator)[0]
     return ops.dropout(input, p, generator)[0]
@@ -132,7 +137,8 @@ def drop_path(
 ) -> Tensor:
     """Drop whole samples (stochastic depth), as ``timm.layers.drop_path``:
     one Bernoulli draw per slice along dim 0; kept samples are scaled by
-    1 / (1 - p) when ``scale_by_keep``. Autograd saves one bit per sample."""
+    1 / q, q the keep probability (1 - p, quantized to 2^-16 steps), when
+    ``scale_by_keep``. Autograd saves one bit per sample."""
     _check_probability(p, "drop_path probability")
     if not training or p == 0.0:
         return input
@@ -161,10 +167,11 @@ def _channel_dropout(
     Its callers have checked ``p``."""
     if not training or p == 0.0:
         return input
+    if inplace:  # as torch: an unbatched input gains and loses its batch dimension in place
+        x = input if batched else input.unsqueeze_(0)
+        out = ops.channel_dropout_(x, _new_mask(x.size(0) * x.size(1), x), p, generator)[0]
+        return out if batched else out.squeeze_(0)
     x = input if batched else input.unsqueeze(0)
-    if inplace:
-        ops.channel_dropout_(x, p, generator)
-        return input
     out = ops.channel_dropout(x, p, generator)[0]
     return out if batched else out.squeeze(0)
 

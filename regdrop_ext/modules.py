@@ -79,7 +79,8 @@ class DropPath(torch.nn.Module):
 
     Args:
         drop_prob: probability of a sample's path to be dropped. Default: 0.0
-        scale_by_keep: scale kept samples by 1 / (1 - drop_prob). Default: ``True``
+        scale_by_keep: scale kept samples by 1 / q, q the keep probability
+            (1 - drop_prob, quantized to 2^-16 steps). Default: ``True``
     """
 
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:

@@ -16,3 +16,41 @@ def binomial_bounds(n, q, sigmas=5.0):
     """The range of a Binomial(n, q) count within `sigmas` standard deviations of its mean."""
     mean, sd = n * q, math.sqrt(n * q * (1 - q))
     return mean - sigmas * sd, mean + sigmas * sd
+
+
+def in_place(name, x, *args, **kwargs):
+    """The in-place op ``name`` on ``x``, with a mask to write: (x, mask)."""
+    from regdrop_ext import manifest
+
+    op = manifest.OPS[name]
+    return op.op(x, op.new_mask(x), *args, **kwargs)
+
+
+def call_op(op, x, p, residual=None, bias=None, **kwargs):
+    """Forward op ``op`` (a regdrop_ext.manifest.Op) on ``x``: with the
+    residual and bias it takes, and a mask to write if it is in place."""
+    bound = {"input": x, "p": p, **kwargs}
+    if op.residual:
+        bound["residual"] = residual
+    if op.bias:
+        bound["bias"] = bias
+    if op.variant == "in_place":
+        bound["mask"] = op.new_mask(x)
+    return op.call(bound)
+
+
+def assert_rounded_once(result, terms):
+    """``result`` is the column sums of ``terms`` (rows x columns) rounded
+    once to its dtype: within half an ulp of result's dtype of the exact sum
+    (taken in float64), plus what the accumulator (float32, float64 for
+    float64) can lose over the additions, rows * its eps * the sum of
+    magnitudes. A sum rounded twice (to the dtype along the way) or taken in
+    the output's 16-bit type misses this bound."""
+    terms = terms.double().reshape(-1, terms.shape[-1])
+    exact_sum = terms.sum(0)
+    accumulator = torch.float64 if result.dtype == torch.float64 else torch.float32
+    lost = terms.shape[0] * torch.finfo(accumulator).eps * terms.abs().sum(0)
+    _, exponent = torch.frexp(exact_sum + lost * torch.sign(exact_sum))
+    half_ulp = torch.finfo(result.dtype).eps * torch.pow(2.0, exponent.double() - 2)
+    error = (result.double() - exact_sum).abs()
+    assert (error <= half_ulp + lost).all(), f"off by {(error - half_ulp - lost).max().item()} beyond one rounding"

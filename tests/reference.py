@@ -1,7 +1,7 @@
 """Pure NumPy / pure-torch references the tests compare the kernels against.
 
 ``keep_bits`` is an independent implementation of the random mapping the
-README documents (Philox4x32-10, counter = (g, offset | 2^63), 16-bit
+docs/random-mapping.md documents (Philox4x32-10, counter = (g, offset | 2^63), 16-bit
 uniforms, keep iff u >= round(p * 2^16)); the C++ header philox.h is the
 other. The masks the kernels return must match it bit for bit.
 """
@@ -137,3 +137,44 @@ def channel_keep(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     n, c = x.shape[:2]
     keep = unpack_bits(mask, n * c).to(x.device).view(n, c)
     return keep.view((n, c) + (1,) * (x.dim() - 2)).expand(x.shape)
+
+
+def keep_bits_at(seed: int, offset: int, units, p: float) -> torch.Tensor:
+    """The keep flags of the given unit numbers (any int64 values, in any
+    order): each unit's group drawn alone, so units far into a stream cost no
+    more than near ones."""
+    units = np.asarray(units, dtype=np.int64).reshape(-1)
+    groups, index = np.unique(units // 8, return_inverse=True)
+    flags = np.zeros(len(units), dtype=bool)
+    for g in range(len(groups)):  # one Philox evaluation per distinct group
+        words = uniforms16(seed, offset, 8, first_group=int(groups[g]))
+        mine = index == g
+        flags[mine] = words[units[mine] % 8] >= keep_threshold(p)
+    return torch.from_numpy(flags)
+
+
+def unit_numbers(unit: str, like: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """The number (docs/semantics.md) of the unit each element of ``like`` (the
+    op's output) belongs to, as an int64 tensor shaped like it: elements in
+    the memory order of empty_like(like) (like's own if dense, else its
+    suggested memory format; row-major with a bias: ``rows``), samples by
+    their index along dim 0, channels by n * C + c."""
+    shape = like.shape
+    if unit == "sample":
+        return torch.arange(shape[0]).view((-1,) + (1,) * (len(shape) - 1)).expand(shape)
+    if unit == "channel":
+        n, c = shape[:2]
+        return torch.arange(n * c).view((n, c) + (1,) * (len(shape) - 2)).expand(shape)
+    if rows:
+        return torch.arange(like.numel()).view(shape)
+    numbers = torch.empty_like(like, dtype=torch.int64, device="cpu")  # like's layout: its own, or suggested
+    memory_order(numbers).copy_(torch.arange(like.numel()))
+    return numbers
+
+
+def in_larger_call(numbers: torch.Tensor, shard) -> torch.Tensor:
+    """Unit numbers of a shard's call as the larger call numbers them."""
+    if shard is None:
+        return numbers
+    first, run, stride = shard
+    return first + torch.div(numbers, run, rounding_mode="floor") * stride + numbers % run

@@ -23,14 +23,14 @@ def _opcheck_cases(device):
         (ops.dropout, (x, 0.5), seeded),
         (ops.dropout, (cl, 0.3), seeded),
         (ops.dropout, (x[:, ::2], 0.3), seeded),
-        (ops.dropout_, (x.detach().clone(), 0.5), seeded),
+        (ops.dropout_, (x.detach().clone(), element_mask.clone(), 0.5), seeded),
         (ops.dropout_backward, (t(3, 17), element_mask, 0.5), {}),
         (ops.dropout_add, (x, r, 0.5), seeded),
         (ops.bias_dropout_add, (x, b, r, 0.5), seeded),
         (ops.bias_dropout_add_backward, (t(3, 17), element_mask, 0.5), {}),
         (ops.channel_dropout, (cl, 0.5), seeded),
         (ops.channel_dropout, (t(2, 3, 4), 0.5), seeded),
-        (ops.channel_dropout_, (cl.detach().clone(), 0.5), seeded),
+        (ops.channel_dropout_, (cl.detach().clone(), channel_mask.clone(), 0.5), seeded),
         (ops.channel_dropout_backward, (t(2, 3, 4, 5), channel_mask, 0.5), {}),
         (ops.drop_path, (x, 0.5, True), seeded),
         (ops.drop_path_add, (cl, cl.detach().clone().requires_grad_(), 0.5, False), seeded),
@@ -125,7 +125,7 @@ def fused_dropout_only(x):
     ids=["regdrop_only", "with_native_dropout", "with_native_dropout_fallback_random"],
 )
 def test_compiled_masks_equal_eager_only_when_every_random_op_is_regdrops(device, function, fallback_random, masks_match):
-    """README, Guarantees: the regdrop op reads the generator as in eager mode,
+    """docs/random-mapping.md, "Under torch.compile": the regdrop op reads the generator as in eager mode,
     but Inductor draws a graph's native random numbers its own way, from seeds
     it takes from the generator when the graph starts, so the regdrop op reads
     the generator at another point; fallback_random makes Inductor draw native

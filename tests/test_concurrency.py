@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
+from helpers import in_place
 
 ops = torch.ops.regdrop
 
@@ -54,27 +55,34 @@ def test_two_cuda_streams_at_once():
         assert torch.equal(mask, expected_mask) and torch.equal(out, expected_out)
 
 
-FAILING_CALLS = {
-    "dropout": lambda x, g: ops.dropout(x, 1.5, g),
-    "dropout_": lambda x, g: ops.dropout_(x, -0.1, g),
-    "dropout_ overlapping": lambda x, g: ops.dropout_(x[:1].expand(4, 64), 0.5, g),
-    "dropout_add": lambda x, g: ops.dropout_add(x, x[:2], 0.5, g),
-    "bias_dropout_add": lambda x, g: ops.bias_dropout_add(x, x[0, :3], x, 0.5, g),
-    "channel_dropout_": lambda x, g: ops.channel_dropout_(x.view(-1), 0.5, g),
-    "drop_path_add": lambda x, g: ops.drop_path_add(x, x.int(), 0.5, True, g),
-    "dropout_low_memory": lambda x, g: ops.dropout_low_memory(x.int(), 0.5, g),
-    "generator and seed": lambda x, g: ops.dropout(x, 0.5, g, seed=3),
+FAILING_CALLS = {  # call, the exception, and what its message names
+    "dropout": (lambda x, g: ops.dropout(x, 1.5, g), ValueError, "p must be a probability"),
+    "dropout_": (lambda x, g: in_place("dropout_", x, -0.1, g), ValueError, "p must be a probability"),
+    "dropout_ overlapping": (lambda x, g: in_place("dropout_", x[:1].expand(4, 64), 0.5, g), RuntimeError,
+                             "input has elements that share memory"),
+    "dropout_add": (lambda x, g: ops.dropout_add(x, x[:2], 0.5, g), RuntimeError, "residual must have the shape"),
+    "bias_dropout_add": (lambda x, g: ops.bias_dropout_add(x, x[0, :3], x, 0.5, g), RuntimeError,
+                         "bias must be 1-D with the size of input's last dimension"),
+    "channel_dropout_": (lambda x, g: in_place("channel_dropout_", x.view(-1), 0.5, g), RuntimeError,
+                         r"input must have shape \(N, C, \*\)"),
+    "drop_path_add": (lambda x, g: ops.drop_path_add(x, x.int(), 0.5, True, g), TypeError,
+                      "residual must be float32"),
+    "dropout_low_memory": (lambda x, g: ops.dropout_low_memory(x.int(), 0.5, g), TypeError, "input must be float32"),
+    "generator and seed": (lambda x, g: ops.dropout(x, 0.5, g, seed=3), RuntimeError, "either generator or seed"),
 }
 
 
 @pytest.mark.parametrize("name", FAILING_CALLS)
 def test_a_failing_call_changes_nothing(device, name):
+    """Each call raises its own error, naming what is wrong, and leaves its
+    input and the generator as they were."""
     x = torch.randn(4, 64, device=device)
     before = x.clone()
     g = torch.Generator(device=device)
     g.manual_seed(9)
     state = g.get_state()
-    with pytest.raises((ValueError, TypeError, RuntimeError)):
-        FAILING_CALLS[name](x, g)
+    call, error, message = FAILING_CALLS[name]
+    with pytest.raises(error, match=message):
+        call(x, g)
     assert torch.equal(x, before)
     assert torch.equal(g.get_state(), state)

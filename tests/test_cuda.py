@@ -7,6 +7,8 @@ import torch
 
 import regdrop_ext
 from conftest import requires_cuda
+from helpers import call_op
+from regdrop_ext import manifest
 
 ops = torch.ops.regdrop
 pytestmark = requires_cuda
@@ -251,9 +253,20 @@ def test_an_op_on_the_second_gpu_under_graph_capture():
 def test_a_generator_of_the_other_gpu_is_refused():
     x = torch.randn(64, device="cuda:0")
     before = torch.cuda.default_generators[1].get_offset()
-    with pytest.raises(RuntimeError, match="generator must belong to the device of input"):
+    with pytest.raises(RuntimeError, match=r"generator must be a generator of input's device \(cuda:0\)"):
         ops.dropout(x, 0.5, torch.Generator("cuda:1"))
     assert torch.cuda.default_generators[1].get_offset() == before
+
+
+@requires_cuda
+@pytest.mark.parametrize("input_device, generator_device", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_a_generator_of_another_device_type_is_refused_by_name(input_device, generator_device):
+    """Every random op, with a generator of the wrong device: an error naming
+    the argument and both devices, before anything is drawn."""
+    x = torch.randn(4, 8, device=input_device)
+    for op in manifest.ops("masked", "low_memory", "in_place"):
+        with pytest.raises(RuntimeError, match=f"generator must be a generator of input's device.*{generator_device}"):
+            call_op(op, x.clone(), 0.5, residual=x, bias=x[0], generator=torch.Generator(generator_device))
 
 
 @requires_two_gpus

@@ -17,7 +17,14 @@ groups and rows that are not; bias gradients with one chunk and with many;
 special values (NaN payloads, infinities, subnormals, fp16 overflow); and,
 with the launch limits lowered, calls split into many launches with
 normalized divisors; shards of larger calls (shard=(first, run, stride)) of
-every shape of run. `pytest -k emulation` selects these tests.
+every shape of run; subnormals under torch.set_flush_denormal(True); and the
+CUDA backend's generator code with a stand-in for PyTorch's CUDA generator,
+eager and under graph capture. `pytest -k emulation` selects the tests that
+compare the two kernel families on many shapes.
+
+Two tests take a `kernels` parameter: "emulated" runs here, "cuda" runs
+the same body on a GPU's kernels (benchmarks/gpu_check.sh): every kernel
+against the CPU, and draws captured in one CUDA graph against eager draws.
 """
 
 import os
@@ -25,7 +32,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch.utils.cpp_extension import load
+
+from regdrop_ext.manifest import OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -165,7 +175,7 @@ def test_emulation_element_ops(emulation, dtype, numel, aligned):
         _, rng_state = compare(emulation, "dropout_low_memory", x, p, seed=7, offset=12)
         compare(emulation, "dropout_add_low_memory", x, r, p, seed=7, offset=16)
         compare(emulation, "dropout_low_memory_backward", g, rng_state, p)
-        compare(emulation, "dropout_", x, p, seed=3)
+        compare(emulation, "dropout_", x, OPS["dropout_"].new_mask(x), p, seed=3)
     compare(emulation, "dropout", x, 0.5, torch.Generator().manual_seed(11))
 
 
@@ -200,7 +210,7 @@ def test_emulation_channel_units(emulation, dtype, shape, channels_last, aligned
     for p in P + [0.5]:
         _, mask = compare(emulation, "channel_dropout", x, p, seed=9, offset=4)
         compare(emulation, "channel_dropout_backward", x, mask, p)
-        compare(emulation, "channel_dropout_", x, p, seed=9)
+        compare(emulation, "channel_dropout_", x, OPS["channel_dropout_"].new_mask(x), p, seed=9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -218,19 +228,48 @@ def test_emulation_bias_dropout_add_and_its_gradient(emulation, dtype, rows, col
         compare(emulation, "bias_dropout_add_backward", r, mask, p)
 
 
-def test_emulation_reaches_every_kernel_the_ops_launch(emulation):
-    """Every kernel instantiation that csrc/cuda/kernels.cu builds, named as
-    the machine-code gate names them, runs in one small sweep of the ops."""
-    dtypes = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
-    expected = {"draw_mask Draw", "draw_mask DrawShard"}
+def compare_on_gpu(op, *args, **kwargs):
+    """As compare(), with the GPU's kernels in place of the emulated ones:
+    tensors are copied to the GPU with their strides and storage offsets, so
+    that a misaligned operand stays misaligned."""
+
+    def copies(device):
+        out = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                storage = a.untyped_storage().clone() if device == "cpu" else a.untyped_storage().cuda()
+                out.append(torch.empty(0, dtype=a.dtype, device=device).set_(storage, a.storage_offset(), a.shape,
+                                                                             a.stride()))
+            else:
+                out.append(a)
+        return out
+
+    cpu_args, gpu_args = copies("cpu"), copies("cuda")
+    expected = getattr(torch.ops.regdrop, op)(*cpu_args, **kwargs)
+    actual = getattr(torch.ops.regdrop, op)(*gpu_args, **kwargs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    actual = actual if isinstance(actual, tuple) else (actual,)
+    for k, (e, a) in enumerate(zip(expected, actual)):
+        same_bits(a.cpu(), e, f"{op} output {k}")
+    for k, (e, a) in enumerate(zip(cpu_args, gpu_args)):
+        if isinstance(e, torch.Tensor):
+            same_bits(a.cpu(), e, f"{op} argument {k}")
+    return expected
+
+
+def every_kernel_name():
+    """Every kernel instantiation csrc/cuda/kernels.cu builds, named as the
+    machine-code gate names them."""
+    dtypes = ["fp32", "fp64", "fp16", "bf16"]
+    names = {"draw_mask Draw", "draw_mask DrawShard"}
     for name in dtypes:
-        expected |= {f"column_sums {name}", f"fold_chunks {name}"}
+        names |= {f"column_sums {name}", f"fold_chunks {name}"}
         for epilogue, source in [("Scale", "Draw"), ("AddResidual", "Draw"), ("AddBiasResidual", "Draw"),
                                  ("Scale", "DrawShard"), ("AddResidual", "DrawShard"),
-                                 ("AddBiasResidual", "DrawShard"), ("Scale", "Elements"), ("Scale", "UnitPerGroup"), ("Scale", "UnitRuns"),
-                                 ("Scale", "UnitChannelsLast"), ("AddResidual", "UnitPerGroup"),
-                                 ("AddResidual", "UnitRuns")]:
-            expected.add(f"elementwise {name} {epilogue} {source}")
+                                 ("AddBiasResidual", "DrawShard"), ("Scale", "Elements"), ("Scale", "UnitPerGroup"),
+                                 ("Scale", "UnitRuns"), ("Scale", "UnitChannelsLast"),
+                                 ("AddResidual", "UnitPerGroup"), ("AddResidual", "UnitRuns")]:
+            names.add(f"elementwise {name} {epilogue} {source}")
     for name in ("bf16", "fp16"):  # the widening mix: 16-bit input, float32 output
         for operands, epilogue, source in [
             ("fp32/{0}", "AddResidual", "Draw"), ("fp32/{0}", "AddResidual", "UnitPerGroup"),
@@ -239,37 +278,163 @@ def test_emulation_reaches_every_kernel_the_ops_launch(emulation):
             ("fp32/{0}", "AddResidual", "DrawShard"), ("fp32/fp32", "AddBiasResidual", "DrawShard"),
             ("fp32/{0}", "AddBiasResidual", "DrawShard"), ("{0}/fp32", "AddBiasResidual", "DrawShard"),
         ]:
-            expected.add(f"elementwise {name}/{operands.format(name)}->fp32 {epilogue} {source}")
+            names.add(f"elementwise {name}/{operands.format(name)}->fp32 {epilogue} {source}")
+    return names
+
+
+def run_every_kernel(check):
+    """One small sweep of the ops that launches every CUDA kernel, each on
+    its vector path (16-byte aligned operands, aligned shards) and its
+    general one (misaligned operands, tails, unaligned shards); check(op,
+    *args, **kwargs) runs an op on the CPU kernels and on the CUDA kernels
+    under test and compares them bit for bit."""
+    for aligned in (True, False):
+        for dtype in DTYPES:
+            def t(shape, seed, dtype=dtype, **kwargs):
+                return make(shape, dtype, seed=seed, aligned=aligned, **kwargs)
+
+            x, r, b = t((64, 40), 1), t((64, 40), 2), t((40,), 3)
+            mask = check("bias_dropout_add", x, b, r, 0.5, seed=1)[1]
+            check("bias_dropout_add_backward", t((4096, 40), 4),
+                  torch.ops.regdrop.dropout(torch.empty(4096, 40), 0.5, seed=1)[1], 0.5)  # several chunks
+            check("dropout_backward", r, mask, 0.5)
+            check("dropout", x, 0.5, seed=1)
+            check("dropout_add", x, r, 0.5, seed=1)
+            for shape in [(4, 16), (4, 5)]:  # per-sample sizes: whole groups, and not
+                check("drop_path", t(shape, 5), 0.5, seed=1)
+                check("drop_path_add", t(shape, 5), t(shape, 6), 0.5, seed=1)
+            check("channel_dropout", t((2, 8, 3, 3), 7, channels_last=True), 0.5, seed=1)
+            for shard in [(3, 13, 29), (8, 16, 40)]:  # the DrawShard kernels: an unaligned shard, an aligned one
+                check("dropout", x, 0.5, seed=1, shard=shard)
+                check("dropout_add", x, r, 0.5, seed=1, shard=shard)
+                check("bias_dropout_add", x, b, r, 0.5, seed=1, shard=shard)
+                check("drop_path", t((4, 16), 5), 0.5, seed=1, shard=shard)
+            if dtype in (torch.float16, torch.bfloat16):
+                wide = t((64, 40), 8, dtype=torch.float32)
+                narrow_bias, wide_bias = t((40,), 9), t((40,), 9, dtype=torch.float32)
+                check("dropout_add", x, wide, 0.5, seed=1)
+                check("dropout_add", x, wide, 0.5, seed=1, shard=(8, 16, 40))
+                for bias, residual in [(wide_bias, wide), (narrow_bias, wide), (wide_bias, r)]:
+                    check("bias_dropout_add", x, bias, residual, 0.5, seed=1)
+                    check("bias_dropout_add", x, bias, residual, 0.5, seed=1, shard=(3, 13, 29))
+                for shape in [(4, 16), (4, 5)]:
+                    check("drop_path_add", t(shape, 5), t(shape, 6, dtype=torch.float32), 0.5, seed=1)
+
+
+@pytest.mark.parametrize("kernels", ["emulated", pytest.param("cuda", marks=requires_cuda)])
+def test_every_cuda_kernel_matches_the_cpu(request, kernels):
+    """Every kernel csrc/cuda/kernels.cu builds, run at least once and
+    compared with the CPU kernels bit for bit: emulated here (the dry run,
+    which also checks that the sweep reaches every kernel, and no other), on
+    a GPU the real ones (benchmarks/gpu_check.sh runs it, and runs it again
+    under compute-sanitizer). The same launch plan picks the kernels both
+    ways."""
+    if kernels == "cuda":
+        return run_every_kernel(compare_on_gpu)
+    emulation = request.getfixturevalue("emulation")
     emulation.take_kernels_run()
-    for dtype in dtypes.values():
-        x, r = make((64, 40), dtype, seed=1), make((64, 40), dtype, seed=2)
-        mask = compare(emulation, "bias_dropout_add", x, make((40,), dtype, seed=3), r, 0.5, seed=1)[1]
-        compare(emulation, "bias_dropout_add_backward", make((4096, 40), dtype, seed=4),
-                torch.ops.regdrop.dropout(torch.empty(4096, 40), 0.5, seed=1)[1], 0.5)  # several chunks
-        compare(emulation, "dropout_backward", r, mask, 0.5)
-        compare(emulation, "dropout", x, 0.5, seed=1)
-        compare(emulation, "dropout_add", x, r, 0.5, seed=1)
-        for shape in [(4, 16), (4, 5)]:  # per-sample sizes: whole groups, and not
-            compare(emulation, "drop_path", make(shape, dtype, seed=5), 0.5, seed=1)
-            compare(emulation, "drop_path_add", make(shape, dtype, seed=5), make(shape, dtype, seed=6), 0.5, seed=1)
-        compare(emulation, "channel_dropout", make((2, 8, 3, 3), dtype, seed=7, channels_last=True), 0.5, seed=1)
-        shard = {"seed": 1, "shard": (3, 13, 29)}  # the DrawShard kernels
-        compare(emulation, "dropout", x, 0.5, **shard)
-        compare(emulation, "dropout_add", x, r, 0.5, **shard)
-        compare(emulation, "bias_dropout_add", x, make((40,), dtype, seed=3), r, 0.5, **shard)
-        compare(emulation, "drop_path", make((4, 16), dtype, seed=5), 0.5, **shard)
-        if dtype in (torch.float16, torch.bfloat16):
-            wide = make((64, 40), torch.float32, seed=8)
-            narrow_bias, wide_bias = make((40,), dtype, seed=9), make((40,), torch.float32, seed=9)
-            compare(emulation, "dropout_add", x, wide, 0.5, seed=1)
-            compare(emulation, "dropout_add", x, wide, 0.5, **shard)
-            for bias, residual in [(wide_bias, wide), (narrow_bias, wide), (wide_bias, r)]:
-                compare(emulation, "bias_dropout_add", x, bias, residual, 0.5, seed=1)
-                compare(emulation, "bias_dropout_add", x, bias, residual, 0.5, **shard)
-            for shape in [(4, 16), (4, 5)]:
-                compare(emulation, "drop_path_add", make(shape, dtype, seed=5), make(shape, torch.float32, seed=6),
-                        0.5, seed=1)
-    assert set(emulation.take_kernels_run()) == expected
+    run_every_kernel(lambda op, *args, **kwargs: compare(emulation, op, *args, **kwargs))
+    assert set(emulation.take_kernels_run()) == every_kernel_name()
+
+
+# ----------------------------------------------------------- CUDA generators
+
+
+@pytest.fixture
+def cuda_generator(emulation):
+    """Seedless emulated calls draw from a stand-in for PyTorch's CUDA
+    generator, through the CUDA backend's own generator code
+    (csrc/cuda/philox_state.h); from the CPU generator again afterwards."""
+    yield emulation.use_cuda_generator
+    emulation.use_cpu_generator()
+
+
+def test_eager_draws_take_the_cuda_generators_offsets_four_apart(emulation, cuda_generator):
+    x = make((1000,), torch.float32)
+    cuda_generator(1234, 40, False)
+    first, second = emulation.dropout(x, 0.5)[1], emulation.dropout(x, 0.5)[1]
+    assert torch.equal(first, torch.ops.regdrop.dropout(x, 0.5, seed=1234, offset=40)[1])
+    assert torch.equal(second, torch.ops.regdrop.dropout(x, 0.5, seed=1234, offset=44)[1])
+
+
+def draws_of_one_graph(kernels, request, x, p):
+    """Two dropout draws and a low-memory one captured in one CUDA graph and
+    replayed, emulated or on a GPU: (first mask, second mask, the low-memory
+    draw's rng_state, and the seed and offset the replay drew at)."""
+    if kernels == "emulated":
+        emulation, seed, offset = request.getfixturevalue("emulation"), 1234, 40
+        emulation.use_cuda_generator(seed, offset, True)
+        try:
+            first, second = emulation.dropout(x, p)[1], emulation.dropout(x, p)[1]
+            rng_state = emulation.dropout_low_memory(x, p)[1]
+        finally:
+            emulation.use_cpu_generator()
+        return first, second, rng_state, seed, offset
+    x = x.cuda()
+    torch.cuda.manual_seed(1234)
+
+    def draws():
+        return torch.ops.regdrop.dropout(x, p)[1], torch.ops.regdrop.dropout(x, p)[1], \
+            torch.ops.regdrop.dropout_low_memory(x, p)[1]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        draws()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = draws()
+    generator = torch.cuda.default_generators[x.device.index]
+    seed, offset = generator.initial_seed(), generator.get_offset()  # what the replay fills in
+    graph.replay()
+    torch.cuda.synchronize()
+    return *(o.cpu() for o in outputs), seed, offset
+
+
+@pytest.mark.parametrize("kernels", ["emulated", pytest.param("cuda", marks=requires_cuda)])
+def test_draws_in_one_captured_graph_read_their_own_streams(request, kernels):
+    """Under capture the kernels read the seed and offset through pointers,
+    plus each call's offset within the graph: the draws of one graph differ,
+    and each is the eager draw at its place in the stream. Emulated here,
+    under real capture on a GPU."""
+    x = make((1000,), torch.float32)
+    first, second, rng_state, seed, offset = draws_of_one_graph(kernels, request, x, 0.5)
+    assert not torch.equal(first, second)
+    assert torch.equal(first, torch.ops.regdrop.dropout(x, 0.5, seed=seed, offset=offset)[1])
+    assert torch.equal(second, torch.ops.regdrop.dropout(x, 0.5, seed=seed, offset=offset + 4)[1])
+    assert rng_state.tolist() == [seed, offset + 8]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_subnormals_are_kept_under_set_flush_denormal(emulation, dtype):
+    """torch.set_flush_denormal(True) sets the calling thread's FTZ and DAZ
+    bits. Both devices keep subnormals all the same (csrc/subnormals.h): the
+    CPU kernels and the emulated CUDA kernels give the bits they give without
+    it, as a GPU, which never flushes, does."""
+    tiny = torch.finfo(dtype).tiny  # the smallest normal number
+
+    def subnormals(shape, seed):
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, shape, generator=g, dtype=torch.float64) * 2 - 1
+        return (torch.rand(shape, generator=g, dtype=torch.float64) * tiny * signs).to(dtype)
+
+    x, r, b = subnormals((16, 24), 1), subnormals((16, 24), 2), subnormals((24,), 3)
+    calls = [("dropout", (x, 0.5), {"seed": 1}), ("dropout_add", (x, r, 0.5), {"seed": 1}),
+             ("bias_dropout_add", (x, b, r, 0.5), {"seed": 1}),
+             ("bias_dropout_add_backward", (x, torch.ops.regdrop.dropout(x, 0.5, seed=1)[1], 0.5), {})]
+    kept = [compare(emulation, op, *args, **kwargs) for op, args, kwargs in calls]
+    out = kept[0][0]
+    assert ((out != 0) & (out.abs() < tiny)).any(), "no subnormal output to keep"
+    if not torch.set_flush_denormal(True):
+        pytest.skip("torch.set_flush_denormal is not supported on this CPU")
+    try:
+        flushed = [compare(emulation, op, *args, **kwargs) for op, args, kwargs in calls]
+    finally:
+        torch.set_flush_denormal(False)
+    for (op, _, _), before, after in zip(calls, kept, flushed):
+        for k, (a, e) in enumerate(zip(after, before)):
+            same_bits(a, e, f"{op} output {k} under set_flush_denormal(True)")
 
 
 WIDENING = [torch.float16, torch.bfloat16]
@@ -350,7 +515,7 @@ def test_emulation_sharded_draws(emulation, request, dtype, shard, launches):
     compare(emulation, "dropout", x, 0.5, seed=3, offset=8, shard=shard)
     compare(emulation, "dropout_add", x, r, 0.5, seed=3, shard=shard)
     compare(emulation, "bias_dropout_add", x, b, r, 0.5, seed=3, shard=shard)
-    compare(emulation, "dropout_", x, 0.5, seed=3, shard=shard)
+    compare(emulation, "dropout_", x, OPS["dropout_"].new_mask(x), 0.5, seed=3, shard=shard)
     _, state = compare(emulation, "dropout_low_memory", x, 0.5, seed=3, shard=shard)
     compare(emulation, "dropout_low_memory_backward", r, state, 0.5, shard=shard)
     compare(emulation, "drop_path", make((77, 3), dtype, seed=4), 0.5, seed=3, shard=shard)

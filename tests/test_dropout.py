@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import regdrop_ext
-from helpers import binomial_bounds, nonzero_input
+from helpers import binomial_bounds, in_place, nonzero_input
 from reference import dropout_reference, element_keep, unpack_bits
 
 ops = torch.ops.regdrop
@@ -40,14 +40,16 @@ def test_mask_bits_agree_with_zeros_in_output(device, dtype):
 
 
 @pytest.mark.parametrize("p", [0.001, 0.01, 0.1, 0.3, 0.5, 0.9, 0.99, 0.999])
-def test_keep_rate_within_5_sigma(device, p):
+def test_keep_rate_within_5_sigma_and_kept_units_scaled_by_its_inverse(device, p):
+    """The keep rate is q = 1 - round(65536 p) / 65536 (the 16-bit threshold),
+    within 5 sigma of a Binomial(n, q) count, and every kept element is 1 / q."""
     n = 1 << 22
-    _, mask = ops.dropout(torch.ones(n, device=device), p)
-    kept = int(unpack_bits(mask, n).sum())
-    q = 1 - round(p * 65536) / 65536  # the exact keep probability (16-bit threshold)
-    assert abs(q - (1 - p)) <= 2**-17
+    out, mask = ops.dropout(torch.ones(n, device=device, dtype=torch.float64), p)
+    keep = unpack_bits(mask, n)
+    q = 1 - round(p * 65536) / 65536
     low, high = binomial_bounds(n, q)
-    assert low <= kept <= high, f"kept {kept} of {n}, expected [{low:.0f}, {high:.0f}]"
+    assert low <= int(keep.sum()) <= high, f"kept {int(keep.sum())} of {n}, expected [{low:.0f}, {high:.0f}]"
+    assert torch.equal(out.cpu()[keep], torch.full((int(keep.sum()),), 1 / q, dtype=torch.float64))
 
 
 def test_p_one_gives_zeros_and_zero_gradient(device, dtype):
@@ -93,7 +95,7 @@ def nan_payloads(dtype, n, device):
 
 
 def test_kept_nans_are_written_as_the_canonical_nan(device, dtype):
-    """Contract (README, "Semantics"): a kept NaN comes out as the dtype's
+    """Contract (docs/semantics.md): a kept NaN comes out as the dtype's
     canonical NaN on both devices (0x7FFF for 16-bit types, 0x7FFFFFFF,
     0x7FFFFFFFFFFFFFFF), whatever its payload. A dropped element is 0, or the
     residual: its bits unchanged in float32 and float64, canonical in the
@@ -243,7 +245,8 @@ def test_inplace_matches_out_of_place(device, dtype):
     x = nonzero_input((3, 257), dtype, device)
     expected, mask = ops.dropout(x, 0.5, seed=5, offset=0)
     y = x.clone()
-    inplace_mask = ops.dropout_(y, 0.5, seed=5, offset=0)
+    out, inplace_mask = in_place("dropout_", y, 0.5, seed=5, offset=0)
+    assert out is y
     assert torch.equal(y, expected) and torch.equal(inplace_mask, mask)
 
 
@@ -252,7 +255,7 @@ def test_inplace_on_a_sliced_view_writes_through(device):
     view = base[:, 1:8]
     expected, _ = ops.dropout(view, 0.5, seed=2, offset=0)
     untouched = base[:, 8:].clone()
-    ops.dropout_(view, 0.5, seed=2, offset=0)
+    in_place("dropout_", view, 0.5, seed=2, offset=0)
     assert torch.equal(base[:, 1:8], expected) and torch.equal(base[:, 8:], untouched)
 
 
@@ -271,7 +274,7 @@ def test_inplace_functional_with_autograd(device):
 def test_inplace_refuses_overlapping_memory(device):
     x = torch.randn(1, 8, device=device).expand(4, 8)
     with pytest.raises(RuntimeError, match="input has elements that share memory"):
-        ops.dropout_(x, 0.5)
+        in_place("dropout_", x, 0.5)
     with pytest.raises(RuntimeError, match="share memory"):
         regdrop_ext.dropout(x, 0.5, inplace=True)
 
@@ -331,7 +334,7 @@ def test_failed_call_leaves_generator_and_input_untouched(device):
     g.manual_seed(3)
     state = g.get_state()
     with pytest.raises(ValueError):
-        ops.dropout_(x, 2.0, g)
+        in_place("dropout_", x, 2.0, g)
     assert torch.equal(x, before) and torch.equal(g.get_state(), state)
 
 

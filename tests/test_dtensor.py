@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import regdrop_ext
+from helpers import in_place
 
 ops = torch.ops.regdrop
 
@@ -87,7 +88,7 @@ SEEDED = {"seed": 1234, "offset": 5}
 
 def _in_place(op, x, **rng):
     y = x.clone()  # autograd refuses in-place writes to leaves
-    op(y, P, **rng)
+    in_place(op._qualified_op_name.split("::")[1], y, P, **rng)
     return y
 
 
@@ -306,6 +307,21 @@ def _two_ranks(rank: int, world: int) -> list:
     out = ops.dropout(partial, P, seed=9)[0]
     bad.equal("dropout of a Partial input", "output", out.full_tensor(), ops.dropout(full, P, seed=9)[0])
     bad.true("dropout of a Partial input", f"output placements {out.placements}", out.placements == (Replicate(),))
+    # In place on a Partial sum or average: each rank's partial goes through the one mask (dropout
+    # is linear), and the tensor stays Partial; no reduction, no factor of the world size.
+    for name, reduce_op in [("dropout_", "sum"), ("channel_dropout_", "sum"), ("dropout_", "avg")]:
+        local = full / 2 if reduce_op == "sum" else full
+        written = DTensor.from_local(local.clone(), mesh, [Partial(reduce_op)])
+        in_place(name, written, P, seed=9)
+        expected = in_place(name, full.clone(), P, seed=9)[0]
+        case = f"{name} of a Partial({reduce_op}) input"
+        bad.equal(case, "output", written.full_tensor(), expected)
+        bad.true(case, f"placements {written.placements}", written.placements == (Partial(reduce_op),))
+    try:
+        in_place("dropout_", DTensor.from_local(full.clone(), mesh, [Partial("max")]), P, seed=9)
+        bad.true("dropout_ of a Partial(max) input", "no error", False)
+    except RuntimeError as error:
+        bad.true("dropout_ of a Partial(max) input", str(error), "redistribute it first" in str(error))
 
     # A DTensor whose shards are not contiguous (a transposed one): its units are numbered
     # row-major, as in the whole tensor that full_tensor() gives.
@@ -315,7 +331,7 @@ def _two_ranks(rank: int, world: int) -> list:
     bad.true("dropout of a transposed DTensor", "full_tensor() not contiguous", whole.is_contiguous())
     bad.equal("dropout of a transposed DTensor", "output", out.full_tensor(), ops.dropout(whole, P, seed=4)[0])
     written = transposed.clone()  # non-contiguous shards: the op writes a contiguous copy, copied back
-    ops.dropout_(written, P, seed=4)
+    in_place("dropout_", written, P, seed=4)
     bad.equal("dropout_ of a transposed DTensor", "output", written.full_tensor(), out.full_tensor())
 
     # A generator passed in: each rank draws from its own, in the same state.

@@ -103,22 +103,19 @@ def _run_with_capability(capability):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_every_cpu_instruction_set_gives_identical_results():
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+def test_every_cpu_instruction_set_gives_identical_results(capability):
     """Each CPU kernel copy (baseline, AVX2, AVX-512) is selected through
-    ATEN_CPU_CAPABILITY; the vector Philox lanes, chunks, tails, bias columns
-    and conversions of each must agree bit for bit with the others, for every
-    op. Bias gradients are sums whose order depends on the vector width: they
-    agree to rounding."""
-    runs = [_run_with_capability(c) for c in ("default", "avx2", "avx512")]
-    seen = {r["capability"] for r in runs}
-    assert "DEFAULT" in seen  # the baseline copy ran at least
-    for run in runs[1:]:
-        for key, value in runs[0]["results"].items():
-            if key.endswith("bias grad"):
-                tolerance = 1e-2 if "16" in key else 1e-5
-                assert run["results"][key] == pytest.approx(value, rel=tolerance, abs=tolerance), key
-            else:
-                assert run["results"][key] == value, key
+    ATEN_CPU_CAPABILITY; the vector Philox lanes, chunks, tails, bias columns,
+    conversions and bias gradients (added in an order fixed by the shape
+    alone) of each must agree bit for bit with the baseline's, for every op."""
+    baseline = _run_with_capability("default")
+    assert baseline["capability"] == "DEFAULT"
+    run = _run_with_capability(capability)
+    if run["capability"] != capability.upper():
+        pytest.skip(f"this CPU has no {capability.upper()}: torch runs {run['capability']}, and so would regdrop")
+    for key, value in baseline["results"].items():
+        assert run["results"][key] == value, key
 
 
 @requires_cuda

@@ -1,4 +1,5 @@
-"""README.md's Python blocks run as written, so the README cannot rot.
+"""The Python blocks of README.md and docs/*.md run as written, so the
+documentation cannot rot.
 
 Each block runs on its own in a fresh interpreter, from an empty directory.
 A block whose first line starts with "# Fragment:" (saying what it needs) is
@@ -13,22 +14,24 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FRAGMENT = "# Fragment:"
 PRINTS = "# prints:\n"
 
 
 def python_blocks():
-    text = README.read_text()
-    for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
-        yield text.count("\n", 0, match.start()) + 1, match.group(1)
+    for document in DOCUMENTS:
+        text = document.read_text()
+        for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+            yield f"{document.name}:{text.count(chr(10), 0, match.start()) + 1}", match.group(1)
 
 
-RUNNABLE = [pytest.param(code, id=f"line{line}") for line, code in python_blocks() if not code.startswith(FRAGMENT)]
-FRAGMENTS = [pytest.param(code, id=f"line{line}") for line, code in python_blocks() if code.startswith(FRAGMENT)]
+RUNNABLE = [pytest.param(code, id=where) for where, code in python_blocks() if not code.startswith(FRAGMENT)]
+FRAGMENTS = [pytest.param(code, id=where) for where, code in python_blocks() if code.startswith(FRAGMENT)]
 
 
-def test_the_readme_has_blocks_of_both_kinds():
+def test_the_documents_have_blocks_of_both_kinds():
     assert len(RUNNABLE) >= 4 and len(FRAGMENTS) >= 1
 
 
@@ -43,4 +46,4 @@ def test_block_runs_as_written(code, tmp_path):
 
 @pytest.mark.parametrize("code", FRAGMENTS)
 def test_fragment_compiles(code):
-    compile(code, str(README), "exec")
+    compile(code, "<documentation>", "exec")

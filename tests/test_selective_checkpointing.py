@@ -19,10 +19,10 @@ Every test compares, bit for bit, with the unchecked eager run from the same
 seed; the sanity tests show the policies take effect (a recomputation really
 happens, or really does not).
 
-Two combinations of torch's eager SAC do not reproduce the unchecked run and
-are strict xfails with the mechanism in their reasons: saving one random op
-and recomputing a later one (native random ops alike), and saving an
-in-place regdrop op.
+Saving one random op and recomputing a later one in torch's eager SAC does
+not reproduce the unchecked run (native random ops alike): a strict xfail
+with the mechanism in its reason. Saving an in-place op raises, as it does
+for torch's own in-place random ops.
 """
 
 import functools
@@ -369,33 +369,12 @@ def build_inplace() -> nn.Module:
     return InplaceBlock().train()
 
 
-EAGER_SAVED_INPLACE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "torch's eager SAC caches an op's outputs, not its writes to its inputs: in the "
-        "recomputation a saved regdrop.dropout_ / channel_dropout_ returns its cached mask "
-        "without zeroing its input, so the next Linear saves the undropped activation and "
-        "its weight gradient is silently wrong. torch's own in-place dropout fails loudly "
-        "instead (its bernoulli_ output is the mutated tensor: 'Tensor cached during "
-        "selective activation checkpoint has been mutated'); regdrop's in-place ops return "
-        "a separate mask, which that check cannot see."
-    ),
-)
-
-@pytest.mark.parametrize(
-    "policy",
-    [
-        pytest.param(CheckpointPolicy.MUST_SAVE, marks=EAGER_SAVED_INPLACE, id="MUST_SAVE"),
-        pytest.param(CheckpointPolicy.PREFER_SAVE, marks=EAGER_SAVED_INPLACE, id="PREFER_SAVE"),
-        pytest.param(CheckpointPolicy.MUST_RECOMPUTE, id="MUST_RECOMPUTE"),
-        pytest.param(CheckpointPolicy.PREFER_RECOMPUTE, id="PREFER_RECOMPUTE"),
-    ],
-)
+@pytest.mark.parametrize("policy", [CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE],
+                         ids=["MUST_RECOMPUTE", "PREFER_RECOMPUTE"])
 def test_eager_sac_with_inplace_ops_reproduces_unchecked_run(policy):
-    """Eager SAC over in-place regdrop dropout: recomputed, the in-place ops
+    """Eager SAC over in-place regdrop dropout, recomputed: the in-place ops
     overwrite their inputs again with the forward's masks and every gradient
-    is the unchecked run's, bit for bit. Saved: see the xfail reason."""
+    is the unchecked run's, bit for bit."""
     module = build_inplace()
     made = []
 
@@ -405,6 +384,20 @@ def test_eager_sac_with_inplace_ops_reproduces_unchecked_run(policy):
 
     assert_same_run(forward_backward(module, unchecked), forward_backward(module, selective(make_policy)))
     assert made[0].seen == INPLACE_OPS
+
+
+@pytest.mark.parametrize("policy", [CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE],
+                         ids=["MUST_SAVE", "PREFER_SAVE"])
+def test_eager_sac_refuses_to_save_an_inplace_op(policy):
+    """Saved, an in-place op's outputs come from SAC's cache in the
+    recomputation, where its write to its input would be missing. As torch's
+    own in-place ops, regdrop's return the tensor they overwrite, which its
+    version bump marks as mutated after SAC cached it: SAC refuses it
+    loudly, instead of the silently wrong weight gradient a cached mask alone
+    would give."""
+    module = build_inplace()
+    with pytest.raises(RuntimeError, match="Tensor cached during selective activation checkpoint has been mutated"):
+        forward_backward(module, selective(lambda: Policy(policy)))
 
 
 def plain_checkpoint(module, x):

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import regdrop_ext
-from regdrop_ext.dtensor import CHANNEL, ELEMENT, ROWS, SAMPLE, unit_shard
+from helpers import in_place
+from regdrop_ext.dtensor import unit_shard
+from regdrop_ext.manifest import CHANNEL, ELEMENT, SAMPLE
 
 ops = torch.ops.regdrop
 P = 0.5
@@ -171,7 +173,7 @@ CASES = [
     ("dropout_add", ELEMENT, (6, 10, 12), (0, 1, 2)),
     ("dropout_low_memory", ELEMENT, (6, 10, 12), (0, 2)),
     ("dropout_add_low_memory", ELEMENT, (6, 10, 12), (1,)),
-    ("bias_dropout_add", ROWS, (6, 10, 12), (0, 1, 2)),
+    ("bias_dropout_add", ELEMENT, (6, 10, 12), (0, 1, 2)),
     ("channel_dropout", CHANNEL, (4, 6, 3, 5), (0, 1, 2)),
     ("drop_path", SAMPLE, (8, 5, 7), (0, 1)),
     ("drop_path_add", SAMPLE, (8, 5, 7), (0, 2)),
@@ -229,11 +231,11 @@ def test_every_random_op_on_a_block_equals_the_block_of_the_whole_call(op_name, 
 def test_in_place_ops_on_a_block(op_name, granularity):
     x = torch.randn(4, 10, 3, 3)
     whole = x.clone()
-    whole_mask = getattr(ops, op_name)(whole, P, seed=SEED, offset=OFFSET)
+    whole_mask = in_place(op_name, whole, P, seed=SEED, offset=OFFSET)[1]
     for dim, (lo, hi) in [(0, (1, 3)), (1, (5, 10)), (3, (0, 2))]:
         block = x.narrow(dim, lo, hi - lo).clone()  # a copy: x stays the whole call's input
-        mask = getattr(ops, op_name)(block, P, seed=SEED, offset=OFFSET,
-                                     shard=block_shard(x.shape, dim, lo, hi, granularity))
+        mask = in_place(op_name, block, P, seed=SEED, offset=OFFSET,
+                        shard=block_shard(x.shape, dim, lo, hi, granularity))[1]
         assert torch.equal(block, narrowed(whole, dim, lo, hi))
         if granularity == ELEMENT:
             expected = narrowed(unit_bits(whole_mask, x.numel()).view(x.shape), dim, lo, hi).flatten()

@@ -16,7 +16,7 @@ from reference import (
     sample_keep,
     unpack_bits,
 )
-from helpers import binomial_bounds, nonzero_input
+from helpers import assert_rounded_once, binomial_bounds, in_place, nonzero_input
 
 ops = torch.ops.regdrop
 SEED = {"seed": 21, "offset": 8}
@@ -88,14 +88,14 @@ def test_channel_dropout_matches_dropout2d_semantics(device, dtype, layout, p):
         assert out.stride() == x.stride()
 
 
-def test_channels_last_with_fewer_than_8_channels_goes_through_a_contiguous_copy(device):
-    """Masks are numbered n * C + c whatever the layout, so the copy changes
-    only the output's strides."""
+def test_channels_last_with_fewer_than_8_channels_walks_a_contiguous_copy(device):
+    """Masks are numbered n * C + c whatever the layout: the kernels walk a
+    contiguous copy, and the output keeps the input's layout."""
     x = nonzero_input((4, 6, 5, 7), torch.float32, device).contiguous(memory_format=torch.channels_last)
     out, mask = ops.channel_dropout(x, 0.5, **SEED)
     out_contiguous, mask_contiguous = ops.channel_dropout(x.contiguous(), 0.5, **SEED)
     assert torch.equal(mask, mask_contiguous) and torch.equal(out, out_contiguous)
-    assert out.is_contiguous()
+    assert out.stride() == x.stride()
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (2, 3, 9), (2, 3, 2, 3, 4)], ids=str)
@@ -153,7 +153,7 @@ def test_channel_dropout_inplace(device):
     x = nonzero_input((2, 4, 3, 3), torch.float32, device)
     expected, mask = ops.channel_dropout(x, 0.5, **SEED)
     y = x.clone()
-    assert torch.equal(ops.channel_dropout_(y, 0.5, **SEED), mask) and torch.equal(y, expected)
+    assert torch.equal(in_place("channel_dropout_", y, 0.5, **SEED)[1], mask) and torch.equal(y, expected)
     w = torch.randn(2, 4, 3, device=device, requires_grad=True)
     h = w * 1
     out = regdrop_ext.dropout1d(h, 0.5, inplace=True)
@@ -187,10 +187,10 @@ def test_bias_dropout_add_matches_composition_and_bias_grad(device, dtype, hidde
     grad_input = masked_reference(grad, keep, 1 / 0.75)
     exact(x.grad, grad_input)
     exact(r.grad, grad)
-    # Bias gradient: row sums of grad_input, accumulated in float (double for float64).
-    expected_bias = grad_input.to(torch.float64).sum((0, 1))
-    tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
-    torch.testing.assert_close(b.grad.double(), expected_bias, rtol=tolerance, atol=tolerance)
+    # Bias gradient: row sums of grad_input before its rounding, accumulated in float (double for
+    # float64), rounded once.
+    assert_rounded_once(b.grad, masked_reference(grad.to(torch.float64 if dtype == torch.float64 else torch.float32),
+                                                 keep, 1 / 0.75))
 
 
 def test_residual_gradient_is_passed_through_without_a_copy(device):

@@ -4,7 +4,8 @@
 //
 // Masks depend only on each group's index, so the split does not change
 // them; bias gradients are summed in the order column_sums.h fixes, so they
-// depend neither on the thread count nor on the device.
+// depend neither on the thread count nor on the device. Every thread keeps
+// subnormals while it runs a kernel (subnormals.h), as a GPU does.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "../dropout_ops.h"
+#include "../subnormals.h"
 #include "kernel_isa.h"
 
 namespace regdrop::cpu {
@@ -47,10 +49,12 @@ void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
   std::vector<uint8_t> partial(plan.chunks > 1 ? static_cast<size_t>(plan.chunks * plan.cols) * accumulator : 0);
   void* target = plan.chunks > 1 ? static_cast<void*>(partial.data()) : c.bias_grad;
   at::parallel_for(0, plan.chunks * plan.tiles, 1, [&](int64_t begin, int64_t end) {
+    const KeepSubnormals keep;
     for (int64_t task = begin; task < end; ++task) kernels.column_sums(c, plan, task, target);
   });
   if (plan.chunks == 1) return;
   at::parallel_for(0, plan.cols, kGrainGroups, [&](int64_t begin, int64_t end) {
+    const KeepSubnormals keep;
     kernels.fold_chunks(c, plan, partial.data(), begin, end);
   });
 }
@@ -58,7 +62,7 @@ void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
 }  // namespace
 
 struct CpuBackend {
-  static constexpr bool kHostMemory = true;
+  static constexpr bool kLaunches = true;
 
   // The CPU generator is a Mersenne Twister, not a Philox counter: each call
   // takes a fresh 64-bit seed from it and starts its stream at offset 0.
@@ -80,8 +84,10 @@ struct CpuBackend {
       c.rng_state_out[1] = static_cast<int64_t>(offset);
     }
     if (c.bias_grad != nullptr) return run_column_sums(kernels, c);
-    at::parallel_for(0, mask_bytes(c.numel), kGrainGroups,
-                     [&](int64_t begin, int64_t end) { kernels.run_groups(c, begin, end); });
+    at::parallel_for(0, mask_bytes(c.numel), kGrainGroups, [&](int64_t begin, int64_t end) {
+      const KeepSubnormals keep;
+      kernels.run_groups(c, begin, end);
+    });
   }
 };
 

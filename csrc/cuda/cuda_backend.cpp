@@ -5,44 +5,23 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <mutex>
-
 #include "../dropout_ops.h"
 #include "kernels.h"
+#include "philox_state.h"
 
 namespace regdrop::cuda {
 
 struct CudaBackend {
-  static constexpr bool kHostMemory = false;
+  static constexpr bool kLaunches = true;
 
-  // A graph-safe Philox state from the CUDA generator of `device`, or the
-  // given one, which must belong to that very device. Each call asks for an
-  // offset increment of 4 (PyTorch keeps offsets multiples of 4); the offset
-  // lives in counter words 2-3, so calls never share a stream.
+  // A graph-safe Philox stream from the CUDA generator of `device`, or the
+  // given one, which check_rng_args has found to belong to that very device
+  // (philox_state.h).
   static PhiloxSource generator_source(const std::optional<at::Generator>& generator,
                                        at::Device device) {
-    if (generator.has_value() && generator->defined()) {
-      const at::Device own = generator->device();
-      TORCH_CHECK(own.type() == at::kCUDA && own.index() == device.index(),
-                  "generator must belong to the device of input (", device, "), got a generator of ", own);
-    }
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
         generator, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
-    at::PhiloxCudaState state;
-    {
-      std::lock_guard<std::mutex> lock(gen->mutex_);
-      state = gen->philox_cuda_state(4);
-    }
-    PhiloxSource source;
-    if (state.captured_) {
-      source.seed_ptr = state.seed_.ptr;
-      source.offset_ptr = state.offset_.ptr;
-      source.offset_increment = state.offset_intragraph_;
-    } else {
-      source.seed = state.seed_.val;
-      source.offset = state.offset_.val;
-    }
-    return source;
+    return next_philox_source(*gen);
   }
 
   static void run(const KernelCall& c) {

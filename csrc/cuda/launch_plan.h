@@ -109,6 +109,12 @@ inline UnitWalk unit_walk(const UnitLayout& u, int64_t units, int64_t first, uin
   return w;
 }
 
+// A shard whose groups are groups of the larger call (thread_bodies.h's
+// aligned_shard_keep_bits): launches start at multiples of 8 units.
+inline bool aligned_shard(const ShardMap& m) {
+  return m.first % kUnitsPerGroup == 0 && m.run % kUnitsPerGroup == 0 && m.stride % kUnitsPerGroup == 0;
+}
+
 // The shard walk of the launch whose first unit is `first`.
 inline ShardWalk shard_walk(const ShardMap& m, int64_t first, uint32_t limit) {
   ShardWalk s;
@@ -138,9 +144,11 @@ void launch_elementwise(const KernelCall& c, Executor& exec, const LaunchLimits&
     p.vector = aligned16(p.in) && aligned16(p.out) && (p.residual == nullptr || aligned16(p.residual));
     if constexpr (draws(S)) {
       p.rng = c.rng;
+      p.keys = philox_keys(c.rng.seed);
       p.threshold = c.threshold;
       p.group_base = static_cast<uint64_t>(first / kUnitsPerGroup);
       p.shard = shard_walk(c.shard, first, limits.divisor_limit);
+      if constexpr (S == BitSource::DrawShard) p.vector = p.vector && aligned_shard(c.shard);
       if (c.mask_out != nullptr) p.mask_out = c.mask_out + first / kUnitsPerGroup;
       if (first == 0) p.rng_state_out = c.rng_state_out;
     } else if constexpr (S == BitSource::Elements) {
@@ -265,6 +273,7 @@ void launch_draw_mask(const KernelCall& c, Executor& exec, const LaunchLimits& l
     DrawMaskParams p;
     p.mask_out = c.mask_out + first / kUnitsPerGroup;
     p.rng = c.rng;
+    p.keys = philox_keys(c.rng.seed);
     p.threshold = c.threshold;
     p.group_base = static_cast<uint64_t>(first / kUnitsPerGroup);
     p.shard = shard_walk(c.shard, first, limits.divisor_limit);

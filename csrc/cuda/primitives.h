@@ -95,7 +95,7 @@ REGDROP_HOST_DEVICE void double_bits(double d, uint32_t& lo, uint32_t& hi) {
 // --------------------------------------------------- NaN: one bit pattern
 //
 // A kept element that is NaN is written as the dtype's canonical NaN, on both
-// devices (README, "Semantics"): 0x7FFF for float16 and bfloat16 (what the
+// devices (docs/semantics.md): 0x7FFF for float16 and bfloat16 (what the
 // GPU's float -> 16-bit conversions produce for any NaN), 0x7FFFFFFF for
 // float32 and 0x7FFFFFFFFFFFFFFF for float64. The CPU kernels and the GPU
 // bodies both say so explicitly, whatever their arithmetic would propagate.

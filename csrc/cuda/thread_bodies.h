@@ -6,10 +6,16 @@
 // test suite checks the CUDA kernels bit for bit.
 //
 // Layout: elements in memory order, in groups of 8 that share a mask byte.
-//   elementwise_thread   one group per thread: loads its 8 elements (128-bit
-//                        accesses on the vector path), gets their keep bits
-//                        (a Philox call, a mask byte, or its units' bits),
-//                        writes the epilogue and, when drawing, the mask byte.
+//   elementwise_thread   one group per thread: loads its 8 elements, gets
+//                        their keep bits (a Philox call, a mask byte, or its
+//                        units' bits), writes the epilogue and, when drawing,
+//                        the mask byte. Each thread takes one of two copies
+//                        of the group's code, chosen once: the vector path
+//                        (8 elements, every operand 16-byte aligned, and a
+//                        shard's group one group of the larger call: 128-bit
+//                        accesses, no tail or stretch logic), or the general
+//                        one (element by element, for misaligned operands,
+//                        the last partial group and unaligned shards).
 //   draw_mask_thread     one mask byte per thread: unit masks, drawn before
 //                        elementwise_thread applies them.
 //   column_sum_*         bias gradient: grad through the mask, and its
@@ -261,17 +267,16 @@ struct ShardWalk {
 
 // The keep bits of a shard's units e0 .. e0 + n - 1 (n <= 8): stretches of
 // the larger call's groups, one Philox call each; a stretch ends where a run
-// or a group of the larger call does. Aligned shards (first, run and stride
-// multiples of 8) take one stretch per group. Bits past n may be set.
-REGDROP_HOST_DEVICE uint32_t shard_keep_bits(uint64_t seed, uint64_t offset, const ShardWalk& s, uint32_t e0,
-                                             int n, uint32_t threshold) {
+// or a group of the larger call does. Bits past n may be set.
+REGDROP_HOST_DEVICE uint32_t shard_keep_bits(const PhiloxKeys& keys, uint64_t offset, const ShardWalk& s,
+                                             uint32_t e0, int n, uint32_t threshold) {
   uint32_t ended, in_run;
   s.runs.divmod(s.rem + e0, ended, in_run);
   uint64_t unit = s.unit0 + e0 + static_cast<uint64_t>(ended) * s.gap;
   uint32_t shift = static_cast<uint32_t>(unit % kUnitsPerGroup);
   uint32_t left = s.runs.divisor - in_run;  // in the run
   uint32_t len = left < kUnitsPerGroup - shift ? left : kUnitsPerGroup - shift;
-  uint32_t bits = group_keep_bits(seed, offset, unit / kUnitsPerGroup, threshold) >> shift;
+  uint32_t bits = group_keep_bits(keys, offset, unit / kUnitsPerGroup, threshold) >> shift;
   if (len >= static_cast<uint32_t>(n)) return bits;  // one stretch: bits past n need no clearing
   bits &= (1u << len) - 1;
   for (uint32_t j = len; j < static_cast<uint32_t>(n); j += len) {
@@ -280,10 +285,47 @@ REGDROP_HOST_DEVICE uint32_t shard_keep_bits(uint64_t seed, uint64_t offset, con
     shift = static_cast<uint32_t>(unit % kUnitsPerGroup);
     left = s.runs.divisor - in_run;
     len = left < kUnitsPerGroup - shift ? left : kUnitsPerGroup - shift;
-    const uint32_t drawn = group_keep_bits(seed, offset, unit / kUnitsPerGroup, threshold) >> shift;
+    const uint32_t drawn = group_keep_bits(keys, offset, unit / kUnitsPerGroup, threshold) >> shift;
     bits |= (drawn & ((1u << len) - 1)) << j;
   }
   return bits;
+}
+
+// The same for a whole group of an aligned shard (its first unit, run and
+// stride multiples of 8, so that e0 / 8 is one group of the larger call):
+// one Philox call, found with one division.
+REGDROP_HOST_DEVICE uint32_t aligned_shard_keep_bits(const PhiloxKeys& keys, uint64_t offset, const ShardWalk& s,
+                                                     uint32_t e0, uint32_t threshold) {
+  const uint64_t unit = s.unit0 + e0 + static_cast<uint64_t>(s.runs.div(s.rem + e0)) * s.gap;
+  return group_keep_bits(keys, offset, unit / kUnitsPerGroup, threshold);
+}
+
+// ------------------------------------------------------------------ streams
+
+// The stream a drawing launch draws from: its seed's round keys, and its
+// offset. A seed given by value comes with its keys precomputed by the launch
+// plan, as kernel parameters (which the uniform datapath reads: no
+// per-thread work). A seed behind a pointer (CUDA graph capture, a saved
+// rng_state) is read when the kernel runs and its keys computed then: a
+// captured graph replays its kernels with the parameters they were captured
+// with, so a replay's seed and offset can only come through the pointers.
+struct DrawStream {
+  PhiloxKeys keys;
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+};
+
+REGDROP_HOST_DEVICE DrawStream draw_stream(const PhiloxSource& rng, const PhiloxKeys& keys_by_value) {
+  DrawStream stream;
+  if (rng.seed_ptr != nullptr) {
+    rng.unpack(stream.seed, stream.offset);
+    stream.keys = philox_keys(stream.seed);
+  } else {
+    stream.seed = rng.seed;
+    stream.offset = rng.offset;
+    stream.keys = keys_by_value;
+  }
+  return stream;
 }
 
 // ------------------------------------------------------------- elementwise
@@ -298,6 +340,7 @@ struct ElementwiseParams {
   const uint8_t* __restrict__ mask_in = nullptr;  // Elements: byte g; units: their bits
   int64_t* __restrict__ rng_state_out = nullptr;  // Draw, first launch: (seed, offset), or null
   PhiloxSource rng;
+  PhiloxKeys keys;          // of rng.seed, when given by value
   uint32_t threshold = 0;
   uint64_t group_base = 0;  // Philox group index of group 0
   ShardWalk shard;          // DrawShard: where the launch's units lie
@@ -305,7 +348,9 @@ struct ElementwiseParams {
   double scale_d = 1.0;
   uint32_t numel = 0;
   uint32_t groups = 0;
-  bool vector = false;  // in, residual and out are 16-byte aligned
+  // in, residual and out are 16-byte aligned, and a shard's groups are
+  // groups of the larger call: full groups take the vector path.
+  bool vector = false;
   // AddBiasResidual: element e takes bias[(c0 + e) % bias_len], c0 the
   // launch's first column. bias_row = bias + c0; rows counts row ends
   // crossed (bias_rows divides bias_rem + e, normalized as UnitWalk is).
@@ -341,49 +386,49 @@ REGDROP_HOST_DEVICE void load_bias(Group<T>& b, const ElementwiseParams& p, uint
   b.load(values, kUnitsPerGroup, false);
 }
 
-template <class O, Epilogue E, BitSource S>
-REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t g) {
-  using T = typename O::InT;
+// What a group of elementwise_thread reads: its input, residual and bias.
+template <class O, Epilogue E>
+struct GroupOperands {
+  Group<typename O::InT> x;
+  Group<typename O::ResidualT> r;
+  Group<typename O::BiasT> b;
+
+  // Elements e0 .. e0 + n - 1. `Vector`: n == 8 and the vector path's
+  // 128-bit accesses.
+  template <bool Vector>
+  REGDROP_HOST_DEVICE void load(const ElementwiseParams& p, uint32_t e0, int n) {
+    x.load(static_cast<const typename Element<typename O::InT>::Bits*>(p.in) + e0, n, Vector);
+    if constexpr (E != Epilogue::Scale) {
+      r.load(static_cast<const typename Element<typename O::ResidualT>::Bits*>(p.residual) + e0, n, Vector);
+    }
+    if constexpr (E == Epilogue::AddBiasResidual) load_bias(b, p, e0, Vector);
+  }
+};
+
+// The rest of a group of elementwise_thread once its operands are loaded:
+// its keep bits, the mask byte, the epilogue and the output.
+template <class O, Epilogue E, BitSource S, bool Vector>
+REGDROP_HOST_DEVICE void finish_group(const ElementwiseParams& p, const DrawStream& stream,
+                                      const GroupOperands<O, E>& in, uint32_t g, uint32_t e0, int n) {
   using R = typename O::ResidualT;
   using Y = typename O::OutT;
-  using C = Compute<T>;
+  using C = Compute<typename O::InT>;
   static_assert(std::is_same_v<C, Compute<Y>>, "operands compute in one type");
-  uint64_t seed = 0, offset = 0;
-  if constexpr (draws(S)) {
-    p.rng.unpack(seed, offset);
-    if (g == 0 && p.rng_state_out != nullptr) {
-      p.rng_state_out[0] = static_cast<int64_t>(seed);
-      p.rng_state_out[1] = static_cast<int64_t>(offset);
-    }
-  }
-  if (g >= p.groups) return;
-  const uint32_t e0 = g * kUnitsPerGroup;
-  const int n = p.numel - e0 < kUnitsPerGroup ? static_cast<int>(p.numel - e0) : kUnitsPerGroup;
-  const bool full = n == kUnitsPerGroup;
-  const bool vector = p.vector && full;
-
-  // The loads go first, ahead of the Philox rounds, so that memory latency
-  // overlaps the arithmetic.
-  Group<T> x;
-  Group<R> r;
-  Group<typename O::BiasT> b;
-  x.load(static_cast<const typename Element<T>::Bits*>(p.in) + e0, n, vector);
-  if constexpr (E != Epilogue::Scale) r.load(static_cast<const typename Element<R>::Bits*>(p.residual) + e0, n, vector);
-  if constexpr (E == Epilogue::AddBiasResidual) load_bias(b, p, e0, vector);
-
-  const uint32_t valid = (1u << n) - 1;
   uint32_t bits;
-  if constexpr (draws(S)) {
-    if constexpr (S == BitSource::Draw) {
-      bits = group_keep_bits(seed, offset, p.group_base + g, p.threshold) & valid;
-    } else {
-      bits = shard_keep_bits(seed, offset, p.shard, e0, n, p.threshold) & valid;
-    }
-    if (p.mask_out != nullptr) p.mask_out[g] = static_cast<uint8_t>(bits);
+  if constexpr (S == BitSource::Draw) {
+    bits = group_keep_bits(stream.keys, stream.offset, p.group_base + g, p.threshold);
+  } else if constexpr (S == BitSource::DrawShard && Vector) {
+    bits = aligned_shard_keep_bits(stream.keys, stream.offset, p.shard, e0, p.threshold);
+  } else if constexpr (S == BitSource::DrawShard) {
+    bits = shard_keep_bits(stream.keys, stream.offset, p.shard, e0, n, p.threshold);
   } else if constexpr (S == BitSource::Elements) {
     bits = p.mask_in[g];
   } else {
-    bits = unit_bits<S>(p.units, p.mask_in, e0, n) & valid;
+    bits = unit_bits<S>(p.units, p.mask_in, e0, n);
+  }
+  if constexpr (!Vector && S != BitSource::Elements) bits &= (1u << n) - 1;
+  if constexpr (draws(S)) {
+    if (p.mask_out != nullptr) p.mask_out[g] = static_cast<uint8_t>(bits);
   }
 
   const C scale = scale_as<C>(p.scale_f, p.scale_d);
@@ -395,16 +440,48 @@ REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t
     for (int h = 0; h < 2; ++h) {
       const int j = 2 * k + h;
       C rv = 0, bv = 0;
-      if constexpr (E != Epilogue::Scale) rv = r.get(j);
-      if constexpr (E == Epilogue::AddBiasResidual) bv = b.get(j);
-      const C kept = kept_canonical<Y>(kept_value<E>(x.get(j), rv, bv, scale));
+      if constexpr (E != Epilogue::Scale) rv = in.r.get(j);
+      if constexpr (E == Epilogue::AddBiasResidual) bv = in.b.get(j);
+      const C kept = kept_canonical<Y>(kept_value<E>(in.x.get(j), rv, bv, scale));
       // A residual widened to the output's type is a new value: its NaNs canonical too.
       const C dropped = std::is_same_v<R, Y> ? dropped_value<E>(rv) : kept_canonical<Y>(dropped_value<E>(rv));
       pair[h] = ((bits >> j) & 1u) ? kept : dropped;
     }
     y.set_pair(k, pair[0], pair[1]);
   }
-  y.store(static_cast<typename Element<Y>::Bits*>(p.out) + e0, n, vector);
+  y.store(static_cast<typename Element<Y>::Bits*>(p.out) + e0, n, Vector);
+}
+
+// The operands load first, in a branch of their own, ahead of the Philox
+// rounds, so that memory latency overlaps the arithmetic (in one branch with
+// the rest, ptxas would sink the loads to their use). The rest then takes
+// the same path, vector or general.
+template <class O, Epilogue E, BitSource S>
+REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t g) {
+  DrawStream stream;
+  if constexpr (draws(S)) {
+    stream = draw_stream(p.rng, p.keys);
+    if (g == 0 && p.rng_state_out != nullptr) {
+      p.rng_state_out[0] = static_cast<int64_t>(stream.seed);
+      p.rng_state_out[1] = static_cast<int64_t>(stream.offset);
+    }
+  }
+  if (g >= p.groups) return;
+  const uint32_t e0 = g * kUnitsPerGroup;
+  const uint32_t left = p.numel - e0;
+  const bool vector = p.vector && left >= kUnitsPerGroup;
+  const int n = left < kUnitsPerGroup ? static_cast<int>(left) : kUnitsPerGroup;
+  GroupOperands<O, E> in;
+  if (vector) {
+    in.template load<true>(p, e0, kUnitsPerGroup);
+  } else {
+    in.template load<false>(p, e0, n);
+  }
+  if (vector) {
+    finish_group<O, E, S, true>(p, stream, in, g, e0, kUnitsPerGroup);
+  } else {
+    finish_group<O, E, S, false>(p, stream, in, g, e0, n);
+  }
 }
 
 // ------------------------------------------------------------- unit masks
@@ -412,6 +489,7 @@ REGDROP_HOST_DEVICE void elementwise_thread(const ElementwiseParams& p, uint32_t
 struct DrawMaskParams {
   uint8_t* __restrict__ mask_out = nullptr;
   PhiloxSource rng;
+  PhiloxKeys keys;  // of rng.seed, when given by value
   uint32_t threshold = 0;
   uint64_t group_base = 0;
   ShardWalk shard;     // DrawShard
@@ -421,15 +499,14 @@ struct DrawMaskParams {
 template <BitSource S>
 REGDROP_HOST_DEVICE void draw_mask_thread(const DrawMaskParams& p, uint32_t g) {
   if (g * kUnitsPerGroup >= p.units) return;
-  uint64_t seed, offset;
-  p.rng.unpack(seed, offset);
+  const DrawStream stream = draw_stream(p.rng, p.keys);
   const uint32_t left = p.units - g * kUnitsPerGroup;
   const int n = left >= kUnitsPerGroup ? kUnitsPerGroup : static_cast<int>(left);
   uint32_t bits;
   if constexpr (S == BitSource::Draw) {
-    bits = group_keep_bits(seed, offset, p.group_base + g, p.threshold);
+    bits = group_keep_bits(stream.keys, stream.offset, p.group_base + g, p.threshold);
   } else {
-    bits = shard_keep_bits(seed, offset, p.shard, g * kUnitsPerGroup, n, p.threshold);
+    bits = shard_keep_bits(stream.keys, stream.offset, p.shard, g * kUnitsPerGroup, n, p.threshold);
   }
   p.mask_out[g] = static_cast<uint8_t>(bits & ((1u << n) - 1));
 }
@@ -522,8 +599,9 @@ REGDROP_HOST_DEVICE void column_sum_accumulate(const ColumnSumParams& p, uint32_
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int j = 2 * k + h;
-              pair[h] = ((bits[u] >> j) & 1u) ? kept_canonical<T>(g[u].get(j) * scale) : Acc(0);
-              acc[j] += pair[h];
+              const Acc kept = kept_canonical<T>(kept_value<Epilogue::Scale>(g[u].get(j), Acc(0), Acc(0), scale));
+              pair[h] = ((bits[u] >> j) & 1u) ? kept : Acc(0);
+              acc[j] = add_rn(acc[j], pair[h]);
             }
             out.set_pair(k, pair[0], pair[1]);
           }
@@ -548,7 +626,7 @@ REGDROP_HOST_DEVICE void column_sum_fold_lanes(const ColumnSumParams& p, uint32_
     const int64_t col = static_cast<int64_t>(tile) * width + c;
     if (col >= plan.cols) continue;
     Acc sum = 0;
-    for (uint32_t lane = 0; lane < plan.lanes; ++lane) sum += shared.sums[lane * width + c];
+    for (uint32_t lane = 0; lane < plan.lanes; ++lane) sum = add_rn(sum, shared.sums[lane * width + c]);
     if (plan.chunks == 1) {
       store_sum<T>(p.partial, col, sum);
     } else {
@@ -564,7 +642,7 @@ REGDROP_HOST_DEVICE void fold_chunks_thread(const void* partial, void* result, c
   if (col >= plan.cols) return;
   const Acc* sums = static_cast<const Acc*>(partial);
   Acc sum = 0;
-  for (int64_t k = 0; k < plan.chunks; ++k) sum += sums[k * plan.cols + col];
+  for (int64_t k = 0; k < plan.chunks; ++k) sum = add_rn(sum, sums[k * plan.cols + col]);
   store_sum<T>(result, col, sum);
 }
 

@@ -81,7 +81,7 @@ inline at::Tensor add_reference(const at::Tensor& x, const at::Tensor& residual,
 }
 
 // The keep flags of units [0, units) drawn from the stream (seed, offset),
-// following README "The random mapping", with ATen's Philox4x32-10 engine.
+// following docs/random-mapping.md, with ATen's Philox4x32-10 engine.
 inline at::Tensor philox_keep_bits(int64_t seed, int64_t offset, int64_t units, double p) {
   const int64_t threshold = std::llround(p * 65536.0);
   // Group g's counter is (g lo, g hi, offset lo, offset hi | 2^31).

@@ -51,8 +51,11 @@ TEST_P(Dropout, InPlaceMatchesOutOfPlace) {
   const at::Tensor x = randn({1003});
   const auto [out, mask] = regdrop::dropout(x, 0.25, std::nullopt, /*seed=*/5, /*offset=*/8);
   const at::Tensor y = x.clone();
-  const at::Tensor inplace_mask =
-      regdrop::dropout_(y, 0.25, std::nullopt, /*seed=*/5, /*offset=*/8);
+  const at::Tensor written = at::empty_like(mask);
+  const auto [returned, inplace_mask] =
+      regdrop::dropout_(y, written, 0.25, std::nullopt, /*seed=*/5, /*offset=*/8);
+  EXPECT_TRUE(returned.is_same(y));
+  EXPECT_TRUE(inplace_mask.is_same(written));
   EXPECT_TRUE(at::equal(inplace_mask, mask));
   EXPECT_TRUE(at::equal(y, out));
 }

@@ -23,7 +23,7 @@ TEST(Errors, PMustBeAProbability) {
   for (double p : {1.5, -0.1, std::numeric_limits<double>::quiet_NaN()}) {
     const char* expected = "p must be a probability in [0, 1]";
     expect_contains(error_message<c10::ValueError>([&] { regdrop::dropout(x, p); }), expected);
-    expect_contains(error_message<c10::ValueError>([&] { regdrop::dropout_(x.clone(), p); }),
+    expect_contains(error_message<c10::ValueError>([&] { regdrop::dropout_(x.clone(), mask.clone(), p); }),
                     expected);
     expect_contains(error_message<c10::ValueError>([&] { regdrop::dropout_backward(x, mask, p); }),
                     expected);
@@ -65,7 +65,7 @@ TEST(Errors, OffsetMustBeNonNegative) {
 
 TEST(Errors, InPlaceRefusesElementsThatShareMemory) {
   const at::Tensor expanded = at::ones({1}).expand({8});
-  expect_contains(error_message([&] { regdrop::dropout_(expanded, 0.5); }),
+  expect_contains(error_message([&] { regdrop::dropout_(expanded, at::zeros({1}, at::kByte), 0.5); }),
                   "input has elements that share memory");
 }
 

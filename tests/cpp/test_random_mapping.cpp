@@ -1,4 +1,4 @@
-// Seeded calls: reproducible, and their masks are README's "random mapping"
+// Seeded calls: reproducible, and their masks are docs/random-mapping.md's mapping
 // computed with ATen's own Philox engine (at::Philox4_32).
 #include <gtest/gtest.h>
 #include <regdrop/regdrop.h>

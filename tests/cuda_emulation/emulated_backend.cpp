@@ -20,8 +20,10 @@
 #include <vector>
 
 #include "cuda/launch_plan.h"
+#include "cuda/philox_state.h"
 #include "dropout_ops.h"
 #include "schemas.h"
+#include "subnormals.h"
 
 namespace regdrop::cuda_emulation {
 namespace {
@@ -129,12 +131,61 @@ struct Emulator {
   }
 };
 
-struct EmulatedCudaBackend {
-  static constexpr bool kHostMemory = true;
+// Stand-ins for at::PhiloxCudaState and for what at::CUDAGeneratorImpl's
+// philox_cuda_state does with it, eager and under graph capture, so that
+// the CUDA backend's generator code (cuda/philox_state.h) runs here.
+struct PhiloxCudaStateStandIn {
+  union Payload {
+    uint64_t val;
+    int64_t* ptr;
+  };
+  Payload seed_{};
+  Payload offset_{};
+  uint32_t offset_intragraph_ = 0;
+  bool captured_ = false;
+};
 
-  // As the CPU backend: a fresh 64-bit seed from the CPU generator, offset 0,
-  // so that a generator gives both backends the same stream.
+struct CudaGeneratorStandIn {
+  std::mutex mutex_;
+  uint64_t seed = 0;
+  uint64_t offset = 0;  // the next eager call's
+  bool capturing = false;
+  // Under capture: the tensors a replay fills with the seed and offset
+  // before running the graph, and the next call's offset within the graph.
+  int64_t seed_extragraph = 0;
+  int64_t offset_extragraph = 0;
+  uint32_t offset_intragraph = 0;
+
+  PhiloxCudaStateStandIn philox_cuda_state(uint64_t increment) {
+    PhiloxCudaStateStandIn state;
+    if (capturing) {
+      state.seed_.ptr = &seed_extragraph;
+      state.offset_.ptr = &offset_extragraph;
+      state.offset_intragraph_ = offset_intragraph;
+      state.captured_ = true;
+      offset_intragraph += static_cast<uint32_t>(increment);
+    } else {
+      state.seed_.val = seed;
+      state.offset_.val = offset;
+      offset += increment;
+    }
+    return state;
+  }
+};
+
+// Where the emulated ops take a stream when the call names no seed: the CPU
+// generator (the default), or the CUDA generator stand-in.
+bool use_cuda_generator_stand_in = false;
+CudaGeneratorStandIn cuda_generator;
+
+struct EmulatedCudaBackend {
+  static constexpr bool kLaunches = true;
+
+  // By default as the CPU backend, a fresh 64-bit seed from the CPU
+  // generator and offset 0, so that a generator gives both backends the same
+  // stream; or the CUDA backend's way, from the CUDA generator stand-in.
   static PhiloxSource generator_source(const std::optional<at::Generator>& generator, at::Device) {
+    if (use_cuda_generator_stand_in) return cuda::next_philox_source(cuda_generator);
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);
     PhiloxSource source;
@@ -142,7 +193,9 @@ struct EmulatedCudaBackend {
     return source;
   }
 
+  // Subnormals kept, as on a GPU (subnormals.h).
   static void run(const KernelCall& c) {
+    const KeepSubnormals keep;
     Emulator emulator;
     cuda::launch(c, emulator, limits);
   }
@@ -155,6 +208,22 @@ void set_launch_limits(int64_t max_launch_elements, int64_t divisor_limit) {
   limits.max_launch_elements = max_launch_elements;
   limits.divisor_limit = static_cast<uint32_t>(divisor_limit);
 }
+
+// Calls that name no seed draw from the CUDA generator stand-in, at `seed`
+// and `offset`: eager, or as the kernels of one captured graph replayed with
+// that seed and offset (graph = true).
+void use_cuda_generator(int64_t seed, int64_t offset, bool graph) {
+  std::lock_guard<std::mutex> lock(cuda_generator.mutex_);
+  cuda_generator.seed = static_cast<uint64_t>(seed);
+  cuda_generator.offset = static_cast<uint64_t>(offset);
+  cuda_generator.capturing = graph;
+  cuda_generator.seed_extragraph = seed;
+  cuda_generator.offset_extragraph = offset;
+  cuda_generator.offset_intragraph = 0;
+  use_cuda_generator_stand_in = true;
+}
+
+void use_cpu_generator() { use_cuda_generator_stand_in = false; }
 
 std::vector<std::string> take_kernels_run() {
   std::lock_guard<std::mutex> lock(kernels_run_mutex);
@@ -172,6 +241,8 @@ TORCH_LIBRARY(regdrop_cuda_emulation, m) {
         &regdrop::cuda_emulation::set_launch_limits);
   // The kernels run since the last call, by name.
   m.def("take_kernels_run() -> str[]", &regdrop::cuda_emulation::take_kernels_run);
+  m.def("use_cuda_generator(int seed, int offset, bool graph) -> ()", &regdrop::cuda_emulation::use_cuda_generator);
+  m.def("use_cpu_generator() -> ()", &regdrop::cuda_emulation::use_cpu_generator);
 }
 
 TORCH_LIBRARY_IMPL(regdrop_cuda_emulation, CPU, m) {

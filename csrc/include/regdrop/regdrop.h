@@ -1,20 +1,31 @@
-// The regdrop ops for C++ programs: one function per op of csrc/schemas.h, with
-// the same arguments, defaults, results and errors as torch.ops.regdrop.* in
-// Python. Errors are c10::Error: c10::ValueError where Python raises
-// ValueError (a bad p), c10::TypeError where it raises TypeError (a bad dtype).
+// The regdrop ops for C++ programs: one function per op of the manifest
+// (regdrop/manifest.h), with the same arguments, defaults, results and errors
+// as torch.ops.regdrop.* in Python. Errors are c10::Error: c10::ValueError
+// where Python raises ValueError (a bad p), c10::TypeError where it raises
+// TypeError (a bad dtype).
 //
 // Link regdrop_ext::regdrop (CMake: find_package(regdrop_ext)). Each function
 // calls its op through the dispatcher, as at:: functions do, which runs the
 // CPU or CUDA kernel for the inputs' device; loading the library registers
-// the ops.
+// the ops. For each forward row `name` of the manifest:
+//
+//   std::tuple<at::Tensor, at::Tensor> name(input[, bias][, residual], p[, scale_by_keep = true],
+//                                           generator = nullopt, seed = nullopt, offset = 0, shard = nullopt);
+//       (output, mask): output = [residual +] keep ? (input [+ bias]) / q : 0, q the keep probability
+//       (1 - p quantized to 2^-16 steps); mask: one bit per unit;
+//   std::tuple<at::Tensor, at::Tensor> name_(input, mask, p, ...);       with IN_PLACE: (input, mask), both
+//       written; mask: uint8, ceil(units / 8) bytes
+//   std::tuple<at::Tensor, at::Tensor> name_low_memory(input, ..., p, ...);  with LOW_MEMORY: (output, rng_state)
+//
+// and for each backward row: name(grad, mask, p[, scale_by_keep = true]) -> grad_input, or
+// (grad_input, grad_bias); dropout_low_memory_backward(grad, rng_state, p, shard = nullopt).
 //
 // Masks are uint8 with ceil(units / 8) bytes: bit i % 8 of byte i / 8 keeps
-// unit i, units in the memory order of `input` (README, "Ops"). Random ops
-// draw from `generator` (default: the device's default generator) or, given
-// `seed`, from the Philox stream (seed, offset), the same on every device
-// (README, "The random mapping"). Given `shard` = (first, run, stride), a call
-// is a shard of a larger one and draws its units where that call would: its
-// unit i is the larger call's unit first + (i / run) * stride + i % run.
+// unit i (docs/semantics.md). Random ops draw from `generator` (default: the
+// device's default generator) or, given `seed`, from the Philox stream
+// (seed, offset), the same on every device. Given `shard` = (first, run,
+// stride), a call is a shard of a larger one and draws its units where that
+// call would: its unit i is the larger call's unit first + (i / run) * stride + i % run.
 #pragma once
 
 #include <ATen/core/Generator.h>
@@ -26,14 +37,14 @@
 #include <optional>
 #include <tuple>
 
+#include "manifest.h"
+
 namespace regdrop {
 
 namespace detail {
 
 // The typed handle of op `name`. The dispatcher checks that Signature is the
-// C++ type of the op's kernels (csrc/dropout_ops.h), so each function below
-// takes exactly their parameter types: `Generator?` as
-// const std::optional<at::Generator>&, and `Tensor(a!)` as const at::Tensor&.
+// op's schema, so each function below takes exactly its parameter types.
 template <class Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -41,145 +52,88 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 }  // namespace detail
 
-// Dropout: output = keep ? input / q : 0, and the mask of keep bits; q, the
-// keep probability, is 1 - p quantized to 2^-16 steps (README, "Guarantees").
-inline std::tuple<at::Tensor, at::Tensor> dropout(
-    const at::Tensor& input, double p, const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(dropout)>("regdrop::dropout");
-  return op.call(input, p, generator, seed, offset, shard);
-}
+// Parameter and argument lists, by the manifest's columns.
+#define REGDROP_TENSORS_Input const at::Tensor &input
+#define REGDROP_TENSORS_InputResidual const at::Tensor &input, const at::Tensor &residual
+#define REGDROP_TENSORS_InputBiasResidual const at::Tensor &input, const at::Tensor &bias, const at::Tensor &residual
+#define REGDROP_NAMES_Input input
+#define REGDROP_NAMES_InputResidual input, residual
+#define REGDROP_NAMES_InputBiasResidual input, bias, residual
+#define REGDROP_UNIT_PARAMS_Element
+#define REGDROP_UNIT_PARAMS_Channel
+#define REGDROP_UNIT_PARAMS_Sample , bool scale_by_keep = true
+#define REGDROP_UNIT_NAMES_Element
+#define REGDROP_UNIT_NAMES_Channel
+#define REGDROP_UNIT_NAMES_Sample , scale_by_keep
+#define REGDROP_RNG_PARAMS                                                                                 \
+  , const std::optional<at::Generator>&generator = std::nullopt, std::optional<int64_t> seed = std::nullopt, \
+    int64_t offset = 0, at::OptionalIntArrayRef shard = std::nullopt
+#define REGDROP_RNG_NAMES , generator, seed, offset, shard
+#define REGDROP_RESULT_Grad at::Tensor
+#define REGDROP_RESULT_GradBias std::tuple<at::Tensor, at::Tensor>
+#define REGDROP_SAVED_PARAMS_Mask const at::Tensor &mask, double p
+#define REGDROP_SAVED_PARAMS_RngState const at::Tensor &rng_state, double p
+#define REGDROP_SAVED_NAMES_Mask mask, p
+#define REGDROP_SAVED_NAMES_RngState rng_state, p
+#define REGDROP_SAVED_TAIL_PARAMS_Mask
+#define REGDROP_SAVED_TAIL_PARAMS_RngState , at::OptionalIntArrayRef shard = std::nullopt
+#define REGDROP_SAVED_TAIL_NAMES_Mask
+#define REGDROP_SAVED_TAIL_NAMES_RngState , shard
 
-// In-place dropout: overwrites `input` and returns the mask.
-inline at::Tensor dropout_(const at::Tensor& input, double p,
-                           const std::optional<at::Generator>& generator = std::nullopt,
-                           std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(dropout_)>("regdrop::dropout_");
-  return op.call(input, p, generator, seed, offset, shard);
-}
+#define REGDROP_CALL(name, ...)                                                \
+  static const auto op = detail::find_op<decltype(name)>("regdrop::" #name); \
+  return op.call(__VA_ARGS__);
 
-// The gradient of dropout: grad_input = keep ? grad / q : 0.
-inline at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p) {
-  static const auto op = detail::find_op<decltype(dropout_backward)>("regdrop::dropout_backward");
-  return op.call(grad, mask, p);
-}
+#define REGDROP_FORWARD_FUNCTIONS(name, unit, operands, in_place, low_memory)                                     \
+  inline std::tuple<at::Tensor, at::Tensor> name(REGDROP_TENSORS_##operands,                                      \
+                                                 double p REGDROP_UNIT_PARAMS_##unit REGDROP_RNG_PARAMS) {        \
+    REGDROP_CALL(name, REGDROP_NAMES_##operands, p REGDROP_UNIT_NAMES_##unit REGDROP_RNG_NAMES)                   \
+  }                                                                                                               \
+  REGDROP_IF_##in_place(inline std::tuple<at::Tensor, at::Tensor> name##_(                                        \
+      const at::Tensor& input, const at::Tensor& mask, double p REGDROP_UNIT_PARAMS_##unit REGDROP_RNG_PARAMS) {   \
+    REGDROP_CALL(name##_, input, mask, p REGDROP_UNIT_NAMES_##unit REGDROP_RNG_NAMES)                             \
+  })                                                                                                              \
+  REGDROP_IF_##low_memory(inline std::tuple<at::Tensor, at::Tensor> name##_low_memory(                            \
+      REGDROP_TENSORS_##operands, double p REGDROP_UNIT_PARAMS_##unit REGDROP_RNG_PARAMS) {                       \
+    REGDROP_CALL(name##_low_memory, REGDROP_NAMES_##operands, p REGDROP_UNIT_NAMES_##unit REGDROP_RNG_NAMES)      \
+  })
 
-// Dropout then a residual add: output = residual + dropout(input).
-inline std::tuple<at::Tensor, at::Tensor> dropout_add(
-    const at::Tensor& input, const at::Tensor& residual, double p,
-    const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(dropout_add)>("regdrop::dropout_add");
-  return op.call(input, residual, p, generator, seed, offset, shard);
-}
+#define REGDROP_BACKWARD_FUNCTIONS(name, unit, gradients, saved)                                            \
+  inline REGDROP_RESULT_##gradients name(const at::Tensor& grad, REGDROP_SAVED_PARAMS_##saved                \
+                                             REGDROP_UNIT_PARAMS_##unit REGDROP_SAVED_TAIL_PARAMS_##saved) { \
+    REGDROP_CALL(name, grad, REGDROP_SAVED_NAMES_##saved REGDROP_UNIT_NAMES_##unit                          \
+                                 REGDROP_SAVED_TAIL_NAMES_##saved)                                          \
+  }
 
-// output = residual + dropout(input + bias), `bias` along the last dimension.
-inline std::tuple<at::Tensor, at::Tensor> bias_dropout_add(
-    const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual, double p,
-    const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(bias_dropout_add)>("regdrop::bias_dropout_add");
-  return op.call(input, bias, residual, p, generator, seed, offset, shard);
-}
+REGDROP_FORWARD_OPS(REGDROP_FORWARD_FUNCTIONS)
+REGDROP_BACKWARD_OPS(REGDROP_BACKWARD_FUNCTIONS)
 
-// The gradients of bias_dropout_add for input and bias (residual's is `grad`).
-inline std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad,
-                                                                    const at::Tensor& mask,
-                                                                    double p) {
-  static const auto op =
-      detail::find_op<decltype(bias_dropout_add_backward)>("regdrop::bias_dropout_add_backward");
-  return op.call(grad, mask, p);
-}
-
-// Channel dropout (Dropout1d/2d/3d): one keep bit per (sample, channel) of an
-// (N, C, ...) input.
-inline std::tuple<at::Tensor, at::Tensor> channel_dropout(
-    const at::Tensor& input, double p, const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(channel_dropout)>("regdrop::channel_dropout");
-  return op.call(input, p, generator, seed, offset, shard);
-}
-
-// In-place channel dropout: overwrites `input` and returns the mask.
-inline at::Tensor channel_dropout_(const at::Tensor& input, double p,
-                                   const std::optional<at::Generator>& generator = std::nullopt,
-                                   std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(channel_dropout_)>("regdrop::channel_dropout_");
-  return op.call(input, p, generator, seed, offset, shard);
-}
-
-// The gradient of channel_dropout.
-inline at::Tensor channel_dropout_backward(const at::Tensor& grad, const at::Tensor& mask,
-                                           double p) {
-  static const auto op =
-      detail::find_op<decltype(channel_dropout_backward)>("regdrop::channel_dropout_backward");
-  return op.call(grad, mask, p);
-}
-
-// Drop-path (stochastic depth): one keep bit per sample; kept samples are
-// scaled by 1 / q only if `scale_by_keep`.
-inline std::tuple<at::Tensor, at::Tensor> drop_path(
-    const at::Tensor& input, double p, bool scale_by_keep = true,
-    const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(drop_path)>("regdrop::drop_path");
-  return op.call(input, p, scale_by_keep, generator, seed, offset, shard);
-}
-
-// Drop-path then a residual add: output = residual + drop_path(input).
-inline std::tuple<at::Tensor, at::Tensor> drop_path_add(
-    const at::Tensor& input, const at::Tensor& residual, double p, bool scale_by_keep = true,
-    const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(drop_path_add)>("regdrop::drop_path_add");
-  return op.call(input, residual, p, scale_by_keep, generator, seed, offset, shard);
-}
-
-// The gradient of drop_path and drop_path_add (for input).
-inline at::Tensor drop_path_backward(const at::Tensor& grad, const at::Tensor& mask, double p,
-                                     bool scale_by_keep = true) {
-  static const auto op =
-      detail::find_op<decltype(drop_path_backward)>("regdrop::drop_path_backward");
-  return op.call(grad, mask, p, scale_by_keep);
-}
-
-// Dropout that saves no mask: returns the stream it drew from, rng_state =
-// int64 (seed, offset), from which dropout_low_memory_backward draws the same
-// bits again.
-inline std::tuple<at::Tensor, at::Tensor> dropout_low_memory(
-    const at::Tensor& input, double p, const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op =
-      detail::find_op<decltype(dropout_low_memory)>("regdrop::dropout_low_memory");
-  return op.call(input, p, generator, seed, offset, shard);
-}
-
-// dropout_add that saves no mask, as dropout_low_memory.
-inline std::tuple<at::Tensor, at::Tensor> dropout_add_low_memory(
-    const at::Tensor& input, const at::Tensor& residual, double p,
-    const std::optional<at::Generator>& generator = std::nullopt,
-    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
-    at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op =
-      detail::find_op<decltype(dropout_add_low_memory)>("regdrop::dropout_add_low_memory");
-  return op.call(input, residual, p, generator, seed, offset, shard);
-}
-
-// The gradient of dropout_low_memory and dropout_add_low_memory (for input).
-inline at::Tensor dropout_low_memory_backward(const at::Tensor& grad, const at::Tensor& rng_state,
-                                              double p, at::OptionalIntArrayRef shard = std::nullopt) {
-  static const auto op = detail::find_op<decltype(dropout_low_memory_backward)>(
-      "regdrop::dropout_low_memory_backward");
-  return op.call(grad, rng_state, p, shard);
-}
+#undef REGDROP_FORWARD_FUNCTIONS
+#undef REGDROP_BACKWARD_FUNCTIONS
+#undef REGDROP_CALL
+#undef REGDROP_TENSORS_Input
+#undef REGDROP_TENSORS_InputResidual
+#undef REGDROP_TENSORS_InputBiasResidual
+#undef REGDROP_NAMES_Input
+#undef REGDROP_NAMES_InputResidual
+#undef REGDROP_NAMES_InputBiasResidual
+#undef REGDROP_UNIT_PARAMS_Element
+#undef REGDROP_UNIT_PARAMS_Channel
+#undef REGDROP_UNIT_PARAMS_Sample
+#undef REGDROP_UNIT_NAMES_Element
+#undef REGDROP_UNIT_NAMES_Channel
+#undef REGDROP_UNIT_NAMES_Sample
+#undef REGDROP_RNG_PARAMS
+#undef REGDROP_RNG_NAMES
+#undef REGDROP_RESULT_Grad
+#undef REGDROP_RESULT_GradBias
+#undef REGDROP_SAVED_PARAMS_Mask
+#undef REGDROP_SAVED_PARAMS_RngState
+#undef REGDROP_SAVED_NAMES_Mask
+#undef REGDROP_SAVED_NAMES_RngState
+#undef REGDROP_SAVED_TAIL_PARAMS_Mask
+#undef REGDROP_SAVED_TAIL_PARAMS_RngState
+#undef REGDROP_SAVED_TAIL_NAMES_Mask
+#undef REGDROP_SAVED_TAIL_NAMES_RngState
 
 }  // namespace regdrop
