@@ -5,10 +5,15 @@ regdrop_ext.mc_predict then runs it with dropout on, many times, over
 [-3, 3]. The spread of the predictions grows away from the data. Prints the
 mean and std at a few points and, where matplotlib is installed, plots them.
 
-    python examples/mc_regression.py [--quick] [--out mc_regression.png]
+    python examples/mc_regression.py [--quick] [--out PLOT.png]
+
+Without --out, the plot goes to a new temporary directory (the path is printed),
+never into the working directory.
 """
 
 import argparse
+import os
+import tempfile
 
 import torch
 from torch import nn
@@ -19,7 +24,7 @@ import regdrop_ext
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer training steps and samples")
-    parser.add_argument("--out", default="mc_regression.png", help="where to write the plot")
+    parser.add_argument("--out", help="where to write the plot (default: mc_regression.png in a new temporary directory)")
     args = parser.parse_args()
     # A few hundred steps fit the data (MSE near the noise variance, 0.01);
     # much longer training of this ReLU net narrows the band far from the data.
@@ -64,8 +69,9 @@ def main() -> None:
     axes.set(xlabel="x", ylabel="y", title="MC dropout: uncertainty grows away from the data")
     axes.legend(loc="lower left")
     figure.tight_layout()
-    figure.savefig(args.out, dpi=120)
-    print(f"plot written to {args.out}")
+    out = args.out or os.path.join(tempfile.mkdtemp(prefix="regdrop_ext_example_"), "mc_regression.png")
+    figure.savefig(out, dpi=120)
+    print(f"plot written to {out}")
 
 
 if __name__ == "__main__":

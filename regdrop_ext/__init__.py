@@ -11,6 +11,8 @@ from ._library import load_compiled_library
 
 load_compiled_library()  # registers torch.ops.regdrop, or says why it cannot
 
+from ._built_against import VERSION as __version__  # noqa: E402  (0.1.0+torch2.13.0cpu: names its torch)
+
 from . import _ops  # noqa: E402, F401  (the in-place ops' functionalization)
 from . import batching  # noqa: E402
 
@@ -19,6 +21,7 @@ from . import dtensor  # noqa: E402
 
 dtensor.register_when_imported()  # DTensor handlers, once torch.distributed.tensor is imported
 from . import functional, modules  # noqa: E402
+from .attention import scaled_dot_product_attention  # noqa: E402
 from .convert import ConversionSummary, convert  # noqa: E402
 from .distributed import SharedRandomState, seed_ranks  # noqa: E402
 from .dropout_layers import is_dropout_layer  # noqa: E402
@@ -41,6 +44,7 @@ __all__ = sorted(
         "mc_dropout",
         "mc_predict",
         "mc_unreachable_random_calls",
+        "scaled_dot_product_attention",
         "seed_ranks",
         "trace_random_ops",
     ]

@@ -3,14 +3,23 @@ torchvision's StochasticDepth. ``convert`` replaces some of them, ``mc_dropout``
 switches them on, and ``trace_random_ops`` lists those that a forward never calls.
 """
 
+import contextlib
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from . import modules
 
-__all__ = ["dropout_probability", "is_dropout_layer", "stochastic_depth_class", "timm_drop_path_classes"]
+__all__ = [
+    "dropout_probability",
+    "is_dropout_layer",
+    "modes",
+    "stochastic_depth_class",
+    "timm_drop_path_classes",
+    "training_but_statistics",
+]
 
 _DROPOUT_LAYERS = (
     nn.Dropout,  # also regdrop_ext's Dropout, which subclass torch's
@@ -56,3 +65,25 @@ def dropout_probability(layer: nn.Module) -> Optional[float]:
         if isinstance(getattr(layer, name, None), (int, float)):
             return float(getattr(layer, name))
     return None
+
+
+@contextlib.contextmanager
+def modes(model: nn.Module, training: Callable[[nn.Module], bool]):
+    """Each module of ``model`` in training mode where ``training(module)``;
+    every module gets its previous mode back on exit, also after an exception."""
+    previous = {module: module.training for module in model.modules()}
+    try:
+        for module in previous:
+            module.training = training(module)
+        yield model
+    finally:
+        for module, mode in previous.items():
+            module.training = mode
+
+
+def training_but_statistics(model: nn.Module):
+    """:func:`modes` for a training-mode trace: every module in training mode
+    except the normalization layers with running statistics (BatchNorm,
+    InstanceNorm), which would normalize with batch statistics instead (and
+    refuse a batch of one). Random ops do not depend on their mode."""
+    return modes(model, lambda module: not isinstance(module, _NormBase))

@@ -12,6 +12,7 @@ they have defaults. In-place calls are the raw in-place ops, whose autograd
 is in C++ (csrc/autograd.cpp), so they need no autograd.Function either.
 """
 
+import numbers
 import warnings
 from typing import Optional
 
@@ -39,7 +40,15 @@ def _new_mask(units: int, like: Tensor) -> Tensor:
     return like.new_empty([(units + 7) // 8], dtype=torch.uint8)
 
 
+@torch.jit.unused
+def _is_real_number(p: float) -> bool:  # annotated for TorchScript, which never calls it
+    return isinstance(p, numbers.Real)  # numpy's scalars too
+
+
 def _check_probability(p: float, name: str = "dropout probability") -> None:
+    if not torch.jit.is_scripting() and not _is_real_number(p):
+        # Scripted, p is a float by its annotation; in Python, '0.1' would fail the comparison below, unnamed.
+        raise TypeError(f"{name} must be a float, got {type(p).__name__}")
     if not 0.0 <= p <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} has to be between 0 and 1, but got {p}")
 

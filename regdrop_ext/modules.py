@@ -22,7 +22,15 @@ __all__ = [
 ]
 
 
-class Dropout(torch.nn.Dropout):
+class _ChecksProbability:
+    """Checks ``p`` first: torch's own constructor compares it unchecked ('0.1' < 0 raises, unnamed)."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        F._check_probability(p)
+        super().__init__(p, inplace)
+
+
+class Dropout(_ChecksProbability, torch.nn.Dropout):
     """Drop-in for :class:`torch.nn.Dropout`, fused and with a 1-bit mask.
 
     Args:
@@ -45,21 +53,21 @@ class Dropout(torch.nn.Dropout):
         return super().extra_repr() + (", low_memory=True" if self.low_memory else "")
 
 
-class Dropout1d(torch.nn.Dropout1d):
+class Dropout1d(_ChecksProbability, torch.nn.Dropout1d):
     """Drop-in for :class:`torch.nn.Dropout1d`; saves one bit per (n, c)."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.dropout1d(input, self.p, self.training, self.inplace)
 
 
-class Dropout2d(torch.nn.Dropout2d):
+class Dropout2d(_ChecksProbability, torch.nn.Dropout2d):
     """Drop-in for :class:`torch.nn.Dropout2d`; saves one bit per (n, c)."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.dropout2d(input, self.p, self.training, self.inplace)
 
 
-class Dropout3d(torch.nn.Dropout3d):
+class Dropout3d(_ChecksProbability, torch.nn.Dropout3d):
     """Drop-in for :class:`torch.nn.Dropout3d`; saves one bit per (n, c)."""
 
     def forward(self, input: Tensor) -> Tensor:
@@ -77,6 +85,7 @@ class DropPath(torch.nn.Module):
 
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
         super().__init__()
+        F._check_probability(drop_prob, "drop_path probability")
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
 

@@ -1,9 +1,10 @@
 """Which random ops one forward of a model runs, where, and whether regdrop_ext draws them.
 
-``convert`` swaps dropout *layers*. It cannot see dropout that a model calls
-as a function (``F.dropout(x, self.drop_rate, self.training)`` in a classifier
-head, ``F.scaled_dot_product_attention(..., dropout_p=...)`` in fused
-attention), nor tell whether a layer it replaced is ever called (timm keeps
+``convert`` swaps dropout *layers*. Without ``functional=True`` it cannot
+reach dropout that a model calls as a function (``F.dropout(x,
+self.drop_rate, self.training)`` in a classifier head,
+``F.scaled_dot_product_attention(..., dropout_p=...)`` in fused attention),
+and it cannot tell whether a layer it replaced is ever called (timm keeps
 ``attn_drop`` but does not call it when fused attention is on). Only a
 forward can tell, so ``trace_random_ops`` runs one on an example input:
 
@@ -12,11 +13,12 @@ forward can tell, so ``trace_random_ops`` runs one on an example input:
 - module hooks say which module was running;
 - a TorchFunctionMode records the torch function the model's own code
   called, which is what one would change: ``torch.nn.functional.dropout``,
-  not the ``aten.bernoulli_`` it runs on the CPU.
+  not the ``aten.bernoulli_`` it runs on the CPU; for a call that
+  ``convert(..., functional=True)`` routes, the routing mode names it.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .dropout_layers import dropout_probability, is_dropout_layer
+from .routing import FunctionalDropoutRouting, routing_of
 
 __all__ = ["RandomCall", "RandomOpTrace", "trace_random_ops"]
 
@@ -72,7 +75,7 @@ class RandomOpTrace:
             lines.append("native:")
             lines += [f"  {call}" for call in self.native]
         if self.never_called:
-            lines.append("dropout layers never called (converting them changes nothing):")
+            lines.append(f"dropout layers never called: {len(self.never_called)} (converting them changes nothing)")
             lines += [f"  {name or '<model>'}: {layer}" for name, layer in self.never_called.items()]
         return "\n".join(lines)
 
@@ -80,6 +83,8 @@ class RandomOpTrace:
 def _draws_random_numbers(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> bool:
     if torch.Tag.nondeterministic_seeded not in op.tags:
         return False
+    if not any(isinstance(result.type, torch.TensorType) for result in op._schema.returns):
+        return False  # aten._fused_sdp_choice: tagged for its dropout_p, draws nothing
     # Attention ops are tagged for their dropout, which dropout_p == 0 turns off.
     for i, argument in enumerate(op._schema.arguments):
         if argument.name == "dropout_p":
@@ -103,16 +108,19 @@ class _OutermostFunction(TorchFunctionMode):
 
 
 class _RandomOpRecorder(TorchDispatchMode):
-    def __init__(self, where, function: _OutermostFunction) -> None:
+    def __init__(self, where, function: _OutermostFunction, routing: Optional[FunctionalDropoutRouting]) -> None:
         super().__init__()
         self.where = where  # () -> the running module
         self.function = function
+        self.routing = routing
         self.counts: dict[tuple[nn.Module, str, str], int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _draws_random_numbers(func, args, kwargs):
-            key = (self.where(), self.function.current or str(func), str(func))
+            # A routed call is answered by the routing mode, above this trace's function mode.
+            rerouted = self.routing.rerouting if self.routing is not None else ""
+            key = (self.where(), rerouted or self.function.current or str(func), str(func))
             self.counts[key] = self.counts.get(key, 0) + 1
         return func(*args, **kwargs)
 
@@ -163,7 +171,7 @@ def trace_random_ops(model: nn.Module, *args, **kwargs) -> RandomOpTrace:
     hooks = [module.register_forward_pre_hook(enter) for module in names]
     hooks += [module.register_forward_hook(leave, always_call=True) for module in names]
     function = _OutermostFunction()
-    recorder = _RandomOpRecorder(lambda: running[-1] if running else model, function)
+    recorder = _RandomOpRecorder(lambda: running[-1] if running else model, function, routing_of(model))
     # Copies: a model that drops out in place must not write into the caller's tensors.
     args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (args, kwargs))
     state = list(model.parameters()) + list(model.buffers()) + list(_tensors((args, kwargs)))

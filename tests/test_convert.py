@@ -1,26 +1,19 @@
-"""regdrop_ext.convert: which layers it swaps, what it keeps, and that a
-converted model drops and trains like the original, statistically.
-
-timm and torchvision are not needed: their layers are found through
-``sys.modules["timm.layers"].DropPath`` and
-``sys.modules["torchvision.ops"].StochasticDepth``, so the stand-in tests
-register, at exactly those places, classes with the constructor, attributes
-and forward of the real ones. Where the real packages are installed, the
-same checks also run on their classes.
-"""
+"""regdrop_ext.convert: which layers it swaps, what it keeps (hooks too),
+what its summary counts, and that a converted model drops and trains like the
+original, statistically. timm's and torchvision's layers are the real ones
+where those packages import, stand-ins elsewhere (tests/models.py)."""
 
 import math
-import sys
-import types
 
 import pytest
 import torch
 from torch import nn
 
 import regdrop_ext
-from reference import keep_scale
 from helpers import binomial_bounds
-from third_party import import_or_skip
+from models import Classifier, TimmDropPath, third_party_layers  # noqa: F401  (fixture)
+from reference import keep_scale
+from regdrop_ext.convert import CANNOT_SEE
 
 TORCH_TO_FUSED = {
     nn.Dropout: regdrop_ext.Dropout,
@@ -28,52 +21,6 @@ TORCH_TO_FUSED = {
     nn.Dropout2d: regdrop_ext.Dropout2d,
     nn.Dropout3d: regdrop_ext.Dropout3d,
 }
-
-
-class TimmDropPath(nn.Module):
-    """timm.layers.DropPath: constructor, attributes and forward."""
-
-    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
-        super().__init__()
-        self.drop_prob = drop_prob
-        self.scale_by_keep = scale_by_keep
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        if keep > 0.0 and self.scale_by_keep:
-            noise.div_(keep)
-        return x * noise
-
-
-class StochasticDepth(nn.Module):
-    """torchvision.ops.StochasticDepth: constructor, attributes and forward."""
-
-    def __init__(self, p: float, mode: str):
-        super().__init__()
-        self.p = p
-        self.mode = mode
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        size = [x.shape[0]] + [1] * (x.ndim - 1) if self.mode == "row" else [1] * x.ndim
-        noise = torch.empty(size, dtype=x.dtype).bernoulli_(1 - self.p)
-        return x * (noise / (1 - self.p) if self.p < 1 else noise)
-
-
-@pytest.fixture
-def stand_ins(monkeypatch):
-    """Register the stand-ins where timm and torchvision would have put their classes."""
-    timm_layers = types.ModuleType("timm.layers")
-    timm_layers.DropPath = TimmDropPath
-    tv_ops = types.ModuleType("torchvision.ops")
-    tv_ops.StochasticDepth = StochasticDepth
-    monkeypatch.setitem(sys.modules, "timm.layers", timm_layers)
-    monkeypatch.setitem(sys.modules, "timm.models.layers", timm_layers)
-    monkeypatch.setitem(sys.modules, "torchvision.ops", tv_ops)
 
 
 # --- what is replaced, with what ------------------------------------------------
@@ -126,8 +73,7 @@ def test_summary_names_nested_layers():
         "replaced 1, left alone 1",
         "  0.1: torch.nn.modules.dropout.Dropout -> regdrop_ext.modules.Dropout",
         "  1: left alone, AlphaDropout keeps SELU's mean and variance; no fused equivalent",
-        "(layers only: dropout the model calls as a function stays native, and a replaced layer may never be "
-        "called; regdrop_ext.trace_random_ops(model, example_input) shows both)",
+        CANNOT_SEE,
     ]
 
 
@@ -167,20 +113,22 @@ def test_state_dict_keys_and_values_are_unchanged():
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_timm_drop_path_is_found_only_where_timm_put_it(stand_ins):
-    model = nn.Sequential(TimmDropPath(0.25, scale_by_keep=False), TimmDropPath(0.1))
+def test_timm_drop_path_is_found_only_where_timm_put_it(third_party_layers):  # noqa: F811
+    DropPath = third_party_layers.DropPath
+    model = nn.Sequential(DropPath(0.25, scale_by_keep=False), DropPath(0.1))
     regdrop_ext.convert(model)
     assert [type(m) for m in model] == [regdrop_ext.DropPath] * 2
     assert (model[0].drop_prob, model[0].scale_by_keep, model[1].scale_by_keep) == (0.25, False, True)
 
 
 def test_a_look_alike_class_outside_timm_is_not_converted():
-    model = nn.Sequential(TimmDropPath(0.25))  # no stand_ins: timm.layers holds no such class
+    model = nn.Sequential(TimmDropPath(0.25))  # the stand-in, not registered: timm.layers holds no such class
     _, summary = regdrop_ext.convert(model)
     assert type(model[0]) is TimmDropPath and summary.replaced == summary.skipped == {}
 
 
-def test_stochastic_depth_row_mode_becomes_drop_path_and_batch_mode_is_left_alone(stand_ins):
+def test_stochastic_depth_row_mode_becomes_drop_path_and_batch_mode_is_left_alone(third_party_layers):  # noqa: F811
+    StochasticDepth = third_party_layers.StochasticDepth
     model = nn.Sequential(StochasticDepth(0.3, "row"), StochasticDepth(0.3, "batch"))
     _, summary = regdrop_ext.convert(model)
     assert type(model[0]) is regdrop_ext.DropPath
@@ -188,31 +136,79 @@ def test_stochastic_depth_row_mode_becomes_drop_path_and_batch_mode_is_left_alon
     assert type(model[1]) is StochasticDepth and "mode='batch'" in summary.skipped["1"]
 
 
-def test_real_timm_drop_path():
-    timm_layers = import_or_skip("timm.layers")
-    model = nn.Sequential(timm_layers.DropPath(0.2, scale_by_keep=False))
-    regdrop_ext.convert(model)
-    assert type(model[0]) is regdrop_ext.DropPath and not model[0].scale_by_keep
+# --- hooks, arguments, and what the summary counts --------------------------------
 
 
-def test_real_torchvision_stochastic_depth():
-    tv_ops = import_or_skip("torchvision.ops")
-    model = nn.Sequential(tv_ops.StochasticDepth(0.2, "row"), tv_ops.StochasticDepth(0.2, "batch"))
+def test_hooks_move_to_the_replacement_and_their_handles_still_remove_them():
+    layer = nn.Dropout(0.5)
+    seen = []
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args: seen.append(("pre", type(module)))),
+        layer.register_forward_hook(lambda module, args, out: seen.append(("post", type(module)))),
+        layer.register_forward_hook(lambda module, args, kwargs, out: seen.append(("kwargs", type(module))), with_kwargs=True),
+        layer.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(("backward", type(module)))),
+    ]
+    model = nn.Sequential(nn.Linear(4, 4), layer)
     _, summary = regdrop_ext.convert(model)
-    assert type(model[0]) is regdrop_ext.DropPath and list(summary.skipped) == ["1"]
+    assert summary.hooks_moved == {"1": 4} and "1: 4 hook(s) moved to the replacement" in str(summary)
+    model(torch.randn(2, 4)).sum().backward()
+    fused = regdrop_ext.Dropout
+    assert seen == [("pre", fused), ("post", fused), ("kwargs", fused), ("backward", fused)]
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    model(torch.randn(2, 4)).sum().backward()
+    assert seen == []
+
+
+def test_arguments_are_checked_and_named():
+    with pytest.raises(TypeError, match="convert: model must be a torch.nn.Module, got str"):
+        regdrop_ext.convert("x")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        regdrop_ext.convert(nn.Dropout(), attention="flash")
+    with pytest.raises(TypeError, match="example_args must be a tuple"):
+        regdrop_ext.convert(nn.Dropout(), example_args=torch.ones(2))
+
+
+def test_with_an_example_the_summary_counts_only_layers_that_run():
+    """The attention's attn_drop is replaced but never called: its p goes to SDPA."""
+    model = Classifier()
+    x = torch.randn(4, 5, 16)
+    _, summary = regdrop_ext.convert(model.eval(), example_args=(x,))
+    assert summary.never_called == ["blocks.0.attn_drop", "blocks.1.attn_drop"]
+    lines = str(summary).splitlines()
+    assert lines[0] == "replaced 2 that run (+2 never called), left alone 0"
+    assert "  blocks.0.attn_drop: torch.nn.modules.dropout.Dropout -> regdrop_ext.modules.Dropout (never called)" in lines
+    # In training mode, whatever the model's mode: 3 native (2 SDPA, the head's F.dropout), 2 fused.
+    assert "example input, training mode: one forward: 5 random ops, 2 by regdrop_ext, 3 native" in lines
+    assert not model.training
+
+
+def test_the_example_forward_keeps_batch_norm_in_eval_mode():
+    """A batch of one, which BatchNorm refuses in training mode; random ops do not depend on its mode."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.2))
+    _, summary = regdrop_ext.convert(model, example_args=(torch.randn(1, 4),))
+    assert [call.op for call in summary.trace.calls] == ["regdrop.dropout.default"] and model[1].training
+
+
+def test_with_functional_and_attention_no_native_random_op_is_left():
+    model = Classifier()
+    _, summary = regdrop_ext.convert(model, functional=True, attention="math", example_args=(torch.randn(4, 5, 16),))
+    assert summary.trace.native == [] and len(summary.trace.fused) == 5
+    assert "functional dropout: F.dropout, F.dropout1d/2d/3d and torch.dropout by regdrop_ext" in str(summary)
 
 
 # --- a converted layer drops like the original ------------------------------------
 
 # name: (layer, input shape, shape of the units that are kept or dropped together)
 LAYERS = {
-    "Dropout": (lambda: nn.Dropout(0.3), (64, 256), (64, 256)),
-    "Dropout1d": (lambda: nn.Dropout1d(0.3), (64, 128, 4), (64, 128, 1)),
-    "Dropout2d": (lambda: nn.Dropout2d(0.3), (64, 128, 2, 2), (64, 128, 1, 1)),
-    "Dropout3d": (lambda: nn.Dropout3d(0.3), (64, 128, 2, 2, 1), (64, 128, 1, 1, 1)),
-    "timm_DropPath": (lambda: TimmDropPath(0.3), (8192, 3), (8192, 1)),
-    "timm_DropPath_unscaled": (lambda: TimmDropPath(0.3, scale_by_keep=False), (8192, 3), (8192, 1)),
-    "StochasticDepth_row": (lambda: StochasticDepth(0.3, "row"), (8192, 3), (8192, 1)),
+    "Dropout": (lambda layers: nn.Dropout(0.3), (64, 256), (64, 256)),
+    "Dropout1d": (lambda layers: nn.Dropout1d(0.3), (64, 128, 4), (64, 128, 1)),
+    "Dropout2d": (lambda layers: nn.Dropout2d(0.3), (64, 128, 2, 2), (64, 128, 1, 1)),
+    "Dropout3d": (lambda layers: nn.Dropout3d(0.3), (64, 128, 2, 2, 1), (64, 128, 1, 1, 1)),
+    "timm_DropPath": (lambda layers: layers.DropPath(0.3), (8192, 3), (8192, 1)),
+    "timm_DropPath_unscaled": (lambda layers: layers.DropPath(0.3, scale_by_keep=False), (8192, 3), (8192, 1)),
+    "StochasticDepth_row": (lambda layers: layers.StochasticDepth(0.3, "row"), (8192, 3), (8192, 1)),
 }
 
 
@@ -228,9 +224,9 @@ def check_drops(layer, shape, unit_shape, p, scale):
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_converted_layer_drops_like_the_original(stand_ins, name):
+def test_converted_layer_drops_like_the_original(third_party_layers, name):  # noqa: F811
     make, shape, unit_shape = LAYERS[name]
-    original = make()
+    original = make(third_party_layers)
     converted, summary = regdrop_ext.convert(original, inplace=False)
     assert summary.replaced, "not converted"
     p = 0.3

@@ -1,6 +1,7 @@
 """Monte Carlo dropout: which modules mc_dropout turns on, which random ops
 it cannot reach, and what mc_predict returns, statistically."""
 
+import dataclasses
 import math
 import warnings
 
@@ -9,8 +10,8 @@ import torch
 from torch import nn
 
 import regdrop_ext
-from test_convert import StochasticDepth, TimmDropPath, stand_ins  # noqa: F401  (fixture)
-from test_trace import DROPOUT, SDPA, Classifier
+from models import DROPOUT, SDPA, Classifier, third_party_layers  # noqa: F401  (fixture)
+from third_party import import_or_skip
 
 
 def regressor(p: float) -> nn.Module:
@@ -25,7 +26,7 @@ def modes(model):
 # --- mc_dropout --------------------------------------------------------------------
 
 
-def test_only_dropout_layers_are_on_inside_and_modes_come_back(stand_ins):  # noqa: F811
+def test_only_dropout_layers_are_on_inside_and_modes_come_back(third_party_layers):  # noqa: F811
     dropouts = [
         nn.Dropout(),
         nn.Dropout1d(),
@@ -39,8 +40,8 @@ def test_only_dropout_layers_are_on_inside_and_modes_come_back(stand_ins):  # no
         regdrop_ext.DropPathAdd(),
         regdrop_ext.DropoutAdd(),
         regdrop_ext.BiasDropoutAdd(),
-        TimmDropPath(),
-        StochasticDepth(0.1, "row"),
+        third_party_layers.DropPath(),
+        third_party_layers.StochasticDepth(0.1, "row"),
     ]
     others = [nn.Linear(2, 2), nn.BatchNorm1d(2), nn.LayerNorm(2)]
     model = nn.Sequential(*dropouts, nn.Sequential(*others)).eval()
@@ -125,17 +126,21 @@ def test_same_generator_seed_gives_the_same_prediction_and_leaves_the_global_sta
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_samples_run_as_batches_of_at_most_batch_size_rows():
+def test_samples_run_as_batches_of_at_most_batch_size_rows_and_hooks_see_only_those():
+    """The check for unreachable random ops (two forwards of two copies of x)
+    is hidden from the model's hooks: they see the sample forwards, in MC mode."""
     model = regressor(0.5)
-    rows = []
+    rows, training = [], []
     model.register_forward_hook(lambda module, args, out: rows.append(args[0].size(0)))
+    model[1].register_forward_pre_hook(lambda module, args: training.append(module.training))
     x = torch.randn(8, 6)
-    check = [16, 16]  # first, the check for unreachable random ops: two forwards of two copies of x
     prediction = regdrop_ext.mc_predict(model, x, samples=10, batch_size=35)  # 4 copies of x per forward
-    assert rows == check + [32, 32, 16] and prediction.mean.shape == (8, 3)
+    assert rows == [32, 32, 16] and prediction.mean.shape == (8, 3)
+    assert training == [False] * 3  # BatchNorm in eval mode in every forward
     rows.clear()
     regdrop_ext.mc_predict(model, x, samples=3, batch_size=5)  # fewer rows than x: one copy per forward
-    assert rows == check + [8, 8, 8]
+    assert rows == [8, 8, 8]
+    assert len(model._forward_hooks) == 1 and len(model[1]._forward_pre_hooks) == 1
 
 
 def test_softmax_gives_probabilities_and_their_entropy():
@@ -241,3 +246,134 @@ def test_tools_that_run_the_model_never_write_the_callers_input(layer, runner):
         warnings.simplefilter("ignore")
         MODEL_RUNNERS[runner](model, x)
     assert torch.equal(x, before)
+
+
+# --- the check never runs BatchNorm in training mode --------------------------------
+
+
+def test_the_check_keeps_batch_norm_in_eval_mode_and_check_false_skips_it():
+    class RecordingBatchNorm(nn.BatchNorm1d):
+        def forward(self, x):
+            seen.append(self.training)
+            return super().forward(x)
+
+    seen = []
+    model = nn.Sequential(nn.Linear(6, 8), RecordingBatchNorm(8), regdrop_ext.Dropout(0.3), nn.Linear(8, 2))
+    regdrop_ext.mc_predict(model, torch.randn(4, 6), samples=4)
+    assert seen == [False] * 3  # the check's two forwards, then the samples in one
+    seen.clear()
+    regdrop_ext.mc_predict(model, torch.randn(4, 6), samples=4, check=False)
+    assert seen == [False]
+
+
+# --- keyword inputs, selected outputs, structured outputs ---------------------------------
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    features: torch.Tensor
+    note: str = "kept"
+
+
+class TwoInputs(nn.Module):
+    """Keyword inputs (a mask and a non-tensor flag) and a structured output."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.body = nn.Sequential(nn.Linear(6, 16), regdrop_ext.Dropout(0.5))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, mask=None, scale=1.0):
+        features = self.body(x) * (mask.unsqueeze(-1) if mask is not None else 1) * scale
+        logits = self.head(features)
+        if self.kind == "tuple":
+            return logits, features
+        if self.kind == "dict":
+            return {"logits": logits, "features": features}
+        return Output(logits, features)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "dataclass"])
+def test_keyword_inputs_and_structured_outputs_are_stacked_sample_by_sample(kind):
+    torch.manual_seed(0)
+    model = TwoInputs(kind)
+    x, mask = torch.randn(5, 6), torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0])
+    generator = torch.Generator().manual_seed(3)
+    prediction = regdrop_ext.mc_predict(model, x, 16, model_kwargs={"mask": mask, "scale": 2.0}, generator=generator, batch_size=10)
+    mean, std = prediction.mean, prediction.std
+    logits_mean = mean[0] if kind == "tuple" else mean["logits"] if kind == "dict" else mean.logits
+    features_std = std[1] if kind == "tuple" else std["features"] if kind == "dict" else std.features
+    assert type(mean) is type(std) is (tuple if kind == "tuple" else dict if kind == "dict" else Output)
+    assert logits_mean.shape == (5, 3) and features_std.shape == (5, 16)
+    assert (features_std[mask == 0] == 0).all() and (features_std[mask == 1] > 0).any()  # the mask reached each row
+    if kind == "dataclass":
+        assert mean.note == "kept"
+    # The same draws, one output selected by name and by a callable.
+    select = "logits" if kind != "tuple" else (lambda output: output[0])
+    again = regdrop_ext.mc_predict(
+        model, x, 16, model_kwargs={"mask": mask, "scale": 2.0}, output=select, generator=torch.Generator().manual_seed(3), batch_size=10
+    )
+    assert torch.equal(again.mean, logits_mean)
+
+
+def test_inputs_and_outputs_that_do_not_fit_are_named():
+    model = TwoInputs("tuple")
+    x = torch.randn(5, 6)
+    with pytest.raises(ValueError, match=r"model_kwargs\['mask'\] has shape \(4,\), not 5 rows"):
+        regdrop_ext.mc_predict(model, x, 4, model_kwargs={"mask": torch.ones(4)})
+    with pytest.raises(ValueError, match=r"output\[0\] has shape \(3,\), not 4 x 5 rows.*output="):
+        regdrop_ext.mc_predict(model, x, 4, output=lambda out: (out[0].sum(0),), check=False)
+    with pytest.raises(AttributeError, match="output='loss', but the model's output \\(tuple\\) has no such attribute"):
+        regdrop_ext.mc_predict(model, x, 4, output="loss", check=False)
+    with pytest.raises(ValueError, match="reduce='softmax' needs one tensor"):
+        regdrop_ext.mc_predict(model, x, 4, reduce="softmax", check=False)
+    with pytest.raises(TypeError, match="mc_predict: model must be a torch.nn.Module, got str"):
+        regdrop_ext.mc_predict("model", x)
+    with pytest.raises(TypeError, match="mc_predict: samples must be an int, got float"):
+        regdrop_ext.mc_predict(model, x, 4.0)
+    with pytest.raises(TypeError, match="mc_predict: x must be a Tensor or None, got list"):
+        regdrop_ext.mc_predict(model, [1.0])
+
+
+def test_a_converted_hugging_face_bert_classifier():
+    """HF's ModelOutput, keyword inputs (attention_mask), logits selected by name.
+    Its attention's SDPA dropout and the classifier's layers: the check names
+    SDPA as unreachable (dropout_p is 0 outside training), converted or not."""
+    transformers = import_or_skip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        num_labels=3, attn_implementation="sdpa",
+    )  # fmt: skip
+    model, _ = regdrop_ext.convert(transformers.BertForSequenceClassification(config).eval(), functional=True)
+    ids = torch.randint(0, 50, (4, 7))
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[2, 4:] = 0
+    with pytest.warns(UserWarning, match="scaled_dot_product_attention"):
+        whole = regdrop_ext.mc_predict(model, ids, 8, model_kwargs={"attention_mask": mask}, generator=torch.Generator().manual_seed(1))
+    assert type(whole.mean).__name__ == "SequenceClassifierOutput" and whole.mean.logits.shape == (4, 3)
+    logits = regdrop_ext.mc_predict(
+        model, ids, 8, model_kwargs={"attention_mask": mask}, output="logits", reduce="softmax", check=False,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    torch.testing.assert_close(logits.mean.sum(-1), torch.ones(4))
+    assert logits.std.max() > 0 and logits.entropy.shape == (4,)
+
+
+def test_a_converted_timm_vit():
+    """Drop paths and the head's dropout are layers, which MC dropout reaches;
+    fused attention's dropout_p is 0 outside training: the check names it."""
+    timm = import_or_skip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=16, num_classes=3, depth=2,
+        drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.1,
+    )  # fmt: skip
+    model, _ = regdrop_ext.convert(model.eval(), functional=True, attention="math")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="(?s)2 random ops .*blocks.0.attn .*scaled_dot_product_attention"):
+        prediction = regdrop_ext.mc_predict(model, x, 8, reduce="softmax", generator=torch.Generator().manual_seed(0))
+    assert prediction.mean.shape == (2, 3) and prediction.std.max() > 0
+    assert not model.training

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import regdrop_ext
-from test_convert import TimmDropPath, stand_ins  # noqa: F401  (fixture)
+from models import third_party_layers  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -91,28 +91,63 @@ def test_scripted_functional_refuses_a_bad_probability():
         torch.jit.script(regdrop_ext.dropout)(torch.ones(3), 1.5)
 
 
-class Block(nn.Module):
-    """A residual block with torch's dropout and timm's DropPath, to convert."""
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: regdrop_ext.dropout(torch.ones(3), "0.1"), "dropout probability"),
+        (lambda: regdrop_ext.drop_path(torch.ones(3), "0.1", True), "drop_path probability"),
+        (lambda: regdrop_ext.Dropout("0.1"), "dropout probability"),
+        (lambda: regdrop_ext.Dropout2d("0.1"), "dropout probability"),
+        (lambda: regdrop_ext.DropPath("0.1"), "drop_path probability"),
+    ],
+    ids=["dropout", "drop_path", "Dropout", "Dropout2d", "DropPath"],
+)
+def test_a_probability_that_is_no_number_is_named(call, name):
+    """In Python; scripted, the annotation types p (the functions above still script)."""
+    with pytest.raises(TypeError, match=f"^{name} must be a float, got str$"):
+        call()
 
-    def __init__(self):
+
+def test_numpy_probabilities_are_numbers():
+    numpy = pytest.importorskip("numpy")
+    assert regdrop_ext.dropout(torch.ones(8), numpy.float32(0.0)).equal(torch.ones(8))
+
+
+class Block(nn.Module):
+    """A residual block with torch's dropout, timm's DropPath and a functional dropout, to convert."""
+
+    def __init__(self, drop_path: type):
         super().__init__()
         self.fc = nn.Linear(16, 16)
         self.drop = nn.Dropout(0.2)
         self.channels = nn.Dropout1d(0.1)
-        self.drop_path = TimmDropPath(0.25)
+        self.drop_path = drop_path(0.25)
 
     def forward(self, x):
         h = self.channels(self.drop(self.fc(x)).unsqueeze(-1)).squeeze(-1)
         return x + self.drop_path(h)
 
 
-def test_a_converted_model_scripts_saves_and_loads(stand_ins):  # noqa: F811
-    model, summary = regdrop_ext.convert(nn.Sequential(Block(), Block()))
-    assert len(summary.replaced) == 6
+class FunctionalHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.dropout(x, 0.3, self.training))
+
+
+def script_save_load(model):
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(model), buffer)
     buffer.seek(0)
-    loaded = torch.jit.load(buffer)
+    return torch.jit.load(buffer)
+
+
+def test_a_converted_model_scripts_saves_and_loads(third_party_layers):  # noqa: F811
+    model, summary = regdrop_ext.convert(nn.Sequential(Block(third_party_layers.DropPath), Block(third_party_layers.DropPath)))
+    assert len(summary.replaced) == 6
+    loaded = script_save_load(model)
     x = torch.randn(32, 16)
     for mode in (True, False):
         model.train(mode)
@@ -121,3 +156,18 @@ def test_a_converted_model_scripts_saves_and_loads(stand_ins):  # noqa: F811
         expected = model(x)
         torch.manual_seed(7)
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_a_routed_model_scripts_without_its_routing_which_stays_in_eager(third_party_layers):  # noqa: F811
+    """TorchScript runs no Python mode: the scripted model calls torch's F.dropout
+    (its masks are torch's), while the eager model keeps drawing regdrop_ext's."""
+    model, _ = regdrop_ext.convert(nn.Sequential(Block(third_party_layers.DropPath), FunctionalHead()), functional=True)
+    loaded = script_save_load(model)
+    x = torch.randn(32, 16)
+    calls = regdrop_ext.trace_random_ops(model.train(), x).calls
+    assert [(call.function, call.fused) for call in calls][-1] == ("torch.nn.functional.dropout", True)
+    assert "torch.nn.functional.dropout(" in getattr(loaded, "1").code and not model[1]._forward_pre_hooks  # the head is not routed itself
+    assert len(model._forward_pre_hooks) == 1  # scripting left the eager model's routing on
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+    out = loaded.train()(torch.ones(32, 16))
+    assert out.shape == (32, 4) and not torch.equal(out, loaded.eval()(torch.ones(32, 16)))

@@ -1,51 +1,15 @@
 """trace_random_ops: every random op of one forward, where it ran, whether
 regdrop_ext drew it, and the dropout layers no forward called; on stand-ins
-written as timm, Hugging Face and torchvision write them, and on the real
-models where those packages work."""
+written as timm, Hugging Face and torchvision write them (tests/models.py),
+and on the real models where those packages work."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import regdrop_ext
+from models import DROPOUT, SDPA, Classifier
 from third_party import import_or_skip
-
-
-class FusedAttention(nn.Module):
-    """timm's Attention with fused_attn: attn_drop is kept, its p goes to SDPA."""
-
-    def __init__(self, dim: int = 16, attn_drop: float = 0.1, proj_drop: float = 0.1):
-        super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
-
-
-class Classifier(nn.Module):
-    """timm's ResNet head: the classifier dropout is a call, F.dropout(x, drop_rate, training)."""
-
-    def __init__(self, drop_rate: float = 0.2):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(16)
-        self.blocks = nn.Sequential(FusedAttention(), FusedAttention())
-        self.drop_rate = drop_rate
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x):
-        x = self.blocks(x).mean(1)
-        x = F.dropout(self.norm(x), p=self.drop_rate, training=self.training)
-        return self.fc(x)
-
-
-SDPA = "torch.nn.functional.scaled_dot_product_attention"
-DROPOUT = "torch.nn.functional.dropout"
 
 
 def sites(calls):
@@ -172,7 +136,7 @@ def test_timm_vit_attention_dropout_stays_native_and_attn_drop_is_never_called()
     trace = convert_and_trace(model, torch.randn(2, 3, 32, 32))
     assert any("scaled_dot_product_attention" in call.function for call in trace.native), str(trace)
     assert "blocks.0.attn.attn_drop" in trace.never_called
-    assert any(call.module == "blocks.0.drop_path1" for call in trace.fused)
+    assert any(call.module == "blocks.1.drop_path1" for call in trace.fused)  # block 0 has rate 0: Identity
 
 
 def test_timm_resnet_classifier_dropout_stays_native():
