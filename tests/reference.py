@@ -137,3 +137,94 @@ def channel_keep(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     n, c = x.shape[:2]
     keep = unpack_bits(mask, n * c).to(x.device).view(n, c)
     return keep.view((n, c) + (1,) * (x.dim() - 2)).expand(x.shape)
+
+
+# --- the norm family (csrc/norm/row_order.h), in NumPy --------------------
+#
+# An independent implementation of the documented order of the norm ops'
+# sums, in float32 (NumPy's float32 adds, multiplies, divides and sqrt are
+# IEEE, each rounded once), so that their statistics, outputs and gradients
+# can be checked bit for bit.
+
+
+def norm_threads_per_row(hidden: int) -> int:
+    groups = (hidden + 7) // 8
+    wanted, t = (groups + 3) // 4, 1
+    while t < wanted and t < 256:
+        t *= 2
+    return t
+
+
+def norm_row_sums(v: np.ndarray) -> np.ndarray:
+    """Each row's sum in row_order.h's order: lanes l < L = 8T add the
+    elements l, l + L, ... in turn; each thread's 8 lanes fold as
+    (a0 + a4) + (a2 + a6), (a1 + a5) + (a3 + a7); threads halve."""
+    rows, hidden = v.shape
+    threads = norm_threads_per_row(hidden)
+    lanes = 8 * threads
+    acc = np.zeros((rows, lanes), dtype=v.dtype)
+    for base in range(0, hidden, lanes):
+        part = v[:, base:base + lanes]
+        acc[:, : part.shape[1]] = acc[:, : part.shape[1]] + part
+    a = acc.reshape(rows, threads, 8)
+    p = ((a[..., 0] + a[..., 4]) + (a[..., 2] + a[..., 6])) + ((a[..., 1] + a[..., 5]) + (a[..., 3] + a[..., 7]))
+    h = threads // 2
+    while h >= 1:
+        p[:, :h] = p[:, :h] + p[:, h:2 * h]
+        h //= 2
+    return p[:, 0].copy()
+
+
+def norm_column_plan(rows: int, hidden: int):
+    """(lanes, chunk_rows, chunks) of row_order.h's norm_column_plan."""
+    lanes = 256 // norm_threads_per_row(hidden)
+    wanted = (rows + lanes * 4 - 1) // (lanes * 4)
+    chunks = max(1, min(wanted, (1 << 20) // hidden))
+    chunk_rows = ((rows + chunks - 1) // chunks + lanes - 1) // lanes * lanes
+    return lanes, chunk_rows, (rows + chunk_rows - 1) // chunk_rows
+
+
+def norm_column_sums(terms: np.ndarray) -> np.ndarray:
+    """Column sums in column_sums.h's order with norm_column_plan's plan:
+    chunks in order, of lanes in order, of the chunk's rows r with
+    r % lanes == l in order, each fold from +0."""
+    rows, hidden = terms.shape
+    lanes, chunk_rows, chunks = norm_column_plan(rows, hidden)
+    total = np.zeros(hidden, dtype=terms.dtype)
+    for k in range(chunks):
+        lane_sums = np.zeros((lanes, hidden), dtype=terms.dtype)
+        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
+            lane_sums[r % lanes] = lane_sums[r % lanes] + terms[r]
+        chunk = np.zeros(hidden, dtype=terms.dtype)
+        for lane in range(lanes):
+            chunk = chunk + lane_sums[lane]
+        total = total + chunk
+    return total
+
+
+def norm_forward_in_order(s: np.ndarray, weight, bias, eps: float, rms: bool):
+    """(output, mean, rstd) of rows s (float32, the residual stream), in the
+    kernels' order and rounding: mean = sum / H, var = sum((s - mean)^2) / H,
+    rstd = 1 / sqrt(var + eps), output = (s - mean) * rstd * weight + bias."""
+    f = np.float32
+    hidden = s.shape[1]
+    mean = np.zeros(s.shape[0], dtype=f) if rms else norm_row_sums(s) / f(hidden)
+    d = s - mean[:, None]
+    var = norm_row_sums(d * d) / f(hidden)
+    rstd = f(1) / np.sqrt(var + f(eps))
+    z = (s - mean[:, None]) * rstd[:, None]
+    return z * weight + bias, mean, rstd
+
+
+def norm_backward_in_order(dy, s, mean, rstd, weight, keep, scale: float, rms: bool):
+    """(grad_residual, grad_input, grad_weight, grad_bias, grad_input_bias)
+    in the kernels' order and rounding (float32 arrays; keep a bool array)."""
+    f = np.float32
+    hidden = s.shape[1]
+    z = (s - mean[:, None]) * rstd[:, None]
+    dz = dy * weight
+    a = np.zeros(s.shape[0], dtype=f) if rms else norm_row_sums(dz) / f(hidden)
+    b = norm_row_sums(dz * z) / f(hidden)
+    ds = rstd[:, None] * ((dz - a[:, None]) - z * b[:, None])
+    dx = np.where(keep, ds * f(scale), f(0))
+    return ds, dx, norm_column_sums(dy * z), norm_column_sums(dy), norm_column_sums(dx)

@@ -142,8 +142,6 @@ Tensors5 norm_forward(const at::Tensor& input_, const std::optional<at::Tensor>&
   check_floating(input_, "input");
   rng.check();
   check_rows(input_, "input", d.drop_path);
-  TORCH_CHECK_VALUE(!(low_memory && d.drop_path), "low_memory needs element dropout (drop_path=False): a drop-path "
-                    "mask is a bit per sample already");
   if (given(residual_)) {
     check_matches(*residual_, "residual", input_, "input");
     check_companion_dtype(*residual_, "residual", input_.scalar_type());
