@@ -222,6 +222,12 @@ Tensors5 norm_backward(const at::Tensor& grad_output_, const std::optional<at::T
                 name, " must be the ", c_dtype, " tensor of ", rows, " row statistics forward returned, got ",
                 t->defined() ? t->toString() : "None", " of shape ", t->defined() ? t->sizes() : at::IntArrayRef{});
   }
+  for (const auto& [t, name] : {std::pair{wanted.weight, "weight_grad"}, std::pair{wanted.bias, "bias_grad"},
+                                std::pair{wanted.input_bias, "input_bias_grad"}}) {
+    TORCH_CHECK_TYPE(!t.has_value() || *t == dtype || (*t == at::kFloat && is_16_bit(dtype)), name,
+                     " must be grad_output's dtype (", dtype, "), or float32 with a float16 or bfloat16 grad_output, got ",
+                     t.has_value() ? c10::toString(*t) : "None");
+  }
   const int64_t units = d.units(grad_output_);
   if (low_memory) {
     check_rng_state(mask, grad_output_);
