@@ -202,16 +202,29 @@ def norm_column_sums(terms: np.ndarray) -> np.ndarray:
     return total
 
 
+def norm_inverse_sqrt(x: np.ndarray) -> np.ndarray:
+    """row_math.h's inverse_sqrt in float64: the bit-level estimate, then four
+    Newton steps y *= 1.5 - (x / 2) y^2, each operation rounded once."""
+    x = np.asarray(x, dtype=np.float64)
+    half = x * 0.5
+    y = (np.uint64(0x5FE6EB50C7B537A9) - (x.view(np.uint64) >> np.uint64(1))).view(np.float64)
+    for _ in range(4):
+        y = y * (1.5 - (half * y) * y)
+    return np.where(x == 0, np.inf, np.where(x == np.inf, 0.0, np.where(x > 0, y, np.nan)))
+
+
 def norm_forward_in_order(s: np.ndarray, weight, bias, eps: float, rms: bool):
     """(output, mean, rstd) of rows s (float32, the residual stream), in the
-    kernels' order and rounding: mean = sum / H, var = sum((s - mean)^2) / H,
-    rstd = 1 / sqrt(var + eps), output = (s - mean) * rstd * weight + bias."""
+    kernels' order and rounding: mean = sum * (1 / H), var = sum((s - mean)^2)
+    * (1 / H), rstd = inverse_sqrt(var + eps), output = (s - mean) * rstd *
+    weight + bias."""
     f = np.float32
     hidden = s.shape[1]
-    mean = np.zeros(s.shape[0], dtype=f) if rms else norm_row_sums(s) / f(hidden)
+    inverse = f(1.0 / hidden)
+    mean = np.zeros(s.shape[0], dtype=f) if rms else norm_row_sums(s) * inverse
     d = s - mean[:, None]
-    var = norm_row_sums(d * d) / f(hidden)
-    rstd = f(1) / np.sqrt(var + f(eps))
+    var = norm_row_sums(d * d) * inverse
+    rstd = norm_inverse_sqrt(var + f(eps)).astype(f)
     z = (s - mean[:, None]) * rstd[:, None]
     return z * weight + bias, mean, rstd
 
@@ -220,11 +233,11 @@ def norm_backward_in_order(dy, s, mean, rstd, weight, keep, scale: float, rms: b
     """(grad_residual, grad_input, grad_weight, grad_bias, grad_input_bias)
     in the kernels' order and rounding (float32 arrays; keep a bool array)."""
     f = np.float32
-    hidden = s.shape[1]
+    inverse = f(1.0 / s.shape[1])
     z = (s - mean[:, None]) * rstd[:, None]
     dz = dy * weight
-    a = np.zeros(s.shape[0], dtype=f) if rms else norm_row_sums(dz) / f(hidden)
-    b = norm_row_sums(dz * z) / f(hidden)
+    a = np.zeros(s.shape[0], dtype=f) if rms else norm_row_sums(dz) * inverse
+    b = norm_row_sums(dz * z) * inverse
     ds = rstd[:, None] * ((dz - a[:, None]) - z * b[:, None])
     dx = np.where(keep, ds * f(scale), f(0))
     return ds, dx, norm_column_sums(dy * z), norm_column_sums(dy), norm_column_sums(dx)

@@ -165,6 +165,8 @@ def test_emulation_reaches_every_norm_kernel_the_ops_launch(emulation):
         for kind in ("forward", "backward"):
             for source in ("Draw", "Read"):
                 for rows in ("cached", "streamed"):
+                    if kind == "backward" and (source == "Draw" or (rows == "cached" and dtype == torch.float64)):
+                        continue  # backward reads its bits; float64 rows are streamed (cached, they would spill)
                     expected.add(f"norm_{kind} {label} {source} {rows}")
     emulation.take_norm_kernels_run()
     for dtype, stream in combos:

@@ -295,6 +295,7 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
   R* residual_out = static_cast<R*>(c.residual_out);
   const V scale = V{} + static_cast<C>(c.scale);
   const C eps = static_cast<C>(c.eps);
+  const C inverse_hidden = norm::inverse_hidden<C>(H);
   RowBits bits(c.bits, c.rows * H, H);
 
   for (int64_t b0 = r0; b0 < r1; b0 += block_rows(H)) {
@@ -317,7 +318,7 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
         std::memcpy(sv + 8 * j, &stored, sizeof(V));
         if (c.kind == NormKind::Layer) add_lanes<C>(acc, j, L, stored, n);
       }
-      const C mean = c.kind == NormKind::Layer ? norm::row_mean(norm::fold_lanes(acc, threads), H) : C(0);
+      const C mean = c.kind == NormKind::Layer ? norm::row_mean(norm::fold_lanes(acc, threads), inverse_hidden) : C(0);
       const V meanv = V{} + mean;
       std::fill(acc, acc + L, C(0));
       for (int64_t j = 0; j < G; ++j) {
@@ -326,7 +327,7 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
         std::memcpy(&s, sv + 8 * j, sizeof(V));
         add_lanes<C>(acc, j, L, norm::squared_deviation(s, meanv), n);
       }
-      const C rstd = norm::inverse_std(norm::row_mean(norm::fold_lanes(acc, threads), H), eps);
+      const C rstd = norm::inverse_std(norm::row_mean(norm::fold_lanes(acc, threads), inverse_hidden), eps);
       const V rstdv = V{} + rstd;
       for (int64_t j = 0; j < G; ++j) {
         const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));
@@ -372,6 +373,7 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
   T* grad_in = static_cast<T*>(c.grad_input);
   R* grad_residual = static_cast<R*>(c.grad_residual);
   const V scale = V{} + static_cast<C>(c.scale);
+  const C inverse_hidden = norm::inverse_hidden<C>(H);
   const int64_t width = 8 * G;  // of a lane of lane_sums
   C* const sums = static_cast<C*>(lane_sums);
   const bool param_terms[3] = {c.grad_weight != nullptr, c.grad_bias != nullptr, c.grad_input_bias != nullptr};
@@ -397,8 +399,8 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
         if (c.kind == NormKind::Layer) add_lanes<C>(acc_a, j, L, dz, n);
         add_lanes<C>(acc_b, j, L, norm::mul_rn(dz, z), n);
       }
-      const V a = V{} + (c.kind == NormKind::Layer ? norm::row_mean(norm::fold_lanes(acc_a, threads), H) : C(0));
-      const V b = V{} + norm::row_mean(norm::fold_lanes(acc_b, threads), H);
+      const V a = V{} + (c.kind == NormKind::Layer ? norm::row_mean(norm::fold_lanes(acc_a, threads), inverse_hidden) : C(0));
+      const V b = V{} + norm::row_mean(norm::fold_lanes(acc_b, threads), inverse_hidden);
       C* lane = sums == nullptr ? nullptr : sums + static_cast<int64_t>((r - r0) % lanes) * width;
       for (int64_t j = 0; j < G; ++j) {
         const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));

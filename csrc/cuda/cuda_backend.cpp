@@ -8,52 +8,44 @@
 #include <mutex>
 
 #include "../dropout_ops.h"
+#include "cuda_backend.h"
 #include "kernels.h"
 
 namespace regdrop::cuda {
 
-struct CudaBackend {
-  static constexpr bool kHostMemory = false;
-
-  // A graph-safe Philox state from the CUDA generator of `device`, or the
-  // given one, which must belong to that very device. Each call asks for an
-  // offset increment of 4 (PyTorch keeps offsets multiples of 4); the offset
-  // lives in counter words 2-3, so calls never share a stream.
-  static PhiloxSource generator_source(const std::optional<at::Generator>& generator,
-                                       at::Device device) {
-    if (generator.has_value() && generator->defined()) {
-      const at::Device own = generator->device();
-      TORCH_CHECK(own.type() == at::kCUDA && own.index() == device.index(),
-                  "generator must belong to the device of input (", device, "), got a generator of ", own);
-    }
-    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-        generator, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
-    at::PhiloxCudaState state;
-    {
-      std::lock_guard<std::mutex> lock(gen->mutex_);
-      state = gen->philox_cuda_state(4);
-    }
-    PhiloxSource source;
-    if (state.captured_) {
-      source.seed_ptr = state.seed_.ptr;
-      source.offset_ptr = state.offset_.ptr;
-      source.offset_increment = state.offset_intragraph_;
-    } else {
-      source.seed = state.seed_.val;
-      source.offset = state.offset_.val;
-    }
-    return source;
+PhiloxSource CudaBackend::generator_source(const std::optional<at::Generator>& generator, at::Device device) {
+  if (generator.has_value() && generator->defined()) {
+    const at::Device own = generator->device();
+    TORCH_CHECK(own.type() == at::kCUDA && own.index() == device.index(),
+                "generator must belong to the device of input (", device, "), got a generator of ", own);
   }
-
-  static void run(const KernelCall& c) {
-    at::Tensor workspace;
-    launch_kernels(c, c10::cuda::getCurrentCUDAStream(), [&](size_t bytes) {
-      workspace = at::empty({static_cast<int64_t>(bytes)},
-                            at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
-      return workspace.mutable_data_ptr();
-    });
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      generator, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
+  at::PhiloxCudaState state;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    state = gen->philox_cuda_state(4);
   }
-};
+  PhiloxSource source;
+  if (state.captured_) {
+    source.seed_ptr = state.seed_.ptr;
+    source.offset_ptr = state.offset_.ptr;
+    source.offset_increment = state.offset_intragraph_;
+  } else {
+    source.seed = state.seed_.val;
+    source.offset = state.offset_.val;
+  }
+  return source;
+}
+
+void CudaBackend::run(const KernelCall& c) {
+  at::Tensor workspace;
+  launch_kernels(c, c10::cuda::getCurrentCUDAStream(), [&](size_t bytes) {
+    workspace = at::empty({static_cast<int64_t>(bytes)},
+                          at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
+    return workspace.mutable_data_ptr();
+  });
+}
 
 }  // namespace regdrop::cuda
 

@@ -57,7 +57,7 @@ struct RowBitsParams {
   uint8_t* __restrict__ mask_out = nullptr;       // Draw: the mask, or null
   int64_t* __restrict__ rng_state_out = nullptr;  // receives the unpacked (seed, offset), or null
   const uint8_t* __restrict__ mask_in = nullptr;  // Read
-  int64_t rows_per_unit = 1;                      // Read, row units
+  FastDivmod rows_per_unit;                       // Read, row units (rows below 2^31)
   int64_t numel = 0;
 };
 
@@ -67,7 +67,10 @@ struct RowShape {
   int64_t hidden = 0;
   uint32_t groups = 0;   // ceil(hidden / 8)
   uint32_t threads = 1;  // T, per row
+  uint32_t thread_shift = 0;  // log2(T)
   uint32_t slots = 1;    // rows a block holds at once
+  float inverse_hidden_f = 1.0f;  // 1 / hidden, rounded once (norm/row_math.h)
+  double inverse_hidden_d = 1.0;
   bool layer = true;     // LayerNorm (else RMSNorm: mean 0)
   bool vector = false;   // hidden % 8 == 0 and the row operands 16-byte aligned
   bool parameter_vector = false;  // hidden % 8 == 0 and the parameter rows 16-byte aligned
@@ -100,6 +103,7 @@ struct NormBackwardParams {
   void* grad_input = nullptr;
   void* grad_residual = nullptr;  // or null
   void* partial = nullptr;        // [3][chunks][hidden] of the compute type, or null: no parameter gradients
+  void* lane_sums = nullptr;      // streamed kernels: [3][chunks][slots][8 * groups], the slots' sums
   int64_t chunk_rows = 1;
   int64_t chunks = 1;
   float scale_f = 1.0f;
@@ -140,7 +144,7 @@ REGDROP_HOST_DEVICE uint32_t group_bits(const RowBitsParams& b, uint64_t seed, u
     return ((low >> shift) | (high << (8 - shift))) & valid;
   } else {
     if (!b.element_units) {
-      return b.mask_in == nullptr || bit_at64(b.mask_in, row / b.rows_per_unit) ? valid : 0u;
+      return b.mask_in == nullptr || bit_at64(b.mask_in, b.rows_per_unit.div(static_cast<uint32_t>(row))) ? valid : 0u;
     }
     const uint32_t window = b.mask_in[e0 >> 3] | (static_cast<uint32_t>(b.mask_in[(e0 + n - 1) >> 3]) << 8);
     return (window >> (e0 & 7)) & valid;
@@ -187,7 +191,7 @@ template <class Block, class... Sums>
 REGDROP_HOST_DEVICE void halve_rows(Block& b, uint32_t threads, Sums*... sums) {
   for (uint32_t h = threads / 2; h >= 1; h /= 2) {
     b.each([&](uint32_t tid, auto&) {
-      if (tid % threads < h) ((sums[tid] = norm::add_rn(sums[tid], sums[tid + h])), ...);
+      if ((tid & (threads - 1)) < h) ((sums[tid] = norm::add_rn(sums[tid], sums[tid + h])), ...);
     });
     b.sync();
   }
@@ -196,6 +200,40 @@ REGDROP_HOST_DEVICE void halve_rows(Block& b, uint32_t threads, Sums*... sums) {
 template <class Y, class C>
 REGDROP_HOST_DEVICE C stored(C v) {
   return kept_canonical<Y>(v);  // float and double: the canonical NaN; 16-bit types get it when packed
+}
+
+// acc[k] += v(k) for the group's n elements; full groups without a test
+// per element.
+template <class C, class F>
+REGDROP_HOST_DEVICE void accumulate(C* acc, int n, F&& v) {
+  if (n == 8) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[k] = norm::add_rn(acc[k], v(k));
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (k < n) acc[k] = norm::add_rn(acc[k], v(k));
+    }
+  }
+}
+
+// A group's elements to p (n of them), on the vector path as 128-bit
+// stores that the compiler keeps whole: Group::store's uint4 copies come
+// out as four 32-bit stores in bodies this large (the PTX vectorizer gives
+// up on some), so the device path stores through __stcg (st.global.cg.v4:
+// cached in L2 only, as streamed outputs should be).
+template <class T>
+REGDROP_HOST_DEVICE void store_group(const Group<T>& g, void* p, int n, bool vector) {
+  if (!vector) return g.store(p, n, false);
+#pragma unroll
+  for (int i = 0; i < Group<T>::kWords / 4; ++i) {
+    void* dst = static_cast<uint8_t*>(p) + 16 * i;
+#if defined(__CUDA_ARCH__)
+    __stcg(static_cast<uint4*>(dst), make_uint4(g.w[4 * i], g.w[4 * i + 1], g.w[4 * i + 2], g.w[4 * i + 3]));
+#else
+    store16(dst, g.w + 4 * i);
+#endif
+  }
 }
 
 // ---------------------------------------------------------------- forward
@@ -220,9 +258,10 @@ struct NormForwardBlock {
     const RowShape& shape = p.shape;
     const uint32_t per_row = shape.threads;
     const int64_t H = shape.hidden;
+    const C inverse_hidden = compute_as<C>(shape.inverse_hidden_f, shape.inverse_hidden_d);
     uint64_t seed = 0, offset = 0;
     if constexpr (S == RowSource::Draw) p.bits.rng.unpack(seed, offset);
-    auto row_of = [&](uint32_t tid) { return static_cast<int64_t>(block) * shape.slots + tid / per_row; };
+    auto row_of = [&](uint32_t tid) { return static_cast<int64_t>(block) * shape.slots + (tid >> shape.thread_shift); };
     auto count = [&](uint32_t g) { return H - 8 * static_cast<int64_t>(g) < 8 ? static_cast<int>(H - 8 * int64_t{g}) : 8; };
 
     // The residual stream: written, kept, and summed.
@@ -238,7 +277,7 @@ struct NormForwardBlock {
       for (int k = 0; k < 8; ++k) acc[k] = 0;
       if (row < shape.rows) {
         const C scale = compute_as<C>(p.scale_f, p.scale_d);
-        for_each_group<kCached>(tid % per_row, per_row, shape.groups, [&](uint32_t g, int j) {
+        for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
           const int n = count(g);
           const int64_t e0 = row * H + 8 * int64_t{g};
           const bool vector = shape.vector && n == 8;
@@ -267,12 +306,9 @@ struct NormForwardBlock {
             }
             s.set_pair(k, pair[0], pair[1]);
           }
-          s.store(static_cast<typename Element<R>::Bits*>(p.residual_out) + e0, n, vector);
+          store_group(s, static_cast<typename Element<R>::Bits*>(p.residual_out) + e0, n, vector);
           if constexpr (kCached) st.s[j] = s;
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            if (k < n) acc[k] = norm::add_rn(acc[k], s.get(k));
-          }
+          accumulate(acc, n, [&](int k) { return s.get(k); });
         });
       }
       sh.a[tid] = norm::fold_group(acc);
@@ -283,18 +319,15 @@ struct NormForwardBlock {
     // The variance's sum.
     b.each([&](uint32_t tid, State& st) {
       const int64_t row = row_of(tid);
-      st.mean = shape.layer ? norm::row_mean(sh.a[tid - tid % per_row], H) : C(0);
+      st.mean = shape.layer ? norm::row_mean(sh.a[tid & ~(per_row - 1)], inverse_hidden) : C(0);
       C acc[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[k] = 0;
       if (row < shape.rows) {
-        for_each_group<kCached>(tid % per_row, per_row, shape.groups, [&](uint32_t g, int j) {
+        for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
           const int n = count(g);
           const Group<R> s = reload(p, st, row * H + 8 * int64_t{g}, j, n, shape.vector && n == 8);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            if (k < n) acc[k] = norm::add_rn(acc[k], norm::squared_deviation(s.get(k), st.mean));
-          }
+          accumulate(acc, n, [&](int k) { return norm::squared_deviation(s.get(k), st.mean); });
         });
       }
       sh.b[tid] = norm::fold_group(acc);
@@ -306,12 +339,12 @@ struct NormForwardBlock {
     b.each([&](uint32_t tid, State& st) {
       const int64_t row = row_of(tid);
       if (row >= shape.rows) return;
-      st.rstd = norm::inverse_std(norm::row_mean(sh.b[tid - tid % per_row], H), compute_as<C>(p.eps_f, p.eps_d));
-      if (tid % per_row == 0) {
+      st.rstd = norm::inverse_std(norm::row_mean(sh.b[tid & ~(per_row - 1)], inverse_hidden), compute_as<C>(p.eps_f, p.eps_d));
+      if ((tid & (per_row - 1)) == 0) {
         static_cast<C*>(p.mean)[row] = canonical_nan(st.mean);
         static_cast<C*>(p.rstd)[row] = canonical_nan(st.rstd);
       }
-      for_each_group<kCached>(tid % per_row, per_row, shape.groups, [&](uint32_t g, int j) {
+      for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
         const int n = count(g);
         const int64_t e0 = row * H + 8 * int64_t{g};
         const bool vector = shape.vector && n == 8;
@@ -329,7 +362,7 @@ struct NormForwardBlock {
           }
           y.set_pair(k, pair[0], pair[1]);
         }
-        y.store(static_cast<typename Element<T>::Bits*>(p.output) + e0, n, vector);
+        store_group(y, static_cast<typename Element<T>::Bits*>(p.output) + e0, n, vector);
       });
     });
   }
@@ -349,8 +382,10 @@ struct NormForwardBlock {
 
 // --------------------------------------------------------------- backward
 
-template <class T, class R, RowSource S, bool kCached>
+// Backward kernels read their bits (norm_launch.h draws a low-memory call's first).
+template <class T, class R, bool kCached>
 struct NormBackwardBlock {
+  static constexpr RowSource S = RowSource::Read;
   using C = Compute<T>;
   static_assert(std::is_same_v<C, Compute<R>>, "operands compute in one type");
   static constexpr int kCache = kCached ? kRowGroupsPerThread : 1;
@@ -380,28 +415,39 @@ struct NormBackwardBlock {
     const int64_t first = static_cast<int64_t>(chunk) * p.chunk_rows;
     const int64_t end = first + p.chunk_rows < shape.rows ? first + p.chunk_rows : shape.rows;
     const bool terms = p.partial != nullptr;
-    uint64_t seed = 0, offset = 0;
-    if constexpr (S == RowSource::Draw) p.bits.rng.unpack(seed, offset);
+    const C inverse_hidden = compute_as<C>(shape.inverse_hidden_f, shape.inverse_hidden_d);
+    const uint64_t seed = 0, offset = 0;  // read bits need no stream
     auto count = [&](uint32_t g) { return H - 8 * static_cast<int64_t>(g) < 8 ? static_cast<int>(H - 8 * int64_t{g}) : 8; };
-    C* const partial = static_cast<C*>(p.partial);
-
-    if constexpr (kCached) {
-      b.each([&](uint32_t, State& st) {
+    C* const lane_sums = static_cast<C*>(p.lane_sums);
+    if (terms) {
+      b.each([&](uint32_t tid, State& st) {
+        if constexpr (kCached) {
 #pragma unroll
-        for (int i = 0; i < kTerms * 8 * kRowGroupsPerThread; ++i) st.terms[i] = 0;
+          for (int i = 0; i < kTerms * 8 * kRowGroupsPerThread; ++i) st.terms[i] = 0;
+        } else {
+          C* const lane = lane_sums + lane_index(p, 0, chunk, tid >> shape.thread_shift);
+          const int64_t stride = lane_index(p, 1, 0, 0);
+          for_each_group<false>(tid & (per_row - 1), per_row, shape.groups, [&](uint32_t g, int) {
+#pragma unroll
+            for (int q = 0; q < kTerms; ++q) {
+#pragma unroll
+              for (int k = 0; k < 8; ++k) lane[q * stride + 8 * int64_t{g} + k] = 0;
+            }
+          });
+        }
       });
     }
     for (int64_t batch = first; batch < end; batch += shape.slots) {
       // The row sums of dz and dz * z.
       b.each([&](uint32_t tid, State& st) {
-        const int64_t row = batch + tid / per_row;
+        const int64_t row = batch + (tid >> shape.thread_shift);
         C acc_a[8], acc_b[8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) acc_a[k] = acc_b[k] = 0;
         if (row < end) {
           st.mean = static_cast<const C*>(p.mean)[row];
           st.rstd = static_cast<const C*>(p.rstd)[row];
-          for_each_group<kCached>(tid % per_row, per_row, shape.groups, [&](uint32_t g, int j) {
+          for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
             const int n = count(g);
             const int64_t e0 = row * H + 8 * int64_t{g};
             Group<T> dy;
@@ -413,15 +459,14 @@ struct NormBackwardBlock {
               st.s[j] = s;
               st.keep[j] = group_bits<S>(p.bits, seed, offset, row, e0, row * H + H, n);
             }
+            C dz[8], dzz[8];
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
-              if (k < n) {
-                const C z = norm::normalized(s.get(k), st.mean, st.rstd);
-                const C dz = norm::mul_rn(dy.get(k), w.get(k));
-                acc_a[k] = norm::add_rn(acc_a[k], dz);
-                acc_b[k] = norm::add_rn(acc_b[k], norm::mul_rn(dz, z));
-              }
+              dz[k] = norm::mul_rn(dy.get(k), w.get(k));
+              dzz[k] = norm::mul_rn(dz[k], norm::normalized(s.get(k), st.mean, st.rstd));
             }
+            accumulate(acc_a, n, [&](int k) { return dz[k]; });
+            accumulate(acc_b, n, [&](int k) { return dzz[k]; });
           });
         }
         sh.a[tid] = norm::fold_group(acc_a);
@@ -432,12 +477,12 @@ struct NormBackwardBlock {
 
       // The gradients of the row, and its parameter-gradient terms.
       b.each([&](uint32_t tid, State& st) {
-        const int64_t row = batch + tid / per_row;
-        st.a = shape.layer ? norm::row_mean(sh.a[tid - tid % per_row], H) : C(0);
-        st.b = norm::row_mean(sh.b[tid - tid % per_row], H);
+        const int64_t row = batch + (tid >> shape.thread_shift);
+        st.a = shape.layer ? norm::row_mean(sh.a[tid & ~(per_row - 1)], inverse_hidden) : C(0);
+        st.b = norm::row_mean(sh.b[tid & ~(per_row - 1)], inverse_hidden);
         if (row >= end) return;
         const C scale = compute_as<C>(p.scale_f, p.scale_d);
-        for_each_group<kCached>(tid % per_row, per_row, shape.groups, [&](uint32_t g, int j) {
+        for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
           const int n = count(g);
           const int64_t e0 = row * H + 8 * int64_t{g};
           const bool vector = shape.vector && n == 8;
@@ -479,32 +524,33 @@ struct NormBackwardBlock {
             dr.set_pair(k, ds_pair[0], ds_pair[1]);
             dx.set_pair(k, dx_pair[0], dx_pair[1]);
           }
-          if (p.grad_residual != nullptr) dr.store(static_cast<typename Element<R>::Bits*>(p.grad_residual) + e0, n, vector);
-          dx.store(static_cast<typename Element<T>::Bits*>(p.grad_input) + e0, n, vector);
+          if (p.grad_residual != nullptr) store_group(dr, static_cast<typename Element<R>::Bits*>(p.grad_residual) + e0, n, vector);
+          store_group(dx, static_cast<typename Element<T>::Bits*>(p.grad_input) + e0, n, vector);
           if (!terms) return;
-#pragma unroll
-          for (int q = 0; q < kTerms; ++q) {
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-              if (k >= n) continue;
-              if constexpr (kCached) {
-                C& sum = st.terms[(q * kRowGroupsPerThread + j) * 8 + k];
-                sum = norm::add_rn(sum, term[q][k]);
-              } else {
-                // One slot per block: the chunk's sums in global memory,
-                // this thread's columns alone.
-                C& sum = partial[(q * p.chunks + chunk) * H + 8 * int64_t{g} + k];
-                sum = norm::add_rn(row == first ? C(0) : sum, term[q][k]);
-              }
-            }
+          // The three terms' sums: this thread's registers, or its slot's lane in global memory.
+          C* sums;
+          int64_t stride;
+          if constexpr (kCached) {
+            sums = st.terms + j * 8;
+            stride = 8 * kRowGroupsPerThread;
+          } else {
+            sums = lane_sums + lane_index(p, 0, chunk, tid >> shape.thread_shift) + 8 * int64_t{g};
+            stride = lane_index(p, 1, 0, 0);
           }
+          accumulate(sums, n, [&](int k) { return term[0][k]; });
+          accumulate(sums + stride, n, [&](int k) { return term[1][k]; });
+          accumulate(sums + 2 * stride, n, [&](int k) { return term[2][k]; });
         });
       });
       b.sync();
     }
-    if constexpr (kCached) {
-      if (terms) fold_slots(p, chunk, b, sh);
-    }
+    if (terms) fold_slots(p, chunk, b, sh);
+  }
+
+  // Where slot `slot`'s sums of term q lie in lane_sums (streamed kernels):
+  // [3][chunks][slots][8 * groups].
+  REGDROP_HOST_DEVICE static int64_t lane_index(const NormBackwardParams& p, int q, uint32_t chunk, uint32_t slot) {
+    return ((static_cast<int64_t>(q) * p.chunks + chunk) * p.shape.slots + slot) * 8 * int64_t{p.shape.groups};
   }
 
   REGDROP_HOST_DEVICE static void load_row(const NormBackwardParams& p, int64_t e0, int n, bool vector, Group<T>& dy,
@@ -514,37 +560,54 @@ struct NormBackwardBlock {
   }
 
   // The slots' sums (lanes of the plan) of each parameter term, folded in
-  // slot order into the chunk's partial sums, a tile of columns at a time.
+  // slot order into the chunk's partial sums: from registers through
+  // shared memory a tile of columns at a time, or from global memory.
   template <class Block>
   REGDROP_HOST_DEVICE static void fold_slots(const NormBackwardParams& p, uint32_t chunk, Block& b, Shared& sh) {
     const RowShape& shape = p.shape;
     const uint32_t per_row = shape.threads;
     const int64_t H = shape.hidden;
-    const int64_t tile = kFoldTile / shape.slots;  // columns per tile
     C* const partial = static_cast<C*>(p.partial);
-    for (int q = 0; q < kTerms; ++q) {
-      for (int64_t col0 = 0; col0 < H; col0 += tile) {
-        b.each([&](uint32_t tid, State& st) {
-          const uint32_t slot = tid / per_row;
-          for_each_group<true>(tid % per_row, per_row, shape.groups, [&](uint32_t g, int j) {
+    if constexpr (!kCached) {
+      const C* lane_sums = static_cast<const C*>(p.lane_sums);
+      const int64_t width = 8 * int64_t{shape.groups};
+      b.each([&](uint32_t tid, State&) {
+        for (int q = 0; q < kTerms; ++q) {
+          const C* lanes = lane_sums + lane_index(p, q, chunk, 0);
+          for (int64_t c = tid; c < H; c += kRowBlockThreads) {
+            C sum = 0;
+            for (uint32_t slot = 0; slot < shape.slots; ++slot) sum = norm::add_rn(sum, lanes[slot * width + c]);
+            partial[(q * p.chunks + chunk) * H + c] = sum;
+          }
+        }
+      });
+    } else {
+      const int64_t tile = int64_t{kFoldTile / kRowBlockThreads} << shape.thread_shift;  // columns per tile: kFoldTile / slots
 #pragma unroll
-            for (int k = 0; k < 8; ++k) {
-              const int64_t col = 8 * int64_t{g} + k;
-              if (col >= col0 && col < col0 + tile && col < H) {
-                sh.fold[slot * tile + (col - col0)] = st.terms[(q * kRowGroupsPerThread + j) * 8 + k];
+      for (int q = 0; q < kTerms; ++q) {
+        for (int64_t col0 = 0; col0 < H; col0 += tile) {
+          b.each([&](uint32_t tid, State& st) {
+            const uint32_t slot = tid >> shape.thread_shift;
+            for_each_group<true>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
+#pragma unroll
+              for (int k = 0; k < 8; ++k) {
+                const int64_t col = 8 * int64_t{g} + k;
+                if (col >= col0 && col < col0 + tile && col < H) {
+                  sh.fold[slot * tile + (col - col0)] = st.terms[(q * kRowGroupsPerThread + j) * 8 + k];
+                }
               }
+            });
+          });
+          b.sync();
+          b.each([&](uint32_t tid, State&) {
+            for (int64_t c = tid; c < tile && col0 + c < H; c += kRowBlockThreads) {
+              C sum = 0;
+              for (uint32_t slot = 0; slot < shape.slots; ++slot) sum = norm::add_rn(sum, sh.fold[slot * tile + c]);
+              partial[(q * p.chunks + chunk) * H + col0 + c] = sum;
             }
           });
-        });
-        b.sync();
-        b.each([&](uint32_t tid, State&) {
-          for (int64_t c = tid; c < tile && col0 + c < H; c += kRowBlockThreads) {
-            C sum = 0;
-            for (uint32_t slot = 0; slot < shape.slots; ++slot) sum = norm::add_rn(sum, sh.fold[slot * tile + c]);
-            partial[(q * p.chunks + chunk) * H + col0 + c] = sum;
-          }
-        });
-        b.sync();
+          b.sync();
+        }
       }
     }
   }

@@ -5,7 +5,7 @@
 //
 //   template <class T, class R, RowSource S, bool kCached>   // T: input/output, R: residual stream
 //   void norm_forward(const NormForwardParams&, Grid);        // block = rows [block * slots, + slots)
-//   template <class T, class R, RowSource S, bool kCached>
+//   template <class T, class R, bool kCached>
 //   void norm_backward(const NormBackwardParams&, Grid);      // block = a chunk of the column plan
 //   template <class T>
 //   void fold_chunks(const void* partial, void* result, const ColumnSumPlan&, Grid);
@@ -13,10 +13,10 @@
 //   void draw_mask(const DrawMaskParams&, Grid);              // launch_plan.h's unit-mask draw
 //   void* workspace(size_t bytes);
 //
-// Keep bits: the row kernels draw element bits themselves (RowSource::Draw).
-// Unit masks (drop-path) and a shard's element masks are drawn first by the
-// element family's draw_mask kernels, then read (RowSource::Read), as is a
-// backward call's mask.
+// Keep bits: the forward row kernels draw element bits themselves
+// (RowSource::Draw). Unit masks (drop-path), a shard's element masks and a
+// low-memory backward's are drawn first by the element family's draw_mask
+// kernels, then read, as a backward call's mask is.
 #pragma once
 
 #include <cstdint>
@@ -40,7 +40,10 @@ inline RowShape row_shape(int64_t rows, int64_t hidden, norm::NormKind kind) {
   s.hidden = hidden;
   s.groups = static_cast<uint32_t>(norm::row_groups(hidden));
   s.threads = norm::threads_per_row(hidden);
+  while ((1u << s.thread_shift) < s.threads) ++s.thread_shift;
   s.slots = norm::rows_per_block(hidden);
+  s.inverse_hidden_f = norm::inverse_hidden<float>(hidden);
+  s.inverse_hidden_d = norm::inverse_hidden<double>(hidden);
   s.layer = kind == norm::NormKind::Layer;
   return s;
 }
@@ -51,20 +54,23 @@ inline bool cached(const RowShape& s) { return s.groups <= kRowGroupsPerThread *
 inline bool aligned(const void* p) { return p == nullptr || plan_detail::aligned16(p); }
 
 // The bits the row kernels read rather than draw: drawn here first, into
-// the mask or (low-memory mode) a workspace.
+// the mask or (low-memory mode) a workspace. Forward kernels draw element
+// bits themselves (`drawing_rows`); backward kernels always read them: a
+// low-memory backward draws its mask again into a workspace (a byte per 8
+// elements, for the call), which keeps Philox out of the backward kernels.
 template <class Executor>
-RowSource prepare_bits(const norm::RowBits& bits, RowBitsParams& out, int64_t numel, Executor& exec,
-                       const LaunchLimits& limits) {
+RowSource prepare_bits(const norm::RowBits& bits, RowBitsParams& out, int64_t numel, bool drawing_rows,
+                       Executor& exec, const LaunchLimits& limits) {
   out.element_units = bits.element_units;
   out.rng = bits.rng;
   out.threshold = bits.threshold;
   out.mask_out = bits.mask_out;
   out.rng_state_out = bits.rng_state_out;
   out.mask_in = bits.mask_in;
-  out.rows_per_unit = bits.rows_per_unit;
+  if (!bits.element_units) out.rows_per_unit = FastDivmod(static_cast<uint32_t>(bits.rows_per_unit));
   out.numel = numel;
   if (!bits.draw) return RowSource::Read;
-  if (bits.element_units && !bits.shard.sharded()) return RowSource::Draw;
+  if (drawing_rows && bits.element_units && !bits.shard.sharded()) return RowSource::Draw;
   KernelCall d;
   d.numel = bits.units;
   d.rng = bits.rng;
@@ -97,7 +103,7 @@ void forward_typed(const NormForwardCall& c, Executor& exec, const LaunchLimits&
   p.shape.vector = c.hidden % 8 == 0 && aligned(c.input) && aligned(c.residual) && aligned(c.output) &&
                    aligned(c.residual_out);
   p.shape.parameter_vector = c.hidden % 8 == 0 && aligned(c.input_bias) && aligned(c.weight) && aligned(c.bias);
-  const RowSource source = prepare_bits(c.bits, p.bits, c.rows * c.hidden, exec, limits);
+  const RowSource source = prepare_bits(c.bits, p.bits, c.rows * c.hidden, true, exec, limits);
   const Grid grid{static_cast<uint32_t>((c.rows + p.shape.slots - 1) / p.shape.slots), 1,
                   static_cast<uint32_t>(kRowBlockThreads), 1};
   const bool registers = cached(p.shape);
@@ -147,9 +153,11 @@ void backward_typed(const NormBackwardCall& c, Executor& exec, const LaunchLimit
   p.shape.vector = c.hidden % 8 == 0 && aligned(c.grad_output) && aligned(c.grad_residual_out) &&
                    aligned(c.residual_out) && aligned(c.grad_input) && aligned(c.grad_residual);
   p.shape.parameter_vector = c.hidden % 8 == 0 && aligned(c.weight);
-  const RowSource source = prepare_bits(c.bits, p.bits, c.rows * c.hidden, exec, limits);
-  const bool registers = cached(p.shape);
-  if (!registers && p.shape.slots != 1) throw std::logic_error("streamed norm rows need one row per block");
+  prepare_bits(c.bits, p.bits, c.rows * c.hidden, false, exec, limits);
+  // float64 rows keep their parameter-gradient sums in global memory: in
+  // registers, with the row, they would spill.
+  constexpr bool kMayCache = !std::is_same_v<C, double>;
+  const bool registers = kMayCache && cached(p.shape);
   // With parameter gradients, blocks are the column plan's chunks; without,
   // each holds one batch of rows.
   ColumnSumPlan plan;
@@ -158,22 +166,18 @@ void backward_typed(const NormBackwardCall& c, Executor& exec, const LaunchLimit
     p.partial = exec.workspace(static_cast<size_t>(3 * plan.chunks * plan.cols) * sizeof(C));
     p.chunk_rows = plan.chunk_rows;
     p.chunks = plan.chunks;
+    if (!registers) {
+      p.lane_sums = exec.workspace(static_cast<size_t>(3 * plan.chunks * p.shape.slots * 8 * p.shape.groups) * sizeof(C));
+    }
   } else {
     p.chunk_rows = p.shape.slots;
     p.chunks = (c.rows + p.shape.slots - 1) / p.shape.slots;
   }
   const Grid grid{static_cast<uint32_t>(p.chunks), 1, static_cast<uint32_t>(kRowBlockThreads), 1};
-  if (source == RowSource::Draw) {
-    if (registers) {
-      exec.template norm_backward<T, R, RowSource::Draw, true>(p, grid);
-    } else {
-      exec.template norm_backward<T, R, RowSource::Draw, false>(p, grid);
-    }
-  } else if (registers) {
-    exec.template norm_backward<T, R, RowSource::Read, true>(p, grid);
-  } else {
-    exec.template norm_backward<T, R, RowSource::Read, false>(p, grid);
+  if constexpr (kMayCache) {
+    if (registers) exec.template norm_backward<T, R, true>(p, grid);
   }
+  if (!registers) exec.template norm_backward<T, R, false>(p, grid);
   if (p.partial != nullptr) fold_parameter_grads<C>(c, plan, p.partial, exec);
 }
 
@@ -212,15 +216,22 @@ struct Backward {
 
 }  // namespace norm_plan
 
+// Rows are numbered in 32 bits on the device (drop-path's sample of a row).
+inline void check_rows(int64_t rows) {
+  if (rows >= (int64_t{1} << 31)) throw std::invalid_argument("the CUDA norm kernels take fewer than 2^31 rows");
+}
+
 template <class Executor>
 void launch_norm_forward(const norm::NormForwardCall& c, Executor& exec, const LaunchLimits& limits = {}) {
   if (c.rows == 0) return;
+  check_rows(c.rows);
   norm_plan::dispatch<norm_plan::Forward>(c, exec, limits);
 }
 
 template <class Executor>
 void launch_norm_backward(const norm::NormBackwardCall& c, Executor& exec, const LaunchLimits& limits = {}) {
   if (c.rows == 0) return;
+  check_rows(c.rows);
   norm_plan::dispatch<norm_plan::Backward>(c, exec, limits);
 }
 

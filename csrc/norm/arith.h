@@ -9,12 +9,12 @@
 // operation. They are templates so that the CPU kernels can call them on
 // GCC vectors (one lane per element) as the CUDA bodies call them on scalars.
 //
-// sqrt and division are correctly rounded on both: x86's sqrtss/divss and
-// the device's __fsqrt_rn/__fdiv_rn (not the approximate sqrtf / '/' of
-// -use_fast_math, and not rsqrt, which is approximate on both).
+// No division or square root: their correctly rounded device forms branch
+// to slow-path subroutines (CALLs, and FMAs inside), and rsqrt is
+// approximate and differs between devices. A row's mean multiplies by 1 / H
+// (computed on the host, in double), and norm/row_math.h's inverse_sqrt
+// is a Newton iteration of these four operations.
 #pragma once
-
-#include <cmath>
 
 #include "../philox.h"  // REGDROP_HOST_DEVICE
 
@@ -56,32 +56,6 @@ REGDROP_HOST_DEVICE V mul_rn(V a, V b) {
   }
 #else
   return a * b;
-#endif
-}
-
-template <class V>
-REGDROP_HOST_DEVICE V div_rn(V a, V b) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(V) == 4) {
-    return __fdiv_rn(a, b);
-  } else {
-    return __ddiv_rn(a, b);
-  }
-#else
-  return a / b;
-#endif
-}
-
-template <class V>
-REGDROP_HOST_DEVICE V sqrt_rn(V a) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(V) == 4) {
-    return __fsqrt_rn(a);
-  } else {
-    return __dsqrt_rn(a);
-  }
-#else
-  return std::sqrt(a);
 #endif
 }
 

@@ -91,10 +91,10 @@ struct NormEmulator {
     }
   }
 
-  template <class T, class R, RowSource S, bool kCached>
+  template <class T, class R, bool kCached>
   void norm_backward(const cuda::NormBackwardParams& p, Grid g) {
-    record("norm_backward " + operands_name<T, R>() + variant_name<S, kCached>());
-    using Body = cuda::NormBackwardBlock<T, R, S, kCached>;
+    record("norm_backward " + operands_name<T, R>() + variant_name<RowSource::Read, kCached>());
+    using Body = cuda::NormBackwardBlock<T, R, kCached>;
     for (uint32_t block = 0; block < g.blocks_x; ++block) {
       HostBlock<typename Body::State> threads;
       auto shared = nan_shared<typename Body::Shared>();
