@@ -29,7 +29,10 @@ from .functional import (
     dropout_add,
 )
 from .dropout_layers import is_dropout_layer
+from .fuse_norms import FusionSummary, fuse_norms
 from .mc import MCPrediction, mc_dropout, mc_predict, mc_unreachable_random_calls
+from .norm import drop_path_add_layer_norm, drop_path_add_rms_norm, dropout_add_layer_norm, dropout_add_rms_norm
+from .norm_modules import DropoutAddLayerNorm, DropoutAddRMSNorm, DropPathAddLayerNorm, DropPathAddRMSNorm
 from .modules import (
     BiasDropoutAdd,
     DropPath,
@@ -52,6 +55,11 @@ __all__ = [
     "Dropout2d",
     "Dropout3d",
     "DropoutAdd",
+    "DropoutAddLayerNorm",
+    "DropoutAddRMSNorm",
+    "DropPathAddLayerNorm",
+    "DropPathAddRMSNorm",
+    "FusionSummary",
     "MCPrediction",
     "RandomCall",
     "RandomOpTrace",
@@ -60,11 +68,16 @@ __all__ = [
     "convert",
     "drop_path",
     "drop_path_add",
+    "drop_path_add_layer_norm",
+    "drop_path_add_rms_norm",
     "dropout",
     "dropout1d",
     "dropout2d",
     "dropout3d",
     "dropout_add",
+    "dropout_add_layer_norm",
+    "dropout_add_rms_norm",
+    "fuse_norms",
     "is_dropout_layer",
     "mc_dropout",
     "mc_predict",
