@@ -176,7 +176,11 @@ template <class T>
 inline Vec<ComputeOf<T>> store_and_reload(T* p, Vec<ComputeOf<T>> v, int n) {
   T tmp[8];
   store8(tmp, v);
-  std::memcpy(p, tmp, sizeof(T) * n);
+  if (n == 8) {
+    std::memcpy(p, tmp, sizeof(tmp));
+  } else {
+    std::memcpy(p, tmp, sizeof(T) * n);
+  }
   return load8(tmp);
 }
 
