@@ -390,3 +390,24 @@ def test_errors_name_the_argument():
         ops.dropout_add_norm_backward(x, None, out[1], out[2][:1], out[3], out[4], w, 0.5)
     with pytest.raises(RuntimeError, match="rstd must be"):
         ops.dropout_add_norm_backward(x, None, out[1], out[2], out[3], out[4][:1], w, 0.5)
+
+
+def test_compile_fullgraph_draws_eagers_masks():
+    """The op bodies run on the Meta key for fake tensors: torch.compile
+    traces the ops whole, and the compiled function draws eager's masks
+    (the op reads the generator where eager does) and gives its gradients."""
+    x, r, w, b, _ = operands(4, 24, torch.float32)
+
+    def f(x, r, w, b):
+        out, res = N.dropout_add_layer_norm(x, r, w, b, 0.3, prenorm=True)
+        return (out * res).sum()
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        torch.manual_seed(6)
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e)

@@ -9,8 +9,9 @@
 //   static constexpr bool kHostMemory;   // as dropout_ops.h's Backend
 //
 // The bodies run on the Meta key too (MetaNormBackend, registration.cpp):
-// outputs are allocated and nothing is run, so fake tensors get the shapes,
-// dtypes and checks of the real op.
+// they check and allocate as for real, and stop before any data pointer
+// (meta tensors have none), so fake tensors get the real op's shapes,
+// dtypes and checks.
 //
 // Operands: input (..., H), contiguous rows of H (others are made
 // contiguous); residual of input's shape; weight, bias and input_bias of
@@ -169,6 +170,7 @@ Tensors5 norm_forward(const at::Tensor& input_, const std::optional<at::Tensor>&
   at::Tensor rstd = at::empty(row_shape, input.options().dtype(compute_dtype(dtype)));
   at::Tensor mask = low_memory ? at::zeros({2}, input.options().dtype(at::kLong))
                                : new_mask(d.units(input), input);
+  if (input.is_meta()) return {output, residual_out, mask, mean, rstd};  // shapes only: nothing to run
 
   NormForwardCall c;
   c.dtype = scalar_kind(dtype);
@@ -256,6 +258,7 @@ Tensors5 norm_backward(const at::Tensor& grad_output_, const std::optional<at::T
   at::Tensor grad_weight = parameter_grad(wanted.weight);
   at::Tensor grad_bias = parameter_grad(wanted.bias);
   at::Tensor grad_input_bias = parameter_grad(wanted.input_bias);
+  if (grad_output.is_meta()) return {grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias};
 
   NormBackwardCall c;
   c.dtype = scalar_kind(dtype);

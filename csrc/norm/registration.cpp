@@ -10,9 +10,9 @@
 namespace regdrop::norm {
 namespace {
 
+// The op bodies return before they would draw or run on meta tensors.
 struct MetaNormBackend {
   static constexpr bool kHostMemory = false;
-  // Nothing is drawn: a generator is left as it is.
   static PhiloxSource generator_source(const std::optional<at::Generator>&, at::Device) { return {}; }
   static void run_norm_forward(const NormForwardCall&) {}
   static void run_norm_backward(const NormBackwardCall&) {}
