@@ -12,10 +12,11 @@ backward per element (measured through saved_tensors_hooks).
     python benchmarks/bench.py --norm [--json PATH]          # with the op rows
     python -m benchmarks.norm_rows [--rows 8192 --hidden 1024 --dtypes fp32,bf16 --json PATH]
 
-Every implementation is checked before it is timed: at p = 0 its output and
-gradients equal F.layer_norm(x + r) (F.rms_norm) in float32 within the
-tolerance of a different summation order; and the fused op's keep rate at p
-(where its residual stream differs from r) is within 5 sigma of 1 - p.
+Every implementation is checked before it is timed: at p = 0 its output's
+and gradients' errors against F.layer_norm(x + r) (F.rms_norm) in float32
+are at most twice eager PyTorch's own plus the dtype's tolerance; and the
+fused op's keep rate at p (where its residual stream differs from r) is
+within 5 sigma of 1 - p.
 """
 
 import argparse
@@ -63,23 +64,32 @@ def implementations(norm: str) -> Dict[str, Callable]:
     }
 
 
-def check(fn: Callable, norm: str, leaves: List[torch.Tensor], grad: torch.Tensor) -> None:
-    """Raises where fn's output or gradients disagree with the reference at p = 0."""
-    x, r, w, b = leaves
+def errors(fn: Callable, norm: str, leaves: List[torch.Tensor], grad: torch.Tensor) -> List[float]:
+    """fn's largest errors at p = 0 against the float32 reference: output,
+    then the gradients of x, r, w and b (b: 0 for RMSNorm)."""
     reference = eager_expression(norm)
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     expected = reference(*ref_leaves, 0.0)
     expected_grads = torch.autograd.grad(expected, ref_leaves, grad.float(), allow_unused=True)
     actual = fn(*leaves, 0.0)
     grads = torch.autograd.grad(actual, leaves, grad, allow_unused=True)
-    tolerance = TOLERANCE[x.dtype]
-    torch.testing.assert_close(actual.float(), expected, rtol=tolerance, atol=tolerance)
-    for name, a, e in zip("xrwb", grads, expected_grads):
-        if name == "b" and norm == "rms":
-            continue
-        scale = e.abs().max().item()
-        torch.testing.assert_close(a.float(), e, rtol=tolerance, atol=tolerance * max(scale, 1.0),
-                                   msg=lambda m: f"grad {name}: {m}")
+    out = [(actual.float() - expected).abs().max().item()]
+    for a, e in zip(grads, expected_grads):
+        out.append(0.0 if e is None else (a.float() - e).abs().max().item())
+    return out
+
+
+def check(fn: Callable, norm: str, leaves: List[torch.Tensor], grad: torch.Tensor, baseline: List[float]) -> None:
+    """Raises where fn's errors at p = 0 exceed twice eager PyTorch's own
+    (baseline) plus the dtype's tolerance: tolerances relative to PyTorch's
+    error, as FlashAttention's tests bound theirs (eager's bfloat16
+    LayerNorm weight and bias gradients are off by about 10% at 8192 rows
+    on the CPU)."""
+    tolerance = TOLERANCE[leaves[0].dtype]
+    for name, error, allowed in zip(["output", "grad x", "grad r", "grad w", "grad b"],
+                                    errors(fn, norm, leaves, grad), baseline):
+        if error > 2 * allowed + tolerance:
+            raise AssertionError(f"{name}: error {error:.3g}, eager's {allowed:.3g}")
 
 
 def keep_rate(norm: str, x, r, w, b, p: float) -> float:
@@ -104,9 +114,12 @@ def run(rows: int, hidden: int, dtypes, norms, p: float, threads: int, budget_s:
             sigma = math.sqrt(p * (1 - p) / x.numel())
             if abs(rate - (1 - p)) > 5 * sigma:
                 raise SystemExit(f"keep rate {rate} is not within 5 sigma of {1 - p}")
-            for label, fn in implementations(norm).items():
+            impls = implementations(norm)
+            baseline = errors(next(iter(impls.values())), norm, [t.clone().requires_grad_() for t in (x, r, w, b)],
+                              grad)
+            for label, fn in impls.items():
                 leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
-                check(fn, norm, leaves, grad)
+                check(fn, norm, leaves, grad, baseline)
                 _, saved = saved_for_backward(lambda: fn(*leaves, p))
                 # What the call adds: the operands (and parameters) are held anyway.
                 held = {t.data_ptr() for t in leaves}

@@ -72,6 +72,13 @@ def _drop_path(module: nn.Module) -> Optional[Tuple[float, bool]]:
     return None
 
 
+def _is_layer_norm(module: nn.Module) -> bool:
+    """torch's LayerNorm, or timm's (timm.layers.norm.LayerNorm: the same
+    normalization, with an optional fast path)."""
+    kind = type(module)
+    return kind is nn.LayerNorm or (kind.__name__ == "LayerNorm" and kind.__module__ == "timm.layers.norm")
+
+
 _subclasses: Dict[Tuple[type, str], type] = {}
 
 
@@ -136,8 +143,8 @@ def _fuse_timm_block(module: nn.Module, low_memory: bool) -> Tuple[Optional[str]
     if forward is None:
         return None, "its forward is not the pre-LN x + drop_path(ls(attn(norm(x)))) of the timm versions known"
     drop = _drop_path(module.drop_path1)
-    if drop is None or type(module.norm2) is not nn.LayerNorm:
-        return None, "its drop_path1 or norm2 is not timm's DropPath / Identity and torch's LayerNorm"
+    if drop is None or not _is_layer_norm(module.norm2):
+        return None, "its drop_path1 or norm2 is not timm's DropPath / Identity and a LayerNorm (torch's or timm's)"
     p, scale_by_keep = drop
     if p > 0:
         module.norm2 = DropPathAddLayerNorm.from_norm(module.norm2, p, scale_by_keep=scale_by_keep, prenorm=True)
