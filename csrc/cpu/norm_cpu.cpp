@@ -66,12 +66,14 @@ void draw_ahead(norm::RowBits& b, std::vector<uint8_t>& scratch) {
   b.mask_in = mask;
 }
 
+// Each column's lanes added in lane order, from +0; the loops run along the
+// columns, which the compiler vectorizes without changing any column's order.
 template <class C>
 void fold_lanes_into(const C* lane_sums, uint32_t lanes, int64_t width, int64_t hidden, C* partial) {
-  for (int64_t col = 0; col < hidden; ++col) {
-    C sum = 0;
-    for (uint32_t l = 0; l < lanes; ++l) sum = norm::add_rn(sum, lane_sums[l * width + col]);
-    partial[col] = sum;
+  std::fill(partial, partial + hidden, C(0));
+  for (uint32_t l = 0; l < lanes; ++l) {
+    const C* lane = lane_sums + l * width;
+    for (int64_t col = 0; col < hidden; ++col) partial[col] = norm::add_rn(partial[col], lane[col]);
   }
 }
 
@@ -109,7 +111,9 @@ void backward_with_parameter_grads(const norm::NormBackwardCall& c) {
   at::parallel_for(0, plan.chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<C> lane_sums(static_cast<size_t>(3 * plan.lanes * width));
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      std::fill(lane_sums.begin(), lane_sums.end(), C(0));
+      for (int k = 0; k < 3; ++k) {  // the wanted gradients' lanes start at +0
+        if (grads[k] != nullptr) std::fill_n(lane_sums.data() + k * plan.lanes * width, plan.lanes * width, C(0));
+      }
       const int64_t first = chunk * plan.chunk_rows;
       norm_kernels().backward_rows(c, first, std::min(c.rows, first + plan.chunk_rows), plan.lanes, lane_sums.data());
       for (int k = 0; k < 3; ++k) {
