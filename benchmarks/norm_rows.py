@@ -65,18 +65,19 @@ def implementations(norm: str) -> Dict[str, Callable]:
 
 
 def errors(fn: Callable, norm: str, leaves: List[torch.Tensor], grad: torch.Tensor) -> List[float]:
-    """fn's largest errors at p = 0 against the float32 reference: output,
-    then the gradients of x, r, w and b (b: 0 for RMSNorm)."""
+    """fn's largest errors at p = 0 against the float32 reference, relative
+    to the reference's largest value: output, then the gradients of x, r, w
+    and b (b: 0 for RMSNorm)."""
     reference = eager_expression(norm)
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     expected = reference(*ref_leaves, 0.0)
     expected_grads = torch.autograd.grad(expected, ref_leaves, grad.float(), allow_unused=True)
     actual = fn(*leaves, 0.0)
     grads = torch.autograd.grad(actual, leaves, grad, allow_unused=True)
-    out = [(actual.float() - expected).abs().max().item()]
-    for a, e in zip(grads, expected_grads):
-        out.append(0.0 if e is None else (a.float() - e).abs().max().item())
-    return out
+    def relative(a, e):  # the largest error, relative to the largest value
+        return (a.float() - e).abs().max().item() / max(e.abs().max().item(), 1e-30)
+
+    return [relative(actual, expected)] + [0.0 if e is None else relative(a, e) for a, e in zip(grads, expected_grads)]
 
 
 def check(fn: Callable, norm: str, leaves: List[torch.Tensor], grad: torch.Tensor, baseline: List[float]) -> None:
