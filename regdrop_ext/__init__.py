@@ -10,6 +10,7 @@ from ._library import load_compiled_library
 load_compiled_library()  # registers torch.ops.regdrop, or says why it cannot
 
 from . import _ops  # noqa: E402, F401  (fake kernels)
+from . import norm_fakes  # noqa: E402, F401  (the norm ops' fake kernels)
 from . import batching  # noqa: E402
 
 batching.register()

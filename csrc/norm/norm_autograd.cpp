@@ -13,12 +13,13 @@
 // computed with ATen ops in the compute type, so that they are themselves
 // differentiable. mask, mean and rstd are not differentiable outputs.
 //
-// The backward ops are not differentiable (no double backward): they refuse
-// to run where a gradient through them would be asked for.
+// The backward ops are not differentiable (no double backward): a gradient
+// through them raises when it reaches them.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
@@ -230,10 +231,20 @@ Tensors5 forward(const char* name, const at::Tensor& input, const OptTensor& res
   return result;
 }
 
-void refuse_double_backward(const char* op, std::vector<at::Tensor> inputs) {
-  TORCH_CHECK(!torch::autograd::compute_requires_grad(inputs), op,
-              " is not differentiable: a gradient through the norm ops' backward (double backward, "
-              "create_graph=True, gradgradcheck) is not supported");
+// The backward ops' outputs get an Error node where a gradient could flow
+// through them: a double backward raises when it reaches it, never returning zeros.
+void mark_not_differentiable(const char* op, const std::vector<at::Tensor>& inputs, const Tensors5& result) {
+  if (!torch::autograd::compute_requires_grad(inputs)) return;
+  auto node = c10::make_intrusive<torch::autograd::Error>(
+      std::string(op) + " is not differentiable: a gradient through the norm ops' backward (double backward, "
+                        "create_graph=True, gradgradcheck) is not supported",
+      torch::autograd::collect_next_edges(inputs));
+  const auto& [a, b, c, d, e] = result;
+  std::vector<at::Tensor> outputs;
+  for (const at::Tensor& t : {a, b, c, d, e}) {
+    if (t.defined()) outputs.push_back(t);
+  }
+  torch::autograd::set_history(outputs, node);
 }
 
 }  // namespace
@@ -269,22 +280,31 @@ TORCH_LIBRARY_IMPL(regdrop, Autograd, m) {
             const at::Tensor& mask, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight, double p,
             bool rms, bool drop_path, bool scale_by_keep, bool residual_grad, Dtype weight_grad, Dtype bias_grad,
             Dtype input_bias_grad) {
-           refuse_double_backward("dropout_add_norm_backward",
-                                  {grad_output, value(grad_residual_out), residual_out, value(weight)});
-           at::AutoDispatchBelowADInplaceOrView below_autograd;
-           return backward_op().call(grad_output, grad_residual_out, residual_out, mask, mean, rstd, weight, p, rms,
-                                     drop_path, scale_by_keep, residual_grad, weight_grad, bias_grad, input_bias_grad);
+           Tensors5 result;
+           {
+             at::AutoDispatchBelowADInplaceOrView below_autograd;
+             result = backward_op().call(grad_output, grad_residual_out, residual_out, mask, mean, rstd, weight, p,
+                                         rms, drop_path, scale_by_keep, residual_grad, weight_grad, bias_grad,
+                                         input_bias_grad);
+           }
+           mark_not_differentiable("dropout_add_norm_backward",
+                                   {grad_output, value(grad_residual_out), residual_out, value(weight)}, result);
+           return result;
          });
   m.impl("dropout_add_norm_low_memory_backward",
          [](const at::Tensor& grad_output, const OptTensor& grad_residual_out, const at::Tensor& residual_out,
             const at::Tensor& rng_state, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
             double p, bool rms, bool residual_grad, Dtype weight_grad, Dtype bias_grad, Dtype input_bias_grad,
             Shard shard) {
-           refuse_double_backward("dropout_add_norm_low_memory_backward",
-                                  {grad_output, value(grad_residual_out), residual_out, value(weight)});
-           at::AutoDispatchBelowADInplaceOrView below_autograd;
-           return low_memory_backward_op().call(grad_output, grad_residual_out, residual_out, rng_state, mean, rstd,
-                                                weight, p, rms, residual_grad, weight_grad, bias_grad,
-                                                input_bias_grad, shard);
+           Tensors5 result;
+           {
+             at::AutoDispatchBelowADInplaceOrView below_autograd;
+             result = low_memory_backward_op().call(grad_output, grad_residual_out, residual_out, rng_state, mean,
+                                                    rstd, weight, p, rms, residual_grad, weight_grad, bias_grad,
+                                                    input_bias_grad, shard);
+           }
+           mark_not_differentiable("dropout_add_norm_low_memory_backward",
+                                   {grad_output, value(grad_residual_out), residual_out, value(weight)}, result);
+           return result;
          });
 }

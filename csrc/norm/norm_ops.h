@@ -8,10 +8,10 @@
 //   static void run_norm_backward(const NormBackwardCall&);
 //   static constexpr bool kHostMemory;   // as dropout_ops.h's Backend
 //
-// The bodies run on the Meta key too (MetaNormBackend, registration.cpp):
-// they check and allocate as for real, and stop before any data pointer
-// (meta tensors have none), so fake tensors get the real op's shapes,
-// dtypes and checks.
+// On meta tensors the bodies check and allocate as for real and stop before
+// any data pointer (meta tensors have none): the op manifest can register
+// them on the Meta key once they take symbolic sizes; until then the fake
+// kernels are regdrop_ext/norm_fakes.py.
 //
 // Operands: input (..., H), contiguous rows of H (others are made
 // contiguous); residual of input's shape; weight, bias and input_bias of
