@@ -31,4 +31,5 @@ cd "$work/site"
 "$PYTHON" -c "import regdrop_ext, sys; assert regdrop_ext.__file__.startswith('$work/site'), regdrop_ext.__file__"
 REGDROP_SANITIZE=1 "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys \
   "$repo/tests/test_philox.py" "$repo/tests/test_dropout.py" "$repo/tests/test_variants.py" \
-  "$repo/tests/test_hostile_inputs.py" "$repo/tests/test_concurrency.py" "$repo/tests/test_cuda_emulation.py"
+  "$repo/tests/test_hostile_inputs.py" "$repo/tests/test_concurrency.py" "$repo/tests/test_cuda_emulation.py" \
+  "$repo/tests/test_norm.py" "$repo/tests/test_norm_emulation.py"

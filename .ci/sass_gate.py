@@ -204,6 +204,27 @@ def classify(name: str):
     m = re.match(r"regdrop::cuda::kernels::fold_chunks_kernel<(.+)>", name)
     if m:  # chunks x cols sums, a few per column: not a streaming kernel
         return Kernel(f"fold_chunks {DTYPE_NAMES[m.group(1)]}")
+    m = re.match(r"regdrop::cuda::norm_kernels::norm_(forward|backward)_kernel<(.+?), (.+?), "
+                 r"(?:\(regdrop::cuda::RowSource\)(\d), )?(true|false)>", name)
+    if m:  # csrc/cuda/norm_kernels.cu: a row kernel (backward kernels read their bits)
+        types = [m.group(2), m.group(3)]  # input (and output), residual stream
+        label = DTYPE_NAMES[types[0]] + ("" if types[0] == types[1] else f"/{DTYPE_NAMES[types[1]]}")
+        source = ("Draw", "Read")[int(m.group(4) or 1)]
+        label = f"norm_{m.group(1)} {label} {source} {'cached' if m.group(5) == 'true' else 'streamed'}"
+        if m.group(5) == "false":  # rows past 8192 elements, read again from L2 between sweeps: no single vector path
+            return Kernel(label)
+        # Forward reads input and residual, writes output and residual_out;
+        # backward reads grad_output and residual_out, writes grad_input and
+        # grad_residual; both a mask byte. Its 128-bit stores: 8 elements of
+        # each written tensor per group.
+        size, stream = ELEMENT_BYTES[types[0]], ELEMENT_BYTES[types[1]]
+        return Kernel(label, size + stream, 8 * 2 * (size + stream) + 1)
+    m = re.match(r"regdrop::cuda::norm_kernels::norm_fold_chunks_kernel<(.+)>", name)
+    if m:
+        return Kernel(f"norm_fold_chunks {DTYPE_NAMES[m.group(1)]}")
+    m = re.match(r"regdrop::cuda::norm_kernels::norm_draw_mask_kernel<\(regdrop::cuda::BitSource\)(\d)>", name)
+    if m:
+        return Kernel(f"norm_draw_mask {BIT_SOURCES[m.group(1)]}")
     m = re.match(r"regdrop::cuda::kernels::draw_mask_kernel<\(regdrop::cuda::BitSource\)(\d)>", name)
     if m:  # a bit per sample or channel: not a streaming kernel
         return Kernel(f"draw_mask {BIT_SOURCES[m.group(1)]}")

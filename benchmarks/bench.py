@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks import e2e, environment, timing  # noqa: E402
+from benchmarks import e2e, environment, norm_rows, timing  # noqa: E402
 from benchmarks.op_table import OPS  # noqa: E402
 from benchmarks.plot import plot_run  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
@@ -73,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--p", type=float, default=0.1, help="drop probability (default: 0.1)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, dtypes and repeats")
     parser.add_argument("--e2e", action="store_true", help="also time a transformer block's training step")
+    parser.add_argument("--norm", action="store_true",
+                        help="also time the norm family's rows: 8192 x 1024, LayerNorm and RMSNorm (norm_rows.py)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the result rows as CSV")
     parser.add_argument("--plot", metavar="PATH", help="plot GB/s against size (PNG, SVG or PDF)")
@@ -151,6 +153,11 @@ def main(argv=None) -> int:
         config = e2e.QUICK_CPU if args.quick and cpu else e2e.CONFIGS[settings.device.type]
         result["e2e"] = e2e.run(config, settings.p, settings.device, settings.threads, preset["e2e_budget_s"])
         print("\n" + e2e.summary(result["e2e"]))
+
+    if args.norm and settings.device.type == "cpu":
+        result["norm"] = norm_rows.run(8192, 1024, settings.dtypes, ("layer", "rms"), settings.p, settings.threads,
+                                       settings.budget_s)
+        print("\n" + norm_rows.table(result["norm"]))
 
     print("\nREADME table (python benchmarks/report.py FILE.json renders it from a results file):\n")
     print(markdown(result))

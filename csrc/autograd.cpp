@@ -333,6 +333,7 @@ void bump_version_after(const c10::OperatorHandle& handle, torch::jit::Stack* st
 
 TORCH_LIBRARY_IMPL(regdrop, Autograd, m) {
   for (const regdrop::OpSpec& op : regdrop::kOps) {
+    if (op.family != regdrop::Family::Elementwise) continue;  // the norm family's: norm/norm_autograd.cpp
     m.impl(op.name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<regdrop::AutogradKernel>(op)));
   }
 }

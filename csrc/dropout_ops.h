@@ -389,9 +389,12 @@ class OpKernel final : public c10::OperatorKernel {
   const OpSpec& op_;
 };
 
+// The element-wise family's kernels (the norm family registers its own:
+// norm/norm_ops.h).
 template <class Backend>
 void register_ops(torch::Library& m) {
   for (const OpSpec& op : kOps) {
+    if (op.family != Family::Elementwise) continue;
     m.impl(op.name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<OpKernel<Backend>>(op)));
   }
 }

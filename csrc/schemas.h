@@ -34,10 +34,12 @@
 #include <string>
 
 #include "include/regdrop/manifest.h"
+#include "norm/norm_schemas.h"
 
 namespace regdrop {
 
 inline std::string schema_of(const OpSpec& op) {
+  if (op.family == Family::Norm) return norm::schema_of(op.name);
   const std::string rng = "Generator? generator=None, *, int? seed=None, int offset=0, int[]? shard=None";
   const std::string keep = op.scale_by_keep() ? ", bool scale_by_keep=True" : "";
   std::string tensors = "Tensor input";

@@ -20,26 +20,33 @@ batching.register()
 from . import dtensor  # noqa: E402
 
 dtensor.register_when_imported()  # DTensor handlers, once torch.distributed.tensor is imported
-from . import functional, modules  # noqa: E402
+from . import functional, modules, norm, norm_modules  # noqa: E402
 from .attention import scaled_dot_product_attention  # noqa: E402
 from .convert import ConversionSummary, convert  # noqa: E402
 from .distributed import SharedRandomState, seed_ranks  # noqa: E402
 from .dropout_layers import is_dropout_layer  # noqa: E402
+from .fuse_norms import FusionSummary, fuse_norms  # noqa: E402
 from .functional import *  # noqa: E402, F401, F403  (every function of the functional layer)
 from .mc import MCPrediction, mc_dropout, mc_predict, mc_unreachable_random_calls  # noqa: E402
 from .modules import *  # noqa: E402, F401, F403  (every module)
+from .norm import *  # noqa: E402, F401, F403  (dropout + residual + norm, functions)
+from .norm_modules import *  # noqa: E402, F401, F403  (and modules)
 from .trace import RandomCall, RandomOpTrace, trace_random_ops  # noqa: E402
 
 __all__ = sorted(
     functional.__all__
     + modules.__all__
+    + norm.__all__
+    + norm_modules.__all__
     + [
         "ConversionSummary",
+        "FusionSummary",
         "MCPrediction",
         "RandomCall",
         "RandomOpTrace",
         "SharedRandomState",
         "convert",
+        "fuse_norms",
         "is_dropout_layer",
         "mc_dropout",
         "mc_predict",

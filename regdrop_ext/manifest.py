@@ -13,7 +13,10 @@ Every op is an :class:`Op`:
 * ``residual``, ``bias``: a forward op's operands (``residual + dropout(input
   [+ bias])``); a backward op's ``bias``: it returns the bias gradient too;
 * ``forward``: the manifest row it comes from; ``backward``: the op its
-  gradient goes through.
+  gradient goes through;
+* ``family``: ``"elementwise"`` (the ops above, one kernel call each), or
+  ``"norm"`` (dropout + residual + LayerNorm / RMSNorm, a pass over each
+  row: ``regdrop_ext.norm``), whose unit kind and operands are arguments.
 """
 
 import math
@@ -30,6 +33,7 @@ ELEMENT, SAMPLE, CHANNEL = "element", "sample", "channel"
 @dataclass(frozen=True)
 class Op:
     name: str
+    family: str
     variant: str
     unit: str
     residual: bool
@@ -105,12 +109,11 @@ class Op:
 OPS: Dict[str, Op] = {entry["name"]: Op(**entry) for entry in _C.manifest()}
 
 
-def ops(*variants: str) -> Tuple[Op, ...]:
-    """The ops of the given variants (every op without any), in manifest order."""
-    return tuple(op for op in OPS.values() if not variants or op.variant in variants)
+def ops(*variants: str, family: str = "elementwise") -> Tuple[Op, ...]:
+    """The ops of ``family`` and of the given variants (every one without any), in manifest order."""
+    return tuple(op for op in OPS.values() if op.family == family and (not variants or op.variant in variants))
 
 
 def find(unit: str, residual: bool, bias: bool = False, variant: str = "masked"):
     """The op with these unit and operands, or None."""
-    return next((op for op in OPS.values()
-                 if (op.unit, op.residual, op.bias, op.variant) == (unit, residual, bias, variant)), None)
+    return next((op for op in ops(variant) if (op.unit, op.residual, op.bias) == (unit, residual, bias)), None)

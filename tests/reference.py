@@ -178,3 +178,107 @@ def in_larger_call(numbers: torch.Tensor, shard) -> torch.Tensor:
         return numbers
     first, run, stride = shard
     return first + torch.div(numbers, run, rounding_mode="floor") * stride + numbers % run
+
+
+# --- the norm family (csrc/norm/row_order.h), in NumPy --------------------
+#
+# An independent implementation of the documented order of the norm ops'
+# sums, in float32 (NumPy's float32 adds, multiplies, divides and sqrt are
+# IEEE, each rounded once), so that their statistics, outputs and gradients
+# can be checked bit for bit.
+
+
+def norm_threads_per_row(hidden: int) -> int:
+    groups = (hidden + 7) // 8
+    wanted, t = (groups + 3) // 4, 1
+    while t < wanted and t < 256:
+        t *= 2
+    return t
+
+
+def norm_row_sums(v: np.ndarray) -> np.ndarray:
+    """Each row's sum in row_order.h's order: lanes l < L = 8T add the
+    elements l, l + L, ... in turn; each thread's 8 lanes fold as
+    (a0 + a4) + (a2 + a6), (a1 + a5) + (a3 + a7); threads halve."""
+    rows, hidden = v.shape
+    threads = norm_threads_per_row(hidden)
+    lanes = 8 * threads
+    acc = np.zeros((rows, lanes), dtype=v.dtype)
+    for base in range(0, hidden, lanes):
+        part = v[:, base:base + lanes]
+        acc[:, : part.shape[1]] = acc[:, : part.shape[1]] + part
+    a = acc.reshape(rows, threads, 8)
+    p = ((a[..., 0] + a[..., 4]) + (a[..., 2] + a[..., 6])) + ((a[..., 1] + a[..., 5]) + (a[..., 3] + a[..., 7]))
+    h = threads // 2
+    while h >= 1:
+        p[:, :h] = p[:, :h] + p[:, h:2 * h]
+        h //= 2
+    return p[:, 0].copy()
+
+
+def norm_column_plan(rows: int, hidden: int):
+    """(lanes, chunk_rows, chunks) of row_order.h's norm_column_plan."""
+    lanes = 256 // norm_threads_per_row(hidden)
+    wanted = (rows + lanes * 4 - 1) // (lanes * 4)
+    chunks = max(1, min(wanted, (1 << 20) // hidden))
+    chunk_rows = ((rows + chunks - 1) // chunks + lanes - 1) // lanes * lanes
+    return lanes, chunk_rows, (rows + chunk_rows - 1) // chunk_rows
+
+
+def norm_column_sums(terms: np.ndarray) -> np.ndarray:
+    """Column sums in column_sums.h's order with norm_column_plan's plan:
+    chunks in order, of lanes in order, of the chunk's rows r with
+    r % lanes == l in order, each fold from +0."""
+    rows, hidden = terms.shape
+    lanes, chunk_rows, chunks = norm_column_plan(rows, hidden)
+    total = np.zeros(hidden, dtype=terms.dtype)
+    for k in range(chunks):
+        lane_sums = np.zeros((lanes, hidden), dtype=terms.dtype)
+        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
+            lane_sums[r % lanes] = lane_sums[r % lanes] + terms[r]
+        chunk = np.zeros(hidden, dtype=terms.dtype)
+        for lane in range(lanes):
+            chunk = chunk + lane_sums[lane]
+        total = total + chunk
+    return total
+
+
+def norm_inverse_sqrt(x: np.ndarray) -> np.ndarray:
+    """row_math.h's inverse_sqrt in float64: the bit-level estimate, then four
+    Newton steps y *= 1.5 - (x / 2) y^2, each operation rounded once."""
+    x = np.asarray(x, dtype=np.float64)
+    half = x * 0.5
+    y = (np.uint64(0x5FE6EB50C7B537A9) - (x.view(np.uint64) >> np.uint64(1))).view(np.float64)
+    for _ in range(4):
+        y = y * (1.5 - (half * y) * y)
+    return np.where(x == 0, np.inf, np.where(x == np.inf, 0.0, np.where(x > 0, y, np.nan)))
+
+
+def norm_forward_in_order(s: np.ndarray, weight, bias, eps: float, rms: bool):
+    """(output, mean, rstd) of rows s (float32, the residual stream), in the
+    kernels' order and rounding: mean = sum * (1 / H), var = sum((s - mean)^2)
+    * (1 / H), rstd = inverse_sqrt(var + eps), output = (s - mean) * rstd *
+    weight + bias."""
+    f = np.float32
+    hidden = s.shape[1]
+    inverse = f(1.0 / hidden)
+    mean = np.zeros(s.shape[0], dtype=f) if rms else norm_row_sums(s) * inverse
+    d = s - mean[:, None]
+    var = norm_row_sums(d * d) * inverse
+    rstd = norm_inverse_sqrt(var + f(eps)).astype(f)
+    z = (s - mean[:, None]) * rstd[:, None]
+    return z * weight + bias, mean, rstd
+
+
+def norm_backward_in_order(dy, s, mean, rstd, weight, keep, scale: float, rms: bool):
+    """(grad_residual, grad_input, grad_weight, grad_bias, grad_input_bias)
+    in the kernels' order and rounding (float32 arrays; keep a bool array)."""
+    f = np.float32
+    inverse = f(1.0 / s.shape[1])
+    z = (s - mean[:, None]) * rstd[:, None]
+    dz = dy * weight
+    a = np.zeros(s.shape[0], dtype=f) if rms else norm_row_sums(dz) * inverse
+    b = norm_row_sums(dz * z) * inverse
+    ds = rstd[:, None] * ((dz - a[:, None]) - z * b[:, None])
+    dx = np.where(keep, ds * f(scale), f(0))
+    return ds, dx, norm_column_sums(dy * z), norm_column_sums(dy), norm_column_sums(dx)

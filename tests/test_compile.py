@@ -38,6 +38,25 @@ def _opcheck_cases(device):
         (ops.dropout_low_memory, (x, 0.5), seeded),
         (ops.dropout_add_low_memory, (x, r, 0.5), seeded),
         (ops.dropout_low_memory_backward, (t(3, 17), rng_state, 0.5), {}),
+        *_norm_opcheck_cases(t, x, r, b),
+    ]
+
+
+def _norm_opcheck_cases(t, x, r, b):
+    """The norm family's ops (csrc/norm/norm_schemas.h); their backward ops
+    are not differentiable (no double backward), so grads come without grad."""
+    w = t(17)
+    stats = ops.dropout_add_norm(x, r, w, b, 0.5, seed=1)
+    low = ops.dropout_add_norm_low_memory(x, r, w, b, 0.5, seed=1)
+    grads = {"weight_grad": torch.float32, "bias_grad": torch.float32}
+    return [
+        (ops.dropout_add_norm, (x, r, w, b, 0.5), {"seed": 5}),
+        (ops.dropout_add_norm, (x, None, w, None, 0.5, 1e-5, True, b, True), {"seed": 5}),
+        (ops.dropout_add_norm_low_memory, (x, r, w, b, 0.5), {"seed": 5}),
+        (ops.dropout_add_norm_backward,
+         (t(3, 17, grad=False), t(3, 17, grad=False), *(s.detach() for s in stats[1:]), w.detach(), 0.5), grads),
+        (ops.dropout_add_norm_low_memory_backward,
+         (t(3, 17, grad=False), None, *(s.detach() for s in low[1:]), w.detach(), 0.5), grads),
     ]
 
 

@@ -56,7 +56,7 @@ def emulation():
     load(
         name=name,
         build_directory=str(build_directory),
-        sources=[str(ROOT / "tests/cuda_emulation/emulated_backend.cpp")],
+        sources=[str(ROOT / "tests/cuda_emulation" / f) for f in ("emulated_backend.cpp", "emulated_norm.cpp")],
         extra_include_paths=[str(ROOT / "csrc")],
         extra_cflags=cflags,
         extra_ldflags=ldflags,

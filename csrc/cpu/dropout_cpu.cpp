@@ -8,13 +8,13 @@
 // subnormals while it runs a kernel (subnormals.h), as a GPU does.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 
 #include <mutex>
 #include <vector>
 
 #include "../dropout_ops.h"
 #include "../subnormals.h"
+#include "cpu_backend.h"
 #include "kernel_isa.h"
 
 namespace regdrop::cpu {
@@ -22,23 +22,12 @@ namespace {
 
 constexpr int64_t kGrainGroups = 4096;  // 32K elements: below this, one thread
 
-// Follows at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY, so
-// one environment variable selects PyTorch's kernels and these together.
 KernelSet select_kernels() {
 #if defined(__x86_64__)
-  const std::string capability = at::get_cpu_capability();
-  __builtin_cpu_init();
-  if (capability == "AVX512" && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq")) {
-    return avx512::kernels;
-  }
-  if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    return avx2::kernels;
-  }
-#endif
+  return select_isa(baseline::kernels, avx2::kernels, avx512::kernels);
+#else
   return baseline::kernels;
+#endif
 }
 
 // A bias gradient: the plan's (chunk, tile) tasks in parallel, each writing
@@ -61,35 +50,28 @@ void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
 
 }  // namespace
 
-struct CpuBackend {
-  static constexpr bool kLaunches = true;
+PhiloxSource CpuBackend::generator_source(const std::optional<at::Generator>& generator, at::Device) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  PhiloxSource source;
+  source.seed = gen->random64();
+  return source;
+}
 
-  // The CPU generator is a Mersenne Twister, not a Philox counter: each call
-  // takes a fresh 64-bit seed from it and starts its stream at offset 0.
-  static PhiloxSource generator_source(const std::optional<at::Generator>& generator, at::Device) {
-    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
-        generator, at::detail::getDefaultCPUGenerator());
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    PhiloxSource source;
-    source.seed = gen->random64();
-    return source;
+void CpuBackend::run(const KernelCall& c) {
+  static const KernelSet kernels = select_kernels();
+  if (c.rng_state_out != nullptr) {
+    uint64_t seed, offset;
+    c.rng.unpack(seed, offset);
+    c.rng_state_out[0] = static_cast<int64_t>(seed);
+    c.rng_state_out[1] = static_cast<int64_t>(offset);
   }
-
-  static void run(const KernelCall& c) {
-    static const KernelSet kernels = select_kernels();
-    if (c.rng_state_out != nullptr) {
-      uint64_t seed, offset;
-      c.rng.unpack(seed, offset);
-      c.rng_state_out[0] = static_cast<int64_t>(seed);
-      c.rng_state_out[1] = static_cast<int64_t>(offset);
-    }
-    if (c.bias_grad != nullptr) return run_column_sums(kernels, c);
-    at::parallel_for(0, mask_bytes(c.numel), kGrainGroups, [&](int64_t begin, int64_t end) {
-      const KeepSubnormals keep;
-      kernels.run_groups(c, begin, end);
-    });
-  }
-};
+  if (c.bias_grad != nullptr) return run_column_sums(kernels, c);
+  at::parallel_for(0, mask_bytes(c.numel), kGrainGroups, [&](int64_t begin, int64_t end) {
+    const KeepSubnormals keep;
+    kernels.run_groups(c, begin, end);
+  });
+}
 
 }  // namespace regdrop::cpu
 

@@ -36,17 +36,18 @@ const char* variant_name(regdrop::Variant variant) {
   return "";
 }
 
-// [{"name": ..., "variant": ..., "unit": ..., "residual": bool, "bias": bool,
-//   "forward": the row's name, "backward": the op its gradient goes through}, ...]
+// [{"name": ..., "family": "elementwise" or "norm", "variant": ..., "unit": ...,
+//   "residual": bool, "bias": bool, "forward": the row's name, "backward": the
+//   op its gradient goes through}, ...]
 PyObject* manifest(PyObject*, PyObject*) {
   PyObject* ops = PyList_New(0);
   if (ops == nullptr) return nullptr;
   for (const regdrop::OpSpec& op : regdrop::kOps) {
-    PyObject* entry = Py_BuildValue("{s:s,s:s,s:s,s:O,s:O,s:s,s:s}", "name", op.name, "variant",
-                                    variant_name(op.variant), "unit", unit_name(op.unit), "residual",
-                                    op.residual ? Py_True : Py_False, "bias", op.bias ? Py_True : Py_False,
-                                    "forward", op.forward, "backward",
-                                    op.is_forward() ? regdrop::backward_of(op).name : op.name);
+    PyObject* entry = Py_BuildValue(
+        "{s:s,s:s,s:s,s:s,s:O,s:O,s:s,s:s}", "name", op.name, "family",
+        op.family == regdrop::Family::Norm ? "norm" : "elementwise", "variant", variant_name(op.variant), "unit",
+        unit_name(op.unit), "residual", op.residual ? Py_True : Py_False, "bias", op.bias ? Py_True : Py_False,
+        "forward", op.forward, "backward", op.is_forward() ? regdrop::backward_of(op).name : op.name);
     if (entry == nullptr || PyList_Append(ops, entry) != 0) {
       Py_XDECREF(entry);
       Py_DECREF(ops);

@@ -31,6 +31,14 @@
 //               *, shard), the low-memory ops' backward.
 //
 // A residual's gradient is the incoming gradient itself: no op.
+//
+// The norm family (csrc/norm/: dropout + residual + LayerNorm / RMSNorm over
+// the last dimension, in one pass over each row) is a third table,
+//
+//   X(name, variant)
+//
+// whose ops take their unit kind (element, or sample with drop_path=True),
+// norm and operands as arguments; their schemas are csrc/norm/norm_schemas.h's.
 #pragma once
 
 #include <cstdint>
@@ -51,6 +59,12 @@
   X(channel_dropout_backward,    Channel, Grad,     Mask)        \
   X(drop_path_backward,          Sample,  Grad,     Mask)        \
   X(dropout_low_memory_backward, Element, Grad,     RngState)
+
+#define REGDROP_NORM_OPS(X)                                          \
+  X(dropout_add_norm,                     Masked)                    \
+  X(dropout_add_norm_low_memory,          LowMemory)                 \
+  X(dropout_add_norm_backward,            Backward)                  \
+  X(dropout_add_norm_low_memory_backward, LowMemoryBackward)
 // clang-format on
 
 // REGDROP_IF_<flag>(text): the text for IN_PLACE or LOW_MEMORY, nothing for NONE.
@@ -61,6 +75,10 @@
 namespace regdrop {
 
 enum class UnitKind : uint8_t { Element, Sample, Channel };
+
+// The kernel family an op belongs to: element-wise (one kernel call per op,
+// dropout_ops.h), or rows (dropout + residual + norm, csrc/norm/).
+enum class Family : uint8_t { Elementwise, Norm };
 
 enum class Variant : uint8_t {
   Masked,             // a forward op: (output, mask)
@@ -78,6 +96,7 @@ struct OpSpec {
   bool residual;  // forward: takes a residual
   bool bias;      // forward: takes a bias; backward: returns its gradient
   const char* forward;  // the row it comes from (backward ops: themselves)
+  Family family = Family::Elementwise;
 
   constexpr bool is_forward() const { return variant != Variant::Backward && variant != Variant::LowMemoryBackward; }
   // timm's scale_by_keep argument, after p.
@@ -98,12 +117,15 @@ constexpr Variant kVariant_Mask = Variant::Backward, kVariant_RngState = Variant
                                  kResidual_##operands, kBias_##operands, #name},)
 #define REGDROP_BACKWARD_SPECS(name, unit, gradients, saved) \
   OpSpec{#name, kVariant_##saved, UnitKind::unit, false, kBias_##gradients, #name},
+#define REGDROP_NORM_SPECS(name, variant) \
+  OpSpec{#name, Variant::variant, UnitKind::Element, true, true, #name, Family::Norm},
 
-inline constexpr OpSpec kOps[] = {REGDROP_FORWARD_OPS(REGDROP_FORWARD_SPECS)
-                                      REGDROP_BACKWARD_OPS(REGDROP_BACKWARD_SPECS)};
+inline constexpr OpSpec kOps[] = {REGDROP_FORWARD_OPS(REGDROP_FORWARD_SPECS) REGDROP_BACKWARD_OPS(
+    REGDROP_BACKWARD_SPECS) REGDROP_NORM_OPS(REGDROP_NORM_SPECS)};
 
 #undef REGDROP_FORWARD_SPECS
 #undef REGDROP_BACKWARD_SPECS
+#undef REGDROP_NORM_SPECS
 
 constexpr bool same(const char* a, const char* b) {
   while (*a != '\0' && *a == *b) ++a, ++b;
@@ -127,7 +149,9 @@ inline const OpSpec* find_op_spec(const char* name) {
 constexpr const OpSpec& backward_of(const OpSpec& forward) {
   const Variant want = forward.variant == Variant::LowMemory ? Variant::LowMemoryBackward : Variant::Backward;
   for (const OpSpec& op : kOps) {
-    if (op.variant == want && op.unit == forward.unit && op.bias == forward.bias) return op;
+    if (op.family == forward.family && op.variant == want && op.unit == forward.unit && op.bias == forward.bias) {
+      return op;
+    }
   }
   return forward;  // never: a static_assert below checks every row
 }

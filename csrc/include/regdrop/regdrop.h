@@ -108,6 +108,67 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 REGDROP_FORWARD_OPS(REGDROP_FORWARD_FUNCTIONS)
 REGDROP_BACKWARD_OPS(REGDROP_BACKWARD_FUNCTIONS)
 
+// The norm family (REGDROP_NORM_OPS): output = norm(residual + dropout(input
+// [+ input_bias])) * weight [+ bias] over the last dimension, LayerNorm or
+// (rms) RMSNorm, element dropout or (drop_path) per-sample units. Forward
+// returns (output, residual_out, mask or rng_state, mean, rstd); backward
+// (grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias), each
+// parameter's gradient in the dtype asked for, or undefined.
+using NormForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OptionalTensor = std::optional<at::Tensor>;
+using OptionalDtype = std::optional<at::ScalarType>;
+
+inline NormForward dropout_add_norm(const at::Tensor& input, const OptionalTensor& residual, const OptionalTensor& weight,
+                                    const OptionalTensor& bias, double p, double eps = 1e-5, bool rms = false,
+                                    const OptionalTensor& input_bias = std::nullopt, bool drop_path = false,
+                                    bool scale_by_keep = true, bool residual_in_fp32 = false,
+                                    const std::optional<at::Generator>& generator = std::nullopt,
+                                    std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+                                    at::OptionalIntArrayRef shard = std::nullopt) {
+  static const auto op = detail::find_op<decltype(dropout_add_norm)>("regdrop::dropout_add_norm");
+  return op.call(input, residual, weight, bias, p, eps, rms, input_bias, drop_path, scale_by_keep, residual_in_fp32,
+                 generator, seed, offset, shard);
+}
+
+inline NormForward dropout_add_norm_low_memory(const at::Tensor& input, const OptionalTensor& residual,
+                                               const OptionalTensor& weight, const OptionalTensor& bias, double p,
+                                               double eps = 1e-5, bool rms = false,
+                                               const OptionalTensor& input_bias = std::nullopt,
+                                               bool residual_in_fp32 = false,
+                                               const std::optional<at::Generator>& generator = std::nullopt,
+                                               std::optional<int64_t> seed = std::nullopt, int64_t offset = 0,
+                                               at::OptionalIntArrayRef shard = std::nullopt) {
+  static const auto op =
+      detail::find_op<decltype(dropout_add_norm_low_memory)>("regdrop::dropout_add_norm_low_memory");
+  return op.call(input, residual, weight, bias, p, eps, rms, input_bias, residual_in_fp32, generator, seed, offset,
+                 shard);
+}
+
+inline NormForward dropout_add_norm_backward(const at::Tensor& grad_output, const OptionalTensor& grad_residual_out,
+                                             const at::Tensor& residual_out, const at::Tensor& mask,
+                                             const at::Tensor& mean, const at::Tensor& rstd,
+                                             const OptionalTensor& weight, double p, bool rms = false,
+                                             bool drop_path = false, bool scale_by_keep = true,
+                                             bool residual_grad = true, OptionalDtype weight_grad = std::nullopt,
+                                             OptionalDtype bias_grad = std::nullopt,
+                                             OptionalDtype input_bias_grad = std::nullopt) {
+  static const auto op = detail::find_op<decltype(dropout_add_norm_backward)>("regdrop::dropout_add_norm_backward");
+  return op.call(grad_output, grad_residual_out, residual_out, mask, mean, rstd, weight, p, rms, drop_path,
+                 scale_by_keep, residual_grad, weight_grad, bias_grad, input_bias_grad);
+}
+
+inline NormForward dropout_add_norm_low_memory_backward(
+    const at::Tensor& grad_output, const OptionalTensor& grad_residual_out, const at::Tensor& residual_out,
+    const at::Tensor& rng_state, const at::Tensor& mean, const at::Tensor& rstd, const OptionalTensor& weight, double p,
+    bool rms = false, bool residual_grad = true, OptionalDtype weight_grad = std::nullopt,
+    OptionalDtype bias_grad = std::nullopt, OptionalDtype input_bias_grad = std::nullopt,
+    at::OptionalIntArrayRef shard = std::nullopt) {
+  static const auto op = detail::find_op<decltype(dropout_add_norm_low_memory_backward)>(
+      "regdrop::dropout_add_norm_low_memory_backward");
+  return op.call(grad_output, grad_residual_out, residual_out, rng_state, mean, rstd, weight, p, rms, residual_grad,
+                 weight_grad, bias_grad, input_bias_grad, shard);
+}
+
 #undef REGDROP_FORWARD_FUNCTIONS
 #undef REGDROP_BACKWARD_FUNCTIONS
 #undef REGDROP_CALL

@@ -1,0 +1,478 @@
+// The CPU norm kernels: dropout + residual + LayerNorm/RMSNorm over rows,
+// forward and backward (norm/norm_call.h says what they compute).
+//
+// norm_{baseline,avx2,avx512}.cpp each include this file once, after
+// `#pragma GCC target(...)` and with REGDROP_CPU_ISA naming a namespace, as
+// kernels.h is; norm_cpu.cpp picks a copy at run time.
+//
+// One pass over memory per row: a row's operands are read once and its
+// outputs written once; in between, the row's values stay in a scratch row
+// (L1 up to 8K floats, L2 beyond) for the statistics' second and third
+// sweeps. Elements are handled a group of 8 at a time (one mask byte), as
+// vectors of 8 lanes of the compute type; the row sums add group j into
+// lanes 8j mod L, the vertical adds of row_order.h's step 1, whose order is
+// thereby the same for every vector width and thread count.
+//
+// Keep bits: element masks are those of dropout_add (the group of element
+// e = row * hidden + col is e / 8). A group that straddles two rows is drawn
+// by both rows (its bits depend on its index alone), and its mask byte is
+// written by the row that holds its first element, so that rows can run on
+// any threads. Drawing uses the element family's vectorized Philox
+// (kernels.h's run_groups, through its entry point), over each block of
+// rows' groups as a "shard" (kernel_call.h) starting at the block's first
+// group.
+
+#if !defined(REGDROP_CPU_ISA)
+#error "define REGDROP_CPU_ISA before including norm_kernels.h"
+#endif
+
+namespace regdrop::cpu::REGDROP_CPU_ISA {
+namespace {
+
+using norm::NormBackwardCall;
+using norm::NormForwardCall;
+using norm::NormKind;
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef int16_t i16x8 __attribute__((vector_size(16)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// The 8 lanes of a group in the compute type C (float; double for float64),
+// and the lane masks that select between two of them.
+template <class C>
+struct Group8;
+template <>
+struct Group8<float> {
+  using V = f32x8;
+  using M = i32x8;
+};
+template <>
+struct Group8<double> {
+  using V = f64x8;
+  using M = i64x8;
+};
+
+template <class T>
+using ComputeOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <class C>
+using Vec = typename Group8<C>::V;
+template <class C>
+using Mask = typename Group8<C>::M;
+
+template <class C>
+inline Vec<C> blend(Mask<C> keep, Vec<C> a, Vec<C> b) {
+  using M = Mask<C>;
+  return reinterpret_cast<Vec<C>>((reinterpret_cast<M>(a) & keep) | (reinterpret_cast<M>(b) & ~keep));
+}
+
+// All lanes set where bit j of `byte` is set, for lane j.
+template <class C>
+inline Mask<C> keep_mask(uint32_t byte) {
+  using M = Mask<C>;
+  using I = std::remove_reference_t<decltype(M{}[0])>;
+  const M select = {1, 2, 4, 8, 16, 32, 64, 128};
+  return ((M{} + static_cast<I>(byte)) & select) != 0;
+}
+
+// Lanes 0 .. n - 1 set.
+template <class C>
+inline Mask<C> first_lanes(int n) {
+  using M = Mask<C>;
+  const M lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return lane < n;
+}
+
+template <class C>
+inline Vec<C> canonical(Vec<C> v) {
+  using M = Mask<C>;
+  using I = std::remove_reference_t<decltype(M{}[0])>;
+  const M nan = v != v;
+  const M bits = M{} + static_cast<I>(std::numeric_limits<std::make_unsigned_t<I>>::max() >> 1);
+  return reinterpret_cast<Vec<C>>((reinterpret_cast<M>(v) & ~nan) | (bits & nan));
+}
+
+// ------------------------------------------------------- loads and stores
+
+// 8 elements of T from p (all in the tensor), widened to the compute type.
+template <class T>
+inline Vec<ComputeOf<T>> load8(const T* p) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    Vec<T> v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else if constexpr (std::is_same_v<T, BFloat16>) {
+    u16x8 h;
+    std::memcpy(&h, p, sizeof(h));
+    return reinterpret_cast<f32x8>(__builtin_convertvector(h, u32x8) << 16);
+  } else {
+#if defined(REGDROP_ISA_AVX2) || defined(REGDROP_ISA_AVX512)
+    return reinterpret_cast<f32x8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    f32x8 v;
+    for (int j = 0; j < 8; ++j) v[j] = cuda::half_bits_to_float(p[j].bits);
+    return v;
+#endif
+  }
+}
+
+// v rounded to T (nearest even) into p, with any NaN written as the dtype's
+// canonical NaN, as the CUDA bodies write it (cuda/primitives.h).
+template <class T>
+inline void store8(T* p, Vec<ComputeOf<T>> v) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    const Vec<T> c = canonical<T>(v);
+    std::memcpy(p, &c, sizeof(c));
+  } else if constexpr (std::is_same_v<T, BFloat16>) {
+    const u32x8 u = reinterpret_cast<u32x8>(v);
+    const i32x8 nan = reinterpret_cast<i32x8>((u & 0x7FFFFFFFu) > 0x7F800000u);
+    const u32x8 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const u32x8 bits = (rounded & ~reinterpret_cast<u32x8>(nan)) | ((u32x8{} + cuda::kCanonicalNaN16) & reinterpret_cast<u32x8>(nan));
+    const u16x8 h = __builtin_convertvector(bits, u16x8);
+    std::memcpy(p, &h, sizeof(h));
+  } else {
+#if defined(REGDROP_ISA_AVX2) || defined(REGDROP_ISA_AVX512)
+    const __m128i h = _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const i16x8 nan = __builtin_convertvector(v != v, i16x8);
+    const i16x8 bits = (reinterpret_cast<i16x8>(h) & ~nan) | ((i16x8{} + static_cast<int16_t>(cuda::kCanonicalNaN16)) & nan);
+    std::memcpy(p, &bits, sizeof(bits));
+#else
+    for (int j = 0; j < 8; ++j) p[j].bits = cuda::half_bits_rne(v[j]);
+#endif
+  }
+}
+
+// The first n (1 to 8) elements; the other lanes read as +0.
+template <class T>
+inline Vec<ComputeOf<T>> load_n(const T* p, int n) {
+  if (n == 8) return load8(p);
+  T tmp[8];
+  std::memset(tmp, 0, sizeof(tmp));
+  std::memcpy(tmp, p, sizeof(T) * n);
+  return load8(tmp);
+}
+
+template <class T>
+inline void store_n(T* p, Vec<ComputeOf<T>> v, int n) {
+  if (n == 8) return store8(p, v);
+  T tmp[8];
+  store8(tmp, v);
+  std::memcpy(p, tmp, sizeof(T) * n);
+}
+
+// v rounded to T and stored (n elements), and what was stored, widened back.
+template <class T>
+inline Vec<ComputeOf<T>> store_and_reload(T* p, Vec<ComputeOf<T>> v, int n) {
+  T tmp[8];
+  store8(tmp, v);
+  if (n == 8) {
+    std::memcpy(p, tmp, sizeof(tmp));
+  } else {
+    std::memcpy(p, tmp, sizeof(T) * n);
+  }
+  return load8(tmp);
+}
+
+// ----------------------------------------------------------- keep bits
+
+// Bits [bit0, bit0 + n) of src into dst (bit c of byte c / 8), bits past n 0.
+inline void copy_bits(const uint8_t* src, int64_t bit0, int64_t n, uint8_t* dst) {
+  const int shift = static_cast<int>(bit0 & 7);
+  const uint8_t* s = src + (bit0 >> 3);
+  const int64_t last = (bit0 + n - 1) >> 3;  // the last source byte, relative to src
+  const int64_t bytes = (n + 7) / 8;
+  for (int64_t j = 0; j < bytes; ++j) {
+    uint32_t v = s[j] >> shift;
+    if (shift != 0 && (bit0 >> 3) + j + 1 <= last) v |= static_cast<uint32_t>(s[j + 1]) << (8 - shift);
+    dst[j] = static_cast<uint8_t>(v);
+  }
+  if (n % 8 != 0) dst[bytes - 1] &= static_cast<uint8_t>((1u << (n % 8)) - 1);
+}
+
+// The keep bits of each row of a call, in a row's own bytes (bit c for
+// column c), from a draw, a mask, or a bit per run of rows.
+class RowBits {
+ public:
+  RowBits(const norm::RowBits& b, int64_t numel, int64_t hidden)
+      : b_(b), numel_(numel), hidden_(hidden), bytes_((hidden + 7) / 8) {
+    if (b.draw) b.rng.unpack(seed_, offset_);
+  }
+
+  // Rows [r0, r1) are next: draws their groups, and writes the mask bytes
+  // their rows own (those whose first element they hold).
+  void start_block(int64_t r0, int64_t r1) {
+    if (!(b_.draw && b_.element_units)) return;
+    first_group_ = r0 * hidden_ / 8;
+    const int64_t end_group = (r1 * hidden_ + 7) / 8;
+    const int64_t units = std::min(end_group * 8, numel_) - first_group_ * 8;
+    drawn_.assign(static_cast<size_t>(end_group - first_group_), 0);
+    KernelCall d;  // a drawing-only call, as a shard starting at group first_group_
+    d.numel = units;
+    d.rng.seed = seed_;
+    d.rng.offset = offset_;
+    d.threshold = b_.threshold;
+    d.mask_out = drawn_.data();
+    d.shard = ShardMap{first_group_ * 8, units, units};
+    run_groups(d, 0, static_cast<int64_t>(drawn_.size()));
+    if (b_.mask_out != nullptr) {
+      const int64_t owned = (r0 * hidden_ + 7) / 8;
+      std::memcpy(b_.mask_out + owned, drawn_.data() + (owned - first_group_), static_cast<size_t>(end_group - owned));
+    }
+  }
+
+  const uint8_t* row(int64_t r) {
+    row_.resize(static_cast<size_t>(bytes_));
+    if (!b_.element_units) {
+      const bool keep = b_.mask_in == nullptr || ((b_.mask_in[(r / b_.rows_per_unit) >> 3] >> ((r / b_.rows_per_unit) & 7)) & 1);
+      std::memset(row_.data(), keep ? 0xFF : 0, row_.size());
+    } else if (b_.draw) {
+      copy_bits(drawn_.data(), r * hidden_ - first_group_ * 8, hidden_, row_.data());
+    } else {
+      copy_bits(b_.mask_in, r * hidden_, hidden_, row_.data());
+    }
+    return row_.data();
+  }
+
+ private:
+  const norm::RowBits& b_;
+  int64_t numel_, hidden_, bytes_;
+  uint64_t seed_ = 0, offset_ = 0;
+  int64_t first_group_ = 0;
+  std::vector<uint8_t> drawn_;
+  std::vector<uint8_t> row_;
+};
+
+// Rows per drawing block: about 16K elements.
+inline int64_t block_rows(int64_t hidden) { return std::max<int64_t>(1, 16384 / hidden); }
+
+// Adds v's first n lanes (the others as +0, which changes no sum: a sum
+// that starts at +0 is never -0) into the 8 values at a.
+template <class C>
+inline void add_into(C* a, Vec<C> v, int n) {
+  if (n < 8) v = blend<C>(first_lanes<C>(n), v, Vec<C>{});
+  Vec<C> sum;
+  std::memcpy(&sum, a, sizeof(sum));
+  sum = norm::add_rn(sum, v);
+  std::memcpy(a, &sum, sizeof(sum));
+}
+
+// Group j of a row into its lanes: [8j mod L, + 8) of the L lane sums.
+template <class C>
+inline void add_lanes(C* acc, int64_t j, int64_t lanes, Vec<C> v, int n) {
+  add_into<C>(acc + ((8 * j) & (lanes - 1)), v, n);
+}
+
+template <class C>
+inline Vec<C> load_values(const C* p, int n) {
+  return load_n(p, n);
+}
+
+// ---------------------------------------------------------------- forward
+
+template <class T, class R, bool kResidual, bool kInputBias>
+void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
+  using C = ComputeOf<T>;
+  using V = Vec<C>;
+  const int64_t H = c.hidden, G = norm::row_groups(H);
+  const uint32_t threads = norm::threads_per_row(H);
+  const int64_t L = 8 * int64_t{threads};
+  std::vector<C> scratch(static_cast<size_t>(8 * G + L));
+  C* const sv = scratch.data();  // the row's residual stream, as the norm reads it
+  C* const acc = sv + 8 * G;
+  const C* weight = static_cast<const C*>(c.weight);
+  const C* bias = static_cast<const C*>(c.bias);
+  const C* input_bias = static_cast<const C*>(c.input_bias);
+  const T* in = static_cast<const T*>(c.input);
+  const R* residual = static_cast<const R*>(c.residual);
+  T* out = static_cast<T*>(c.output);
+  R* residual_out = static_cast<R*>(c.residual_out);
+  const V scale = V{} + static_cast<C>(c.scale);
+  const C eps = static_cast<C>(c.eps);
+  const C inverse_hidden = norm::inverse_hidden<C>(H);
+  RowBits bits(c.bits, c.rows * H, H);
+
+  for (int64_t b0 = r0; b0 < r1; b0 += block_rows(H)) {
+    const int64_t b1 = std::min(r1, b0 + block_rows(H));
+    bits.start_block(b0, b1);
+    for (int64_t r = b0; r < b1; ++r) {
+      const uint8_t* keep = bits.row(r);
+      const int64_t row = r * H;
+      // The residual stream and its sum.
+      std::fill(acc, acc + L, C(0));
+      for (int64_t j = 0; j < G; ++j) {
+        const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));
+        const int64_t e = row + 8 * j;
+        V rv{}, bv{};
+        if constexpr (kResidual) rv = load_n(residual + e, n);
+        if constexpr (kInputBias) bv = load_values(input_bias + 8 * j, n);
+        const V v = norm::branch_value<kInputBias>(load_n(in + e, n), bv);
+        const V s = blend<C>(keep_mask<C>(keep[j]), norm::kept_sum<kResidual>(v, rv, scale), rv);
+        const V stored = store_and_reload(residual_out + e, s, n);
+        std::memcpy(sv + 8 * j, &stored, sizeof(V));
+        if (c.kind == NormKind::Layer) add_lanes<C>(acc, j, L, stored, n);
+      }
+      const C mean = c.kind == NormKind::Layer ? norm::row_mean(norm::fold_lanes(acc, threads), inverse_hidden) : C(0);
+      const V meanv = V{} + mean;
+      std::fill(acc, acc + L, C(0));
+      for (int64_t j = 0; j < G; ++j) {
+        const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));
+        V s;
+        std::memcpy(&s, sv + 8 * j, sizeof(V));
+        add_lanes<C>(acc, j, L, norm::squared_deviation(s, meanv), n);
+      }
+      const C rstd = norm::inverse_std(norm::row_mean(norm::fold_lanes(acc, threads), inverse_hidden), eps);
+      const V rstdv = V{} + rstd;
+      for (int64_t j = 0; j < G; ++j) {
+        const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));
+        V s;
+        std::memcpy(&s, sv + 8 * j, sizeof(V));
+        const V y = norm::affine(norm::normalized(s, meanv, rstdv), load_values(weight + 8 * j, n),
+                                 load_values(bias + 8 * j, n));
+        store_n(out + row + 8 * j, y, n);
+      }
+      static_cast<C*>(c.mean)[r] = canonical<C>(meanv)[0];
+      static_cast<C*>(c.rstd)[r] = canonical<C>(rstdv)[0];
+    }
+  }
+}
+
+template <class T, class R>
+void forward_rows_operands(const NormForwardCall& c, int64_t r0, int64_t r1) {
+  const bool residual = c.residual != nullptr, input_bias = c.input_bias != nullptr;
+  if (residual && input_bias) return forward_rows_typed<T, R, true, true>(c, r0, r1);
+  if (residual) return forward_rows_typed<T, R, true, false>(c, r0, r1);
+  if (input_bias) return forward_rows_typed<T, R, false, true>(c, r0, r1);
+  return forward_rows_typed<T, R, false, false>(c, r0, r1);
+}
+
+// --------------------------------------------------------------- backward
+
+template <class T, class R, bool kGradResidualOut>
+void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint32_t lanes, void* lane_sums) {
+  using C = ComputeOf<T>;
+  using V = Vec<C>;
+  const int64_t H = c.hidden, G = norm::row_groups(H);
+  const uint32_t threads = norm::threads_per_row(H);
+  const int64_t L = 8 * int64_t{threads};
+  std::vector<C> scratch(static_cast<size_t>(16 * G + 2 * L));
+  C* const zv = scratch.data();  // the row's z
+  C* const dyv = zv + 8 * G;     // and grad_output, widened
+  C* const acc_a = dyv + 8 * G;
+  C* const acc_b = acc_a + L;
+  const C* weight = static_cast<const C*>(c.weight);
+  const T* grad_out = static_cast<const T*>(c.grad_output);
+  const R* grad_residual_out = static_cast<const R*>(c.grad_residual_out);
+  const R* residual_out = static_cast<const R*>(c.residual_out);
+  T* grad_in = static_cast<T*>(c.grad_input);
+  R* grad_residual = static_cast<R*>(c.grad_residual);
+  const V scale = V{} + static_cast<C>(c.scale);
+  const C inverse_hidden = norm::inverse_hidden<C>(H);
+  const int64_t width = 8 * G;  // of a lane of lane_sums
+  C* const sums = static_cast<C*>(lane_sums);
+  const bool param_terms[3] = {c.grad_weight != nullptr, c.grad_bias != nullptr, c.grad_input_bias != nullptr};
+  RowBits bits(c.bits, c.rows * H, H);
+
+  for (int64_t b0 = r0; b0 < r1; b0 += block_rows(H)) {
+    const int64_t b1 = std::min(r1, b0 + block_rows(H));
+    bits.start_block(b0, b1);
+    for (int64_t r = b0; r < b1; ++r) {
+      const uint8_t* keep = bits.row(r);
+      const int64_t row = r * H;
+      const V meanv = V{} + static_cast<const C*>(c.mean)[r];
+      const V rstdv = V{} + static_cast<const C*>(c.rstd)[r];
+      std::fill(acc_a, acc_a + 2 * L, C(0));
+      for (int64_t j = 0; j < G; ++j) {
+        const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));
+        const int64_t e = row + 8 * j;
+        const V dy = load_n(grad_out + e, n);
+        const V z = norm::normalized(load_n(residual_out + e, n), meanv, rstdv);
+        const V dz = norm::mul_rn(dy, load_values(weight + 8 * j, n));
+        std::memcpy(zv + 8 * j, &z, sizeof(V));
+        std::memcpy(dyv + 8 * j, &dy, sizeof(V));
+        if (c.kind == NormKind::Layer) add_lanes<C>(acc_a, j, L, dz, n);
+        add_lanes<C>(acc_b, j, L, norm::mul_rn(dz, z), n);
+      }
+      const V a = V{} + (c.kind == NormKind::Layer ? norm::row_mean(norm::fold_lanes(acc_a, threads), inverse_hidden) : C(0));
+      const V b = V{} + norm::row_mean(norm::fold_lanes(acc_b, threads), inverse_hidden);
+      C* lane = sums == nullptr ? nullptr : sums + static_cast<int64_t>((r - r0) % lanes) * width;
+      for (int64_t j = 0; j < G; ++j) {
+        const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));
+        const int64_t e = row + 8 * j;
+        V z, dy;
+        std::memcpy(&z, zv + 8 * j, sizeof(V));
+        std::memcpy(&dy, dyv + 8 * j, sizeof(V));
+        V ds = norm::sum_gradient(norm::mul_rn(dy, load_values(weight + 8 * j, n)), z, a, b, rstdv);
+        if constexpr (kGradResidualOut) ds = norm::add_rn(ds, load_n(grad_residual_out + e, n));
+        if (grad_residual != nullptr) store_n(grad_residual + e, ds, n);
+        const V dx = blend<C>(keep_mask<C>(keep[j]), norm::mul_rn(ds, scale), V{});
+        store_n(grad_in + e, dx, n);
+        if (lane != nullptr) {
+          const V terms[3] = {norm::mul_rn(dy, z), dy, dx};
+          for (int k = 0; k < 3; ++k) {
+            if (param_terms[k]) add_into<C>(lane + k * int64_t{lanes} * width + 8 * j, terms[k], n);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class T, class R>
+void backward_rows_operands(const NormBackwardCall& c, int64_t r0, int64_t r1, uint32_t lanes, void* lane_sums) {
+  if (c.grad_residual_out != nullptr) return backward_rows_typed<T, R, true>(c, r0, r1, lanes, lane_sums);
+  return backward_rows_typed<T, R, false>(c, r0, r1, lanes, lane_sums);
+}
+
+// The operand types: one dtype throughout, or a 16-bit input with a float32
+// residual stream.
+template <template <class, class> class Body, class... Args>
+void dispatch_operands(ScalarKind dtype, ScalarKind residual_dtype, Args&&... args) {
+  const bool wide = residual_dtype != dtype;
+  switch (dtype) {
+    case ScalarKind::Float:
+      return Body<float, float>::run(args...);
+    case ScalarKind::Double:
+      return Body<double, double>::run(args...);
+    case ScalarKind::Half:
+      return wide ? Body<Half, float>::run(args...) : Body<Half, Half>::run(args...);
+    case ScalarKind::BFloat16:
+      return wide ? Body<BFloat16, float>::run(args...) : Body<BFloat16, BFloat16>::run(args...);
+  }
+}
+
+template <class T, class R>
+struct Forward {
+  static void run(const NormForwardCall& c, int64_t r0, int64_t r1) { forward_rows_operands<T, R>(c, r0, r1); }
+};
+
+template <class T, class R>
+struct Backward {
+  static void run(const NormBackwardCall& c, int64_t r0, int64_t r1, uint32_t lanes, void* sums) {
+    backward_rows_operands<T, R>(c, r0, r1, lanes, sums);
+  }
+};
+
+}  // namespace
+
+// The entry points, one set per instruction set (norm_isa.h).
+void norm_forward_rows(const NormForwardCall& c, int64_t row_begin, int64_t row_end) {
+  dispatch_operands<Forward>(c.dtype, c.residual_dtype, c, row_begin, row_end);
+}
+
+void norm_backward_rows(const NormBackwardCall& c, int64_t row_begin, int64_t row_end, uint32_t lanes,
+                        void* lane_sums) {
+  dispatch_operands<Backward>(c.dtype, c.residual_dtype, c, row_begin, row_end, lanes, lane_sums);
+}
+
+}  // namespace regdrop::cpu::REGDROP_CPU_ISA
