@@ -304,6 +304,22 @@ def test_emulation_bias_gradient_of_many_rows(emulation):
         compare(emulation, "bias_dropout_add_backward", g, mask, 0.5)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_emulation_bias_gradient_whatever_the_cpu_split(emulation, threads):
+    """Many chunks of rows of 600: with one thread the CPU splits the columns
+    (each thread adds all chunks of its columns), with three the chunks (their
+    sums wait in a buffer); the order, and so the bits, are the plan's."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in DTYPES:
+            g = make((1000, 600), dtype, seed=9)
+            mask = torch.ops.regdrop.dropout(g, 0.5, seed=3)[1]
+            compare(emulation, "bias_dropout_add_backward", g, mask, 0.5)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_emulation_many_launches_and_large_divisors(emulation, small_launches):
     """With 32-element launches and divisors of 32 and more normalized, every
     op that splits a call or divides goes through those paths."""

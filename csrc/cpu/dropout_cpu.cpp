@@ -9,8 +9,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 
+#include <algorithm>
+#include <memory>
 #include <mutex>
-#include <vector>
 
 #include "../dropout_ops.h"
 #include "kernel_isa.h"
@@ -39,19 +40,29 @@ KernelSet select_kernels() {
   return baseline::kernels;
 }
 
-// A bias gradient: the plan's (chunk, tile) tasks in parallel, each writing
-// its own accumulators, then the chunks added in order, column by column.
+// Columns a thread takes at least, when threads split a bias gradient's columns.
+constexpr int64_t kColumnsPerThread = 256;
+
+// A bias gradient. Rows wide enough are split by columns: each thread adds
+// every chunk of its columns, in chunk order, and writes the result; no
+// temporary memory. Narrow rows are split by chunks, whose sums then wait in
+// a chunks x cols buffer (bounded by the plan) to be added in order.
 void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
   const ColumnSumPlan plan = ColumnSumPlan::make(c.numel / c.bias_len, c.bias_len);
+  if (plan.chunks == 1 || plan.cols >= kColumnsPerThread * at::get_num_threads()) {
+    const int64_t grain = std::max<int64_t>(1, kGrainGroups * kUnitsPerGroup / plan.rows);
+    at::parallel_for(0, plan.cols, grain, [&](int64_t begin, int64_t end) {
+      kernels.column_sums(c, plan, ColumnRange{0, plan.chunks, begin, end}, nullptr);
+    });
+    return;
+  }
   const size_t accumulator = c.dtype == ScalarKind::Double ? sizeof(double) : sizeof(float);
-  std::vector<uint8_t> partial(plan.chunks > 1 ? static_cast<size_t>(plan.chunks * plan.cols) * accumulator : 0);
-  void* target = plan.chunks > 1 ? static_cast<void*>(partial.data()) : c.bias_grad;
-  at::parallel_for(0, plan.chunks * plan.tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) kernels.column_sums(c, plan, task, target);
+  const std::unique_ptr<uint8_t[]> partial(new uint8_t[static_cast<size_t>(plan.chunks * plan.cols) * accumulator]);
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t begin, int64_t end) {
+    kernels.column_sums(c, plan, ColumnRange{begin, end, 0, plan.cols}, partial.get());
   });
-  if (plan.chunks == 1) return;
   at::parallel_for(0, plan.cols, kGrainGroups, [&](int64_t begin, int64_t end) {
-    kernels.fold_chunks(c, plan, partial.data(), begin, end);
+    kernels.fold_chunks(c, plan, partial.get(), begin, end);
   });
 }
 

@@ -20,14 +20,22 @@
 
 namespace regdrop::cpu {
 
+// Chunks [chunk_begin, chunk_end) of columns [col_begin, col_end) of a bias
+// gradient (column_sums.h).
+struct ColumnRange {
+  int64_t chunk_begin, chunk_end;
+  int64_t col_begin, col_end;
+};
+
 // What each copy provides:
 //   run_groups   groups [begin, end) of an element-wise call;
-//   column_sums  one (chunk, tile) task of a bias gradient (column_sums.h),
-//                into `target`: the chunk's accumulators, or the result;
+//   column_sums  a range of a bias gradient: its chunks' sums into `partial`
+//                (chunks x cols accumulators), or, with partial == nullptr
+//                and every chunk in the range, the result;
 //   fold_chunks  columns [begin, end) of a bias gradient, from the chunks' sums.
 struct KernelSet {
   void (*run_groups)(const KernelCall& call, int64_t group_begin, int64_t group_end);
-  void (*column_sums)(const KernelCall& call, const ColumnSumPlan& plan, int64_t task, void* target);
+  void (*column_sums)(const KernelCall& call, const ColumnSumPlan& plan, const ColumnRange& range, void* partial);
   void (*fold_chunks)(const KernelCall& call, const ColumnSumPlan& plan, const void* partial,
                       int64_t col_begin, int64_t col_end);
 };
@@ -35,7 +43,7 @@ struct KernelSet {
 #define REGDROP_DECLARE_KERNEL_SET(isa)                                                        \
   namespace isa {                                                                               \
   void run_groups(const KernelCall&, int64_t, int64_t);                                         \
-  void column_sums(const KernelCall&, const ColumnSumPlan&, int64_t, void*);                    \
+  void column_sums(const KernelCall&, const ColumnSumPlan&, const ColumnRange&, void*);         \
   void fold_chunks(const KernelCall&, const ColumnSumPlan&, const void*, int64_t, int64_t);     \
   inline constexpr KernelSet kernels{run_groups, column_sums, fold_chunks};                     \
   }
