@@ -10,10 +10,11 @@
 // drop_path_add, channel, bias_grad. dtype: fp32, bf16, fp16. isa: avx512,
 // avx2, baseline (default: the widest this CPU has). Threads split the groups
 // into contiguous ranges, as at::parallel_for does; the bias gradient's
-// threads split its columns, as dropout_cpu.cpp does for rows this wide. Prints
+// threads split its chunks of rows, then fold them, as dropout_cpu.cpp does. Prints
 // the median and the best time of `repeats` runs, in milliseconds.
 #include <omp.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -118,10 +119,12 @@ int main(int argc, char** argv) {
   }
   std::vector<uint8_t> bias_grad(hidden * 8);
   ColumnSumPlan plan;
+  std::vector<float> partial;
   if (mode == "bias_grad") {
     c.bias_len = hidden;
     c.bias_grad = bias_grad.data();
     plan = ColumnSumPlan::make(numel / hidden, hidden);
+    partial.resize(plan.chunks * plan.cols);
   }
 
   auto run = [&] {
@@ -130,23 +133,41 @@ int main(int argc, char** argv) {
         std::memcpy(static_cast<char*>(out.data) + begin * 8 * element,
                     static_cast<const char*>(in.data) + begin * 8 * element, (end - begin) * 8 * element);
       });
-    } else if (mode == "bias_grad") {  // rows of 4096: split by columns (dropout_cpu.cpp)
-      split(plan.cols, [&](int64_t begin, int64_t end) {
-        kernels.column_sums(c, plan, cpu::ColumnRange{0, plan.chunks, begin, end}, nullptr);
+    } else if (mode == "bias_grad") {  // rows of 4096, chunks >= threads: as dropout_cpu.cpp splits them
+      std::vector<float> scratch[64];
+      split(plan.chunks, [&](int64_t begin, int64_t end) {
+        const cpu::ColumnRange range{begin, end, 0, plan.cols};
+        std::vector<float>& sums = scratch[omp_get_thread_num()];
+        sums.resize(cpu::column_sum_slots(plan, range));
+        kernels.column_sums(c, plan, range, omp_get_num_threads() > 1 ? partial.data() : nullptr, sums.data());
       });
+      if (omp_get_max_threads() > 1) {
+        split(plan.cols, [&](int64_t begin, int64_t end) { kernels.fold_chunks(c, plan, partial.data(), begin, end); });
+      }
     } else {
       split(mask_bytes(numel), [&](int64_t begin, int64_t end) { kernels.run_groups(c, begin, end); });
     }
   };
   run();  // warm-up
-  std::vector<double> ms;
+  // Wall time, and the process's CPU time (on a shared machine, time the
+  // threads were descheduled is in the first, not the second).
+  auto cpu_ms = [] {
+    timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+  };
+  std::vector<double> ms, cpu;
   for (int r = 0; r < repeats; ++r) {
     const auto start = std::chrono::steady_clock::now();
+    const double cpu_start = cpu_ms();
     run();
+    cpu.push_back(cpu_ms() - cpu_start);
     ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(ms.begin(), ms.end());
-  std::printf("%s %s %lld %d median_ms %.4f best_ms %.4f\n", mode.c_str(), dtype.c_str(),
-              static_cast<long long>(numel), omp_get_max_threads(), ms[ms.size() / 2], ms[0]);
+  std::sort(cpu.begin(), cpu.end());
+  std::printf("%s %s %lld %d median_ms %.4f best_ms %.4f cpu_median_ms %.4f cpu_best_ms %.4f\n", mode.c_str(),
+              dtype.c_str(), static_cast<long long>(numel), omp_get_max_threads(), ms[ms.size() / 2], ms[0],
+              cpu[cpu.size() / 2], cpu[0]);
   return 0;
 }

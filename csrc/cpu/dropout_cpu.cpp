@@ -40,29 +40,46 @@ KernelSet select_kernels() {
   return baseline::kernels;
 }
 
-// Columns a thread takes at least, when threads split a bias gradient's columns.
-constexpr int64_t kColumnsPerThread = 256;
+// Memory kept per thread between calls, one buffer per use, so that repeated
+// calls (one training step after another) allocate nothing.
+enum class Scratch { Sums, ChunkSums };
 
-// A bias gradient. Rows wide enough are split by columns: each thread adds
-// every chunk of its columns, in chunk order, and writes the result; no
-// temporary memory. Narrow rows are split by chunks, whose sums then wait in
-// a chunks x cols buffer (bounded by the plan) to be added in order.
+template <Scratch kUse>
+void* thread_scratch(size_t bytes) {
+  thread_local std::unique_ptr<uint8_t[]> buffer;
+  thread_local size_t size = 0;
+  if (size < bytes) {
+    buffer.reset(new uint8_t[bytes]);
+    size = bytes;
+  }
+  return buffer.get();
+}
+
+// A bias gradient. Threads take whole rows, which memory streams best: each a
+// run of chunks, whose sums wait in a chunks x cols buffer (bounded by the
+// plan) to be added in order, column by column. With fewer chunks than
+// threads they take columns instead, each adding all the chunks of its own.
 void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
   const ColumnSumPlan plan = ColumnSumPlan::make(c.numel / c.bias_len, c.bias_len);
-  if (plan.chunks == 1 || plan.cols >= kColumnsPerThread * at::get_num_threads()) {
-    const int64_t grain = std::max<int64_t>(1, kGrainGroups * kUnitsPerGroup / plan.rows);
-    at::parallel_for(0, plan.cols, grain, [&](int64_t begin, int64_t end) {
-      kernels.column_sums(c, plan, ColumnRange{0, plan.chunks, begin, end}, nullptr);
+  const size_t accumulator = c.dtype == ScalarKind::Double ? sizeof(double) : sizeof(float);
+  auto sums = [&](const ColumnRange& range, void* partial) {
+    void* scratch = thread_scratch<Scratch::Sums>(column_sum_slots(plan, range) * accumulator);
+    kernels.column_sums(c, plan, range, partial, scratch);
+  };
+  const int64_t threads = c.numel < kGrainGroups * kUnitsPerGroup ? 1 : at::get_num_threads();
+  if (plan.chunks < threads) {
+    at::parallel_for(0, plan.cols, 1, [&](int64_t begin, int64_t end) {
+      sums(ColumnRange{0, plan.chunks, begin, end}, nullptr);
     });
     return;
   }
-  const size_t accumulator = c.dtype == ScalarKind::Double ? sizeof(double) : sizeof(float);
-  const std::unique_ptr<uint8_t[]> partial(new uint8_t[static_cast<size_t>(plan.chunks * plan.cols) * accumulator]);
+  if (threads == 1) return sums(ColumnRange{0, plan.chunks, 0, plan.cols}, nullptr);
+  void* partial = thread_scratch<Scratch::ChunkSums>(plan.chunks * plan.cols * accumulator);
   at::parallel_for(0, plan.chunks, 1, [&](int64_t begin, int64_t end) {
-    kernels.column_sums(c, plan, ColumnRange{begin, end, 0, plan.cols}, partial.get());
+    sums(ColumnRange{begin, end, 0, plan.cols}, partial);
   });
   at::parallel_for(0, plan.cols, kGrainGroups, [&](int64_t begin, int64_t end) {
-    kernels.fold_chunks(c, plan, partial.get(), begin, end);
+    kernels.fold_chunks(c, plan, partial, begin, end);
   });
 }
 

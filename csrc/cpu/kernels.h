@@ -643,10 +643,6 @@ inline void store_one(T* p, typename Lanes<T>::C v) {
   *p = lanes[0];
 }
 
-// Accumulators of one (chunk, column block) on the stack: lanes x block
-// columns of them, at most kSumSlots.
-constexpr int64_t kSumSlots = 16384;
-
 // A range of a bias gradient (column_sums.h): chunks [chunk_begin,
 // chunk_end) of columns [col_begin, col_end). grad_input = keep ? grad * s : 0
 // is written over it; each column's sums are added in the plan's order:
@@ -655,12 +651,15 @@ constexpr int64_t kSumSlots = 16384;
 // partial == nullptr and all chunks in the range, are added in chunk order
 // and rounded once into the T result.
 //
-// Memory is read in long runs: a block of columns of a row at a time (up to
-// kSumSlots / lanes of them), or, where the range is whole rows and their
-// accumulators fit, a chunk at a time, element i of it adding into
-// accumulator i % (lanes x cols), which is its lane's slot for its column.
+// Memory is read in runs as long as the accumulators allow (column_block):
+// where the range is whole rows whose lanes' accumulators fit, a chunk is one
+// run, element i of it adding into accumulator i % (lanes x cols), its
+// lane's for its column; otherwise a row's block of columns at a time. (Rows
+// read in blocks took half again as long as rows read whole, measured with
+// benchmarks/kernel_speed.cpp.)
 template <class T>
-void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, const ColumnRange& range, void* partial) {
+void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, const ColumnRange& range, void* partial,
+                       void* scratch) {
   using L = Lanes<T>;
   using C = typename L::C;
   using V = typename L::V;
@@ -669,8 +668,12 @@ void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, const Col
   T* out = static_cast<T*>(c.out);
   const int64_t mask_len = mask_bytes(c.numel);
   const V scale = V{} + static_cast<C>(c.scale);
-  alignas(64) C sums[kSumSlots + kChunk];  // a vector of slack: whole vectors add +0 past the end
-  alignas(64) C folded[kSumSlots];        // the chunks' sums so far, by column
+  const int64_t lanes = plan.lanes;
+  const int64_t most = column_block(plan, range);
+  const bool whole_rows = range.whole_rows(plan) && most == plan.cols;
+  static_assert(kChunk <= 64, "column_sum_slots() leaves 64 accumulators of slack");
+  C* sums = static_cast<C*>(scratch);        // a vector of slack past them: whole vectors add +0 there
+  C* folded = sums + lanes * most + kChunk;  // the chunks' sums so far, by column
 
   // grad_input of the kChunk elements at x into y, added into acc.
   auto add_chunk = [&](const T* x, T* y, uint32_t bits, C* acc) {
@@ -709,9 +712,6 @@ void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, const Col
     }
   };
 
-  const int64_t lanes = plan.lanes;
-  const bool whole_rows = range.col_begin == 0 && range.col_end == plan.cols && lanes * plan.cols <= kSumSlots;
-  const int64_t most = whole_rows ? plan.cols : std::max<int64_t>(kChunk, kSumSlots / lanes / kChunk * kChunk);
   for (int64_t col0 = range.col_begin; col0 < range.col_end; col0 += most) {
     const int64_t width = std::min(most, range.col_end - col0);
     std::fill(folded, folded + width, C(0));
@@ -778,16 +778,17 @@ void run_groups(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   }
 }
 
-void column_sums(const KernelCall& c, const ColumnSumPlan& plan, const ColumnRange& range, void* partial) {
+void column_sums(const KernelCall& c, const ColumnSumPlan& plan, const ColumnRange& range, void* partial,
+                 void* scratch) {
   switch (c.dtype) {
     case ScalarKind::Float:
-      return column_sums_typed<float>(c, plan, range, partial);
+      return column_sums_typed<float>(c, plan, range, partial, scratch);
     case ScalarKind::Double:
-      return column_sums_typed<double>(c, plan, range, partial);
+      return column_sums_typed<double>(c, plan, range, partial, scratch);
     case ScalarKind::Half:
-      return column_sums_typed<Half>(c, plan, range, partial);
+      return column_sums_typed<Half>(c, plan, range, partial, scratch);
     case ScalarKind::BFloat16:
-      return column_sums_typed<BFloat16>(c, plan, range, partial);
+      return column_sums_typed<BFloat16>(c, plan, range, partial, scratch);
   }
 }
 
