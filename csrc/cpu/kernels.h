@@ -16,7 +16,7 @@
 // The bytes stay in L1 between the two steps: the tensor is read and written
 // once, and the mask is written once (or not at all in low-memory mode).
 //
-// Requires, included before the pragma: <algorithm>, <cstring>, <limits>,
+// Requires, included before the pragma: <algorithm>, <cstring>, <limits>, <stdexcept>,
 // <immintrin.h> (on x86), "../column_sums.h", "../epilogue.h", "../philox.h".
 
 #if !defined(REGDROP_CPU_ISA)
@@ -602,8 +602,13 @@ void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   }
 }
 
-// The widening mix (kernel_call.h): a 16-bit input T, a float32 output, and a
-// residual (and bias) of T or float32; only the residual forms have it.
+// The two mixes of dtypes, where the output's differs from the input's:
+//   widening:  a 16-bit input T, a float32 output, and a residual (and bias)
+//              of T or float32: autocast's residual forms, forward;
+//   narrowing: a float32 input, a 16-bit output T, no residual: grad through
+//              a mask (or the mask drawn again) straight into the gradient of
+//              a 16-bit input whose output was float32, backward. Kept
+//              values are rounded once, from float32 to T, as in a cast.
 template <class T>
 void run_groups_widening(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   const bool float_residual = c.residual_dtype == ScalarKind::Float;
@@ -611,6 +616,7 @@ void run_groups_widening(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   if (c.epilogue == Epilogue::AddResidual) {
     return run_groups_with_source<OperandTypes<T, float, T, float>, Epilogue::AddResidual>(c, g_begin, g_end);
   }
+  if (c.epilogue != Epilogue::AddBiasResidual) throw std::logic_error("widening mix: a residual form only");
   if (float_residual && float_bias) {
     return run_groups_with_source<OperandTypes<T, float, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
   }
@@ -618,6 +624,12 @@ void run_groups_widening(const KernelCall& c, int64_t g_begin, int64_t g_end) {
     return run_groups_with_source<OperandTypes<T, float, T, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
   }
   return run_groups_with_source<OperandTypes<T, T, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
+}
+
+template <class T>
+void run_groups_narrowing(const KernelCall& c, int64_t g_begin, int64_t g_end) {
+  if (c.epilogue != Epilogue::Scale) throw std::logic_error("narrowing mix: Epilogue::Scale only");
+  return run_groups_with_source<OperandTypes<float, float, float, T>, Epilogue::Scale>(c, g_begin, g_end);
 }
 
 // ------------------------------------------------------ bias gradients
@@ -762,7 +774,11 @@ void fold_chunks_typed(const ColumnSumPlan& plan, const void* partial, void* res
 
 // The entry points, one set per instruction set (kernel_isa.h).
 void run_groups(const KernelCall& c, int64_t g_begin, int64_t g_end) {
-  if (widening(c)) {
+  const bool half_out = c.out_dtype == ScalarKind::Half;
+  if (c.out_dtype != c.dtype && c.dtype == ScalarKind::Float) {
+    return half_out ? run_groups_narrowing<Half>(c, g_begin, g_end) : run_groups_narrowing<BFloat16>(c, g_begin, g_end);
+  }
+  if (c.out_dtype != c.dtype) {
     return c.dtype == ScalarKind::Half ? run_groups_widening<Half>(c, g_begin, g_end)
                                        : run_groups_widening<BFloat16>(c, g_begin, g_end);
   }
