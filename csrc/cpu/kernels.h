@@ -389,23 +389,27 @@ struct Lanes : LaneTypes<T> {
 
   static void store(T* p, V v, bool streaming = false) {
     // Round to nearest even; any NaN becomes the canonical 0x7FFF.
-    const i32xW is_nan = v != v;
     if constexpr (std::is_same_v<T, BFloat16>) {
       const u32xW u = reinterpret_cast<u32xW>(v);
       const u32xW rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+      const i32xW is_nan = v != v;
       write(p, narrow(is_nan ? u32xW{} + 0x7FFFu : rounded), streaming);
     } else if constexpr (std::is_same_v<T, Half>) {
       // The conversion keeps NaN payloads.
-      u32xW h;
 #if defined(REGDROP_ISA_AVX512)
-      h = reinterpret_cast<u32xW>(_mm512_cvtepu16_epi32(_mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT)));
-#elif defined(REGDROP_ISA_AVX2)
+      const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+      write(p, _mm256_mask_mov_epi16(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm256_set1_epi16(0x7FFF)), streaming);
+#else
+      u32xW h;
+#if defined(REGDROP_ISA_AVX2)
       h = reinterpret_cast<u32xW>(_mm256_cvtepu16_epi32(_mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT)));
 #else
       typedef _Float16 f16xW __attribute__((vector_size(kFloatWidth * 2)));
       h = __builtin_convertvector(reinterpret_cast<u16xW>(__builtin_convertvector(v, f16xW)), u32xW);
 #endif
+      const i32xW is_nan = v != v;
       write(p, narrow(is_nan ? u32xW{} + 0x7FFFu : h), streaming);
+#endif
     } else {
       write(p, v, streaming);
     }
