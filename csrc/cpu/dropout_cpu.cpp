@@ -41,7 +41,10 @@ KernelSet select_kernels() {
 }
 
 // Memory kept per thread between calls, one buffer per use, so that repeated
-// calls (one training step after another) allocate nothing.
+// calls (one training step after another) allocate nothing. A thread keeps
+// what its largest call needed: lanes x cols sums (at most kSumSlots), and
+// for the calling thread the chunks' sums (at most 2^18 + cols accumulators
+// by the plan: about 1 MB of floats).
 enum class Scratch { Sums, ChunkSums };
 
 template <Scratch kUse>

@@ -10,11 +10,17 @@
 // Work is done per group of 8 elements, which shares one mask byte. For each
 // block of up to kBlockGroups groups:
 //   1. fill the block's mask bytes: drawn from Philox with one group per
-//      vector lane (4, 8 or 16 lanes), read from mask_in, or expanded from
-//      the bits of the elements' units;
-//   2. apply the epilogue to the block's elements, a group at a time, from the bytes.
+//      64-bit vector lane (4, 8 or 16 groups a step), read from mask_in, or
+//      expanded from the bits of the elements' units;
+//   2. apply the epilogue to the block's elements, a chunk of 8 to 32 at a
+//      time, from the bytes.
 // The bytes stay in L1 between the two steps: the tensor is read and written
 // once, and the mask is written once (or not at all in low-memory mode).
+// Blocks are small, so that memory streams while the next block's bits are
+// drawn. Units of kRunElements or more (samples, most channels) skip the
+// bytes: each run of a unit's elements is a scaled copy, or zeros (or the
+// residual), the input not even read. Outputs past kStreamBytes are written
+// with non-temporal stores.
 //
 // Requires, included before the pragma: <algorithm>, <cstring>, <limits>, <stdexcept>,
 // <immintrin.h> (on x86), "../column_sums.h", "../epilogue.h", "../philox.h".
@@ -35,11 +41,12 @@ constexpr int kVectorBytes = 32;
 #else
 constexpr int kVectorBytes = 16;
 #endif
-// Philox runs one group per 64-bit lane, two vectors at a time: kLanes
-// groups per step (AVX-512 16, AVX2 8, baseline 4). A lane's low 32 bits are
-// its Philox word. Its high 32 bits are whatever the previous round left
-// there, and nothing reads them: the multiply takes the low halves only, and
-// xor and shifts keep lanes apart.
+// Philox runs one group per 64-bit lane, kPhiloxVectors vectors at a time
+// for independent work in flight: kLanes groups per step (AVX-512 32, AVX2
+// 8, baseline 4; AVX2 and SSE have too few registers for more). A lane's
+// low 32 bits are its Philox word. Its high 32 bits are whatever the
+// previous round left there, and nothing reads them: the multiply takes the
+// low halves only, and xor and shifts keep lanes apart.
 constexpr int kWordLanes = kVectorBytes / 8;
 #if defined(REGDROP_ISA_AVX512)
 constexpr int kPhiloxVectors = 4;
