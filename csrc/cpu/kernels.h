@@ -288,12 +288,18 @@ inline void write(void* p, const W& w, bool streaming) {
 #if defined(__x86_64__)
   if (streaming && (reinterpret_cast<uintptr_t>(p) & (sizeof(W) - 1)) == 0) {
 #if defined(REGDROP_ISA_AVX512)
-    if constexpr (sizeof(W) == 64) return _mm512_stream_si512(static_cast<__m512i*>(p), reinterpret_cast<const __m512i&>(w));
+    if constexpr (sizeof(W) == 64) {
+      return _mm512_stream_si512(static_cast<__m512i*>(p), reinterpret_cast<const __m512i&>(w));
+    }
 #endif
 #if defined(REGDROP_ISA_AVX512) || defined(REGDROP_ISA_AVX2)
-    if constexpr (sizeof(W) == 32) return _mm256_stream_si256(static_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(w));
+    if constexpr (sizeof(W) == 32) {
+      return _mm256_stream_si256(static_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(w));
+    }
 #endif
-    if constexpr (sizeof(W) == 16) return _mm_stream_si128(static_cast<__m128i*>(p), reinterpret_cast<const __m128i&>(w));
+    if constexpr (sizeof(W) == 16) {
+      return _mm_stream_si128(static_cast<__m128i*>(p), reinterpret_cast<const __m128i&>(w));
+    }
   }
 #endif
   std::memcpy(p, &w, sizeof(W));
@@ -409,7 +415,8 @@ struct Lanes : LaneTypes<T> {
 #else
       u32xW h;
 #if defined(REGDROP_ISA_AVX2)
-      h = reinterpret_cast<u32xW>(_mm256_cvtepu16_epi32(_mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT)));
+      h = reinterpret_cast<u32xW>(
+          _mm256_cvtepu16_epi32(_mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT)));
 #else
       typedef _Float16 f16xW __attribute__((vector_size(kFloatWidth * 2)));
       h = __builtin_convertvector(reinterpret_cast<u16xW>(__builtin_convertvector(v, f16xW)), u32xW);
@@ -789,7 +796,9 @@ void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, const Col
           i += count;
         }
       } else {
-        for (int64_t r = begin; r < end; ++r) accumulate(r * plan.cols + col0, width, sums + (r - begin) % lanes * width);
+        for (int64_t r = begin; r < end; ++r) {
+          accumulate(r * plan.cols + col0, width, sums + (r - begin) % lanes * width);
+        }
       }
       // Lane 0's sums are never -0 (sums of values start at +0), so adding
       // the others into them is the fold from +0.
