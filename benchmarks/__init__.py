@@ -2,6 +2,8 @@
 against a copy measured in the same run.
 
     bench.py        the command line: ``python benchmarks/bench.py --quick``
+    native_check.py each row of ours against the fastest native route (``bench.py --check``)
+    kernel_speed.py the CPU kernels alone against a Philox-only limit and a copy (kernel_speed.cpp)
     report.py       the README's table, rendered from results/*.json
     op_table.py     one entry per fused op, with its native competitors
     eager.py        the PyTorch expressions the fused ops replace

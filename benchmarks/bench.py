@@ -3,8 +3,10 @@ time it, then report GB/s against a copy timed in the same run.
 
     python benchmarks/bench.py --quick                # the README's command: under a minute on 2 cores
     python benchmarks/bench.py --e2e --json benchmarks/results/cpu.json --plot cpu.png
+    python benchmarks/bench.py --check                # every row of ours at or above native (native_check.py)
 
-Exits with status 1 if any implementation failed its check.
+Exits with status 1 if any implementation failed its check, or, with
+--check, if any row of ours falls short of the fastest native route.
 """
 
 import argparse
@@ -20,7 +22,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks import e2e, environment, norm_rows, timing  # noqa: E402
+from benchmarks import e2e, environment, native_check, norm_rows, timing  # noqa: E402
 from benchmarks.op_table import OPS  # noqa: E402
 from benchmarks.plot import plot_run  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
@@ -46,6 +48,15 @@ QUICK = {
     "budget_s": {"cpu": 0.02, "cuda": 0.05},
     "e2e_budget_s": 0.25,
 }
+# Every native route beside ours, where allocation dominates (the largest
+# size) and where the kernel does (64K).
+CHECK = {
+    "sizes": {"cpu": "64K,16M", "cuda": "64K,128M"},
+    "dtypes": "fp32,bf16,fp16",
+    "impls": "eager,compile,aten,module,raw",
+    "budget_s": FULL["budget_s"],
+    "e2e_budget_s": FULL["e2e_budget_s"],
+}
 
 
 def parse_size(text: str) -> int:
@@ -61,17 +72,24 @@ def parse_args(argv=None):
     parser.add_argument(
         "--sizes",
         help="elements, comma-separated, K/M suffixes allowed (default: 4K to 16M on CPU, to 128M on "
-        "CUDA; --quick: 4K and the largest)",
+        "CUDA; --quick: 4K and the largest; --check: 64K and the largest)",
     )
     parser.add_argument("--ops", default=ops, help=f"comma-separated, of {ops} (default: all)")
     parser.add_argument(
         "--impls",
         help=f"implementation variants, comma-separated, of {','.join(VARIANTS)} "
-        "(default: all; --quick: eager,module)",
+        "(default: all; --quick: eager,module; --check: all but low_memory)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--p", type=float, default=0.1, help="drop probability (default: 0.1)")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes, dtypes and repeats")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer sizes, dtypes and repeats")
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="each row of ours against the fastest native route called the same way, at 64K and the "
+        "largest size; prints the rows that fall short and exits 1 if there are any (benchmarks/native_check.py)",
+    )
     parser.add_argument("--e2e", action="store_true", help="also time a transformer block's training step")
     parser.add_argument("--norm", action="store_true",
                         help="also time the norm family's rows: 8192 x 1024, LayerNorm and RMSNorm (norm_rows.py)")
@@ -110,7 +128,7 @@ def _selection(args, preset: dict):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    preset = QUICK if args.quick else FULL
+    preset = QUICK if args.quick else CHECK if args.check else FULL
     settings = _settings(args, preset)
     ops, variants = _selection(args, preset)
     torch.manual_seed(0)
@@ -168,10 +186,14 @@ def main(argv=None) -> int:
     if args.plot:
         plot_run(result, args.plot)
 
+    short = 0
+    if args.check:
+        print("\nEach row of ours against the fastest native route called the same way (native_check.py):\n")
+        short = native_check.report(rows)
     failed = sorted({(r.op, r.implementation, r.dtype, r.size) for r in rows if r.failed})
     for op, label, dtype, size in failed:
         print(f"FAILED, not timed: {op} {label} {dtype} {size_label(size)}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or short else 0
 
 
 if __name__ == "__main__":

@@ -182,3 +182,63 @@ def test_bandwidth_gate_judges_the_best_of_ours_at_the_largest_size():
     failures = shortfalls(rows, 85.0)[1]
     assert len(failures) == 1 and failures[0].startswith("dropout_add backward bf16")
     assert shortfalls([_row("dropout", "forward", "eager", "eager", 99.0)], 85.0)[1], "nothing of ours judged"
+
+
+def _timed(op, phase, variant, ms, size=1 << 16):
+    from benchmarks.results import VARIANTS, Row
+
+    return Row(op=op, phase=phase, implementation=f"{variant} route", variant=variant,
+               kind=VARIANTS.get(variant, "copy"), dtype="fp32", size=size, shape=[size], time_ms=ms,
+               bytes=8 * size, saved_bytes_per_element=0.125)
+
+
+def test_native_check_judges_each_route_against_natives_called_the_same_way():
+    from benchmarks.native_check import report, shortfalls
+
+    rows = [
+        _timed("dropout", "backward", "eager", 0.012),
+        _timed("dropout", "backward", "compile", 0.020),
+        _timed("dropout", "backward", "aten", 0.006),  # called directly: judged against raw only
+        _timed("dropout", "backward", "module", 0.011),
+        _timed("dropout", "backward", "raw", 0.003),
+        _timed("dropout", "backward", "low_memory", 0.050),  # recomputes its mask by design: not judged
+        _timed("drop_path", "forward", "eager", 0.010),
+        _timed("drop_path", "forward", "module", 0.009),
+        _timed("drop_path", "forward", "raw", 0.001),  # no direct native route: not judged
+        _timed("copy", "forward", "copy", 0.0001),  # a reference, not a route
+    ]
+    lines, short = shortfalls(rows)
+    assert short == [] and len(lines) == 3
+    assert report(rows) == 0
+
+    rows.append(_timed("drop_path", "forward", "compile", 0.0085))  # now the fastest native route
+    rows.append(_timed("dropout", "backward", "raw", 0.007, size=1 << 24))
+    rows.append(_timed("dropout", "backward", "aten", 0.0065, size=1 << 24))
+    lines, short = shortfalls(rows)
+    assert len(short) == 2
+    assert short[0].startswith("drop_path forward fp32 64K: module route") and "compile route" in short[0]
+    assert short[1].startswith("dropout backward fp32 16M: raw route") and "0.93x" in short[1]
+    assert sum(line.endswith("SHORT") for line in lines) == 2
+    assert report(rows) == 1
+    assert shortfalls(rows, min_ratio=0.9)[1] == []
+    assert shortfalls([_timed("dropout", "forward", "module", 1.0)])[1], "nothing judged is a failure"
+
+
+def test_check_mode_measures_every_native_route_and_exits_with_the_verdict(monkeypatch):
+    """--check's run: the sizes and routes it times, and its exit status
+    following native_check's verdict (timings themselves are not asserted)."""
+    seen = {}
+
+    def fake_run(settings, runnable, progress):
+        from benchmarks.results import derive
+
+        seen["sizes"], seen["variants"] = settings.sizes, {i.variant for _, impls in runnable for i in impls}
+        rows = [_timed("copy", "forward", "copy", 0.5), _timed("dropout", "forward", "eager", 1.0),
+                _timed("dropout", "forward", "module", 2.0)]
+        derive(rows)
+        return rows, []
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert bench.main(["--check", "--device", "cpu", "--ops", "dropout"]) == 1
+    assert seen["sizes"] == [1 << 16, 1 << 24]
+    assert seen["variants"] == {"eager", "compile", "aten", "module", "raw"}

@@ -469,6 +469,24 @@ def test_emulation_bias_gradient_of_many_rows(emulation):
         compare(emulation, "bias_dropout_add_backward", g, mask, 0.5)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_emulation_bias_gradient_whatever_the_cpu_split(emulation, threads):
+    """The CPU's three ways to split a bias gradient give the plan's bits: one
+    thread adds every chunk in turn; threads take runs of chunks (1000 rows
+    of 600: 14 chunks), whose sums wait to be added in order; with fewer
+    chunks than threads (16 rows: one chunk) they take columns."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in DTYPES:
+            for shape in [(1000, 600), (16, 4100)]:
+                g = make(shape, dtype, seed=9)
+                mask = torch.ops.regdrop.dropout(g, 0.5, seed=3)[1]
+                compare(emulation, "bias_dropout_add_backward", g, mask, 0.5)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_emulation_many_launches_and_large_divisors(emulation, small_launches):
     """With 32-element launches and divisors of 32 and more normalized, every
     op that splits a call or divides goes through those paths."""

@@ -4,6 +4,7 @@ The masks must equal the documented mapping (reference.py) bit for bit, on
 every device, for every CPU instruction set and thread count.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -91,8 +92,41 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     grad, grad_bias = ops.bias_dropout_add_backward(rows.view(-1, 13), ops.dropout(rows, 0.3, seed=5)[1], 0.3)
     out[f"{dtype} backward"] = [ops.dropout_backward(x, mask, 0.3).double().tolist(), grad.double().tolist()]
     out[f"{dtype} bias grad"] = grad_bias.double().tolist()
+    if dtype in (torch.float32, torch.float16):  # a float vector stored, and a 16-bit one
+        out[f"{dtype} streamed"] = streamed(dtype)
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "results": out}))
 """
+
+# Outputs of 16 MiB and more are written with non-temporal stores (kernels.h,
+# kStreamBytes): whether each such output equals its reference, built from
+# the op's own mask (the masks themselves are checked above and elsewhere).
+_STREAMED = """
+def streamed(dtype):
+    n = ((16 << 20) // torch.empty(0, dtype=dtype).element_size() // 4101 + 1) * 4101  # rows of 4101: unaligned
+    x = (((torch.arange(n) * 37) % 1001 - 500) / 97.0).to(dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(65536 / (65536 - round(0.3 * 65536)), dtype=torch.float64).to(compute)
+    def through(keep, v):
+        return torch.where(keep, (v.to(compute) * scale).to(dtype), torch.zeros((), dtype=dtype))
+    def bits(mask, units):
+        return ((mask.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:units].bool()
+    y, mask = ops.dropout(x, 0.3, seed=11, offset=4)
+    expected = through(bits(mask, n), x)
+    results = [torch.equal(y, expected), torch.equal(ops.dropout_backward(x, mask, 0.3), expected)]
+    grad, _ = ops.bias_dropout_add_backward(x.view(-1, 4101), mask, 0.3)
+    results.append(torch.equal(grad.view(-1), expected))
+    samples = x.view(4101, -1)
+    y, sample_mask = ops.drop_path(samples, 0.3, seed=2)
+    keep = bits(sample_mask, 4101).unsqueeze(1).expand_as(samples)
+    results.append(torch.equal(y, through(keep, samples)))
+    return results
+"""
+_ISA_SCRIPT = _ISA_SCRIPT.replace("out = {}\n", "out = {}\n" + _STREAMED, 1)
+
+
+@functools.cache
+def _baseline_run():
+    return _run_with_capability("default")
 
 
 def _run_with_capability(capability):
@@ -108,12 +142,18 @@ def test_every_cpu_instruction_set_gives_identical_results(capability):
     """Each CPU kernel copy (baseline, AVX2, AVX-512) is selected through
     ATEN_CPU_CAPABILITY; the vector Philox lanes, chunks, tails, bias columns,
     conversions and bias gradients (added in an order fixed by the shape
-    alone) of each must agree bit for bit with the baseline's, for every op."""
-    baseline = _run_with_capability("default")
+    alone) of each must agree bit for bit with the baseline's, for every op.
+    Outputs past 16 MiB, written with non-temporal stores, equal their
+    references."""
+    baseline = _baseline_run()
     assert baseline["capability"] == "DEFAULT"
     run = _run_with_capability(capability)
     if run["capability"] != capability.upper():
         pytest.skip(f"this CPU has no {capability.upper()}: torch runs {run['capability']}, and so would regdrop")
+    for done in (baseline, run):
+        for key, value in done["results"].items():
+            if key.endswith("streamed"):
+                assert value == [True] * 4, f"{done['capability']} {key}: dropout, backward, bias grad, drop_path"
     for key, value in baseline["results"].items():
         assert run["results"][key] == value, key
 

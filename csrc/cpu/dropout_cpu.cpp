@@ -9,8 +9,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <memory>
 #include <mutex>
-#include <vector>
 
 #include "../dropout_ops.h"
 #include "../subnormals.h"
@@ -30,21 +31,51 @@ KernelSet select_kernels() {
 #endif
 }
 
-// A bias gradient: the plan's (chunk, tile) tasks in parallel, each writing
-// its own accumulators, then the chunks added in order, column by column.
+// Memory kept per thread between calls, one buffer per use, so that repeated
+// calls (one training step after another) allocate nothing. A thread keeps
+// what its largest call needed: lanes x cols sums (at most kSumSlots), and
+// for the calling thread the chunks' sums (at most 2^18 + cols accumulators
+// by the plan: about 1 MB of floats).
+enum class Scratch { Sums, ChunkSums };
+
+template <Scratch kUse>
+void* thread_scratch(size_t bytes) {
+  thread_local std::unique_ptr<uint8_t[]> buffer;
+  thread_local size_t size = 0;
+  if (size < bytes) {
+    buffer.reset(new uint8_t[bytes]);
+    size = bytes;
+  }
+  return buffer.get();
+}
+
+// A bias gradient. Threads take whole rows, which memory streams best: each a
+// run of chunks, whose sums wait in a chunks x cols buffer (bounded by the
+// plan) to be added in order, column by column. With fewer chunks than
+// threads they take columns instead, each adding all the chunks of its own.
 void run_column_sums(const KernelSet& kernels, const KernelCall& c) {
   const ColumnSumPlan plan = ColumnSumPlan::make(c.numel / c.bias_len, c.bias_len);
   const size_t accumulator = c.dtype == ScalarKind::Double ? sizeof(double) : sizeof(float);
-  std::vector<uint8_t> partial(plan.chunks > 1 ? static_cast<size_t>(plan.chunks * plan.cols) * accumulator : 0);
-  void* target = plan.chunks > 1 ? static_cast<void*>(partial.data()) : c.bias_grad;
-  at::parallel_for(0, plan.chunks * plan.tiles, 1, [&](int64_t begin, int64_t end) {
+  auto sums = [&](const ColumnRange& range, void* partial) {
     const KeepSubnormals keep;
-    for (int64_t task = begin; task < end; ++task) kernels.column_sums(c, plan, task, target);
+    void* scratch = thread_scratch<Scratch::Sums>(column_sum_slots(plan, range) * accumulator);
+    kernels.column_sums(c, plan, range, partial, scratch);
+  };
+  const int64_t threads = c.numel < kGrainGroups * kUnitsPerGroup ? 1 : at::get_num_threads();
+  if (plan.chunks < threads) {
+    at::parallel_for(0, plan.cols, 1, [&](int64_t begin, int64_t end) {
+      sums(ColumnRange{0, plan.chunks, begin, end}, nullptr);
+    });
+    return;
+  }
+  if (threads == 1) return sums(ColumnRange{0, plan.chunks, 0, plan.cols}, nullptr);
+  void* partial = thread_scratch<Scratch::ChunkSums>(plan.chunks * plan.cols * accumulator);
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t begin, int64_t end) {
+    sums(ColumnRange{begin, end, 0, plan.cols}, partial);
   });
-  if (plan.chunks == 1) return;
   at::parallel_for(0, plan.cols, kGrainGroups, [&](int64_t begin, int64_t end) {
     const KeepSubnormals keep;
-    kernels.fold_chunks(c, plan, partial.data(), begin, end);
+    kernels.fold_chunks(c, plan, partial, begin, end);
   });
 }
 
@@ -67,9 +98,12 @@ void CpuBackend::run(const KernelCall& c) {
     c.rng_state_out[1] = static_cast<int64_t>(offset);
   }
   if (c.bias_grad != nullptr) return run_column_sums(kernels, c);
-  at::parallel_for(0, mask_bytes(c.numel), kGrainGroups, [&](int64_t begin, int64_t end) {
+  // Threads start on whole blocks of 8 groups: at a 64-byte boundary of an
+  // aligned output, whatever its dtype, for non-temporal stores (kernels.h).
+  const int64_t groups = mask_bytes(c.numel);
+  at::parallel_for(0, (groups + 7) / 8, kGrainGroups / 8, [&](int64_t begin, int64_t end) {
     const KeepSubnormals keep;
-    kernels.run_groups(c, begin, end);
+    kernels.run_groups(c, begin * 8, std::min(end * 8, groups));
   });
 }
 

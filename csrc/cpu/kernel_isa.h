@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <type_traits>
 
 #if defined(__x86_64__)
@@ -20,14 +21,44 @@
 
 namespace regdrop::cpu {
 
+// Chunks [chunk_begin, chunk_end) of columns [col_begin, col_end) of a bias
+// gradient (column_sums.h).
+struct ColumnRange {
+  int64_t chunk_begin, chunk_end;
+  int64_t col_begin, col_end;
+
+  bool whole_rows(const ColumnSumPlan& plan) const { return col_begin == 0 && col_end == plan.cols; }
+};
+
+// The most accumulators a thread adds a bias gradient's rows into, one per
+// lane and column: 256 KB of floats, which stay in L2.
+constexpr int64_t kSumSlots = 65536;
+
+// The columns a range's rows are read in at a time: whole rows where their
+// lanes' accumulators fit, else blocks of them.
+inline int64_t column_block(const ColumnSumPlan& plan, const ColumnRange& range) {
+  if (range.whole_rows(plan) && plan.lanes * plan.cols <= kSumSlots) return plan.cols;
+  return std::min(range.col_end - range.col_begin, std::max<int64_t>(64, kSumSlots / plan.lanes / 64 * 64));
+}
+
+// The accumulators column_sums needs for a range: a block's lanes, a vector
+// of slack, and the block's sums over chunks.
+inline int64_t column_sum_slots(const ColumnSumPlan& plan, const ColumnRange& range) {
+  const int64_t block = column_block(plan, range);
+  return (plan.lanes + 1) * block + 64;
+}
+
 // What each copy provides:
 //   run_groups   groups [begin, end) of an element-wise call;
-//   column_sums  one (chunk, tile) task of a bias gradient (column_sums.h),
-//                into `target`: the chunk's accumulators, or the result;
+//   column_sums  a range of a bias gradient: its chunks' sums into `partial`
+//                (chunks x cols accumulators), or, with partial == nullptr
+//                and every chunk in the range, the result; `scratch` holds
+//                column_sum_slots() accumulators;
 //   fold_chunks  columns [begin, end) of a bias gradient, from the chunks' sums.
 struct KernelSet {
   void (*run_groups)(const KernelCall& call, int64_t group_begin, int64_t group_end);
-  void (*column_sums)(const KernelCall& call, const ColumnSumPlan& plan, int64_t task, void* target);
+  void (*column_sums)(const KernelCall& call, const ColumnSumPlan& plan, const ColumnRange& range, void* partial,
+                      void* scratch);
   void (*fold_chunks)(const KernelCall& call, const ColumnSumPlan& plan, const void* partial,
                       int64_t col_begin, int64_t col_end);
 };
@@ -35,7 +66,7 @@ struct KernelSet {
 #define REGDROP_DECLARE_KERNEL_SET(isa)                                                        \
   namespace isa {                                                                               \
   void run_groups(const KernelCall&, int64_t, int64_t);                                         \
-  void column_sums(const KernelCall&, const ColumnSumPlan&, int64_t, void*);                    \
+  void column_sums(const KernelCall&, const ColumnSumPlan&, const ColumnRange&, void*, void*);  \
   void fold_chunks(const KernelCall&, const ColumnSumPlan&, const void*, int64_t, int64_t);     \
   inline constexpr KernelSet kernels{run_groups, column_sums, fold_chunks};                     \
   }

@@ -10,13 +10,19 @@
 // Work is done per group of 8 elements, which shares one mask byte. For each
 // block of up to kBlockGroups groups:
 //   1. fill the block's mask bytes: drawn from Philox with one group per
-//      vector lane (4, 8 or 16 lanes), read from mask_in, or expanded from
-//      the bits of the elements' units;
-//   2. apply the epilogue to the block's elements, a group at a time, from the bytes.
+//      64-bit vector lane (4, 8 or 16 groups a step), read from mask_in, or
+//      expanded from the bits of the elements' units;
+//   2. apply the epilogue to the block's elements, a chunk of 8 to 32 at a
+//      time, from the bytes.
 // The bytes stay in L1 between the two steps: the tensor is read and written
 // once, and the mask is written once (or not at all in low-memory mode).
+// Blocks are small, so that memory streams while the next block's bits are
+// drawn. Units of kRunElements or more (samples, most channels) skip the
+// bytes: each run of a unit's elements is a scaled copy, or zeros (or the
+// residual), the input not even read. Outputs past kStreamBytes are written
+// with non-temporal stores.
 //
-// Requires, included before the pragma: <algorithm>, <cstring>, <limits>,
+// Requires, included before the pragma: <algorithm>, <cstring>, <limits>, <stdexcept>,
 // <immintrin.h> (on x86), "../column_sums.h", "../epilogue.h", "../philox.h".
 
 #if !defined(REGDROP_CPU_ISA)
@@ -35,95 +41,160 @@ constexpr int kVectorBytes = 32;
 #else
 constexpr int kVectorBytes = 16;
 #endif
-constexpr int kLanes = kVectorBytes / 4;  // Philox evaluations per vector
-constexpr int64_t kBlockGroups = 512;
+// Philox runs one group per 64-bit lane, kPhiloxVectors vectors at a time
+// for independent work in flight: kLanes groups per step (AVX-512 32, AVX2
+// 8, baseline 4; AVX2 and SSE have too few registers for more). A lane's
+// low 32 bits are its Philox word. Its high 32 bits are whatever the
+// previous round left there, and nothing reads them: the multiply takes the
+// low halves only, and xor and shifts keep lanes apart.
+constexpr int kWordLanes = kVectorBytes / 8;
+#if defined(REGDROP_ISA_AVX512)
+constexpr int kPhiloxVectors = 4;
+#else
+constexpr int kPhiloxVectors = 2;
+#endif
+constexpr int kLanes = kPhiloxVectors * kWordLanes;
+constexpr int64_t kBlockGroups = 128;
 
-typedef uint32_t u32xL __attribute__((vector_size(kVectorBytes)));
-typedef int32_t i32xL __attribute__((vector_size(kVectorBytes)));
-typedef uint8_t u8xL __attribute__((vector_size(kLanes)));
+typedef uint64_t u64xQ __attribute__((vector_size(kVectorBytes)));
+typedef uint16_t u16xH __attribute__((vector_size(kVectorBytes)));
+typedef int16_t i16xH __attribute__((vector_size(kVectorBytes)));
+typedef uint8_t u8xQ __attribute__((vector_size(kWordLanes)));
 
 // ---------------------------------------------------------------- Philox xL
 
-// hi:lo = a * m per lane. Plain vector code would multiply in 64 bits;
-// pmuludq on the even and the odd lanes gives two 32x32->64 products per
-// 64-bit lane.
-inline void mulhilo(u32xL a, uint32_t m, u32xL& hi, u32xL& lo) {
+// The low halves of a's lanes times m: 64-bit products (pmuludq).
+inline u64xQ mul_low_halves(u64xQ a, uint32_t m) {
 #if defined(REGDROP_ISA_AVX512)
-  const __m512i va = reinterpret_cast<__m512i>(a);
-  const __m512i vm = _mm512_set1_epi32(static_cast<int>(m));
-  const __m512i even = _mm512_mul_epu32(va, vm);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(va, 32), vm);
-  hi = reinterpret_cast<u32xL>(_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd));
-  lo = reinterpret_cast<u32xL>(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)));
+  return reinterpret_cast<u64xQ>(_mm512_mul_epu32(reinterpret_cast<__m512i>(a), _mm512_set1_epi64(m)));
 #elif defined(REGDROP_ISA_AVX2)
-  const __m256i va = reinterpret_cast<__m256i>(a);
-  const __m256i vm = _mm256_set1_epi32(static_cast<int>(m));
-  const __m256i even = _mm256_mul_epu32(va, vm);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(va, 32), vm);
-  hi = reinterpret_cast<u32xL>(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA));
-  lo = reinterpret_cast<u32xL>(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA));
+  return reinterpret_cast<u64xQ>(_mm256_mul_epu32(reinterpret_cast<__m256i>(a), _mm256_set1_epi64x(m)));
 #elif defined(__x86_64__)
-  const __m128i va = reinterpret_cast<__m128i>(a);
-  const __m128i vm = _mm_set1_epi32(static_cast<int>(m));
-  const __m128i even = _mm_mul_epu32(va, vm);
-  const __m128i odd = _mm_mul_epu32(_mm_srli_epi64(va, 32), vm);
-  const __m128i low_halves = _mm_set1_epi64x(0xFFFFFFFF);
-  hi = reinterpret_cast<u32xL>(_mm_or_si128(_mm_srli_epi64(even, 32), _mm_andnot_si128(low_halves, odd)));
-  lo = reinterpret_cast<u32xL>(_mm_or_si128(_mm_and_si128(even, low_halves), _mm_slli_epi64(odd, 32)));
+  return reinterpret_cast<u64xQ>(_mm_mul_epu32(reinterpret_cast<__m128i>(a), _mm_set1_epi64x(m)));
 #else
-  for (int i = 0; i < kLanes; ++i) {
-    uint32_t h, l;
-    philox_mulhilo(a[i], m, h, l);
-    hi[i] = h;
-    lo[i] = l;
-  }
+  return (a & 0xFFFFFFFFu) * m;
 #endif
 }
 
-// The mask bytes of groups g0 .. g0 + kLanes - 1: the vector form of
-// group_keep_bits() in philox.h, lane i computing group g0 + i.
-inline u8xL draw_bytes_vector(uint64_t seed, uint64_t offset, uint64_t g0, uint32_t threshold) {
-  u32xL lane;
-  for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<uint32_t>(i);
-  const PhiloxBlock base = group_counter(g0, offset);
-  u32xL c0 = base.w[0] + lane;
-  // A lane whose low word wrapped carries into the high word (-1 where true).
-  u32xL c1 = base.w[1] - reinterpret_cast<u32xL>(c0 < base.w[0]);
-  u32xL c2 = u32xL{} + base.w[2];
-  u32xL c3 = u32xL{} + base.w[3];
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    u32xL hi0, lo0, hi1, lo1;
-    mulhilo(c0, kPhiloxM0, hi0, lo0);
-    mulhilo(c2, kPhiloxM1, hi1, lo1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
-  // Uniforms are below 2^16 and the threshold at most 2^16: a signed compare
-  // is exact and cheaper than an unsigned one.
-  const int32_t t = static_cast<int32_t>(threshold);
-  const u32xL words[4] = {c0, c1, c2, c3};
-  i32xL bits{};
-  for (int k = 0; k < 4; ++k) {
-    const i32xL low = reinterpret_cast<i32xL>(words[k] & 0xFFFFu);
-    const i32xL high = reinterpret_cast<i32xL>(words[k] >> 16);
-    bits |= (low >= t) & (1 << (2 * k));
-    bits |= (high >= t) & (1 << (2 * k + 1));
-  }
-  return __builtin_convertvector(bits, u8xL);
+// Per lane, the low halves of a and b as one 64-bit value (a's low, b's high):
+// four 16-bit uniforms in unit order.
+inline u64xQ pair_words(u64xQ a, u64xQ b) {
+#if defined(REGDROP_ISA_AVX512)
+  return reinterpret_cast<u64xQ>(
+      _mm512_mask_shuffle_epi32(reinterpret_cast<__m512i>(a), 0xAAAA, reinterpret_cast<__m512i>(b), _MM_PERM_CDAB));
+#else
+  return (a & 0xFFFFFFFFu) | (b << 32);
+#endif
 }
 
-inline void draw_bytes(uint64_t seed, uint64_t offset, uint32_t threshold, int64_t g0, int64_t count,
-                       uint8_t* bytes) {
-  for (int64_t i = 0; i < count; i += kLanes) {
-    const u8xL b = draw_bytes_vector(seed, offset, static_cast<uint64_t>(g0 + i), threshold);
-    std::memcpy(bytes + i, &b, static_cast<size_t>(std::min<int64_t>(kLanes, count - i)));
-  }
+// The mask bytes of the groups in the lanes of c (words c[0..3]), one per
+// lane, into out[0, kWordLanes). threshold < 2^16.
+inline void keep_bytes(const u64xQ (&c)[4], uint16_t threshold, uint8_t* out) {
+  // Per lane, four 16-bit uniforms: units 0-3 in `low`, 4-7 in `high`.
+  const u16xH low = reinterpret_cast<u16xH>(pair_words(c[0], c[1]));
+  const u16xH high = reinterpret_cast<u16xH>(pair_words(c[2], c[3]));
+#if defined(REGDROP_ISA_AVX512)
+  // Compares give a bit per uniform; each lane's four 16-bit flags (bit m,
+  // bit 4 + m) have disjoint bits below 256, so psadbw's byte sum is their union.
+  u16xH unit_bit;
+  for (int j = 0; j < kVectorBytes / 2; ++j) unit_bit[j] = static_cast<uint16_t>(1u << (j % 4));
+  const __m512i t = _mm512_set1_epi16(static_cast<short>(threshold));
+  const __m512i flags = _mm512_or_si512(
+      _mm512_maskz_mov_epi16(_mm512_cmpge_epu16_mask(reinterpret_cast<__m512i>(low), t),
+                             reinterpret_cast<__m512i>(unit_bit)),
+      _mm512_maskz_mov_epi16(_mm512_cmpge_epu16_mask(reinterpret_cast<__m512i>(high), t),
+                             reinterpret_cast<__m512i>(unit_bit << 4)));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out),
+                   _mm512_cvtepi64_epi8(_mm512_sad_epu8(flags, _mm512_setzero_si512())));
+#elif defined(__x86_64__)
+  // Compare masks packed to bytes (signed saturation keeps -1 and 0), then
+  // one bit per uniform: per 128-bit half, the nibbles run [units 0-3 of its
+  // two groups][units 4-7 of them]; the middle two of each 16 bits swap.
+  const i16xH keep_low = low >= threshold, keep_high = high >= threshold;
+#if defined(REGDROP_ISA_AVX2)
+  const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(
+      _mm256_packs_epi16(reinterpret_cast<__m256i>(keep_low), reinterpret_cast<__m256i>(keep_high))));
+#else
+  const uint32_t bits = static_cast<uint32_t>(_mm_movemask_epi8(
+      _mm_packs_epi16(reinterpret_cast<__m128i>(keep_low), reinterpret_cast<__m128i>(keep_high))));
+#endif
+  const uint32_t bytes = (bits & 0xF00FF00Fu) | ((bits & 0x00F000F0u) << 4) | ((bits & 0x0F000F00u) >> 4);
+  std::memcpy(out, &bytes, kWordLanes);
+#else
+  u16xH unit_bit;
+  for (int j = 0; j < kVectorBytes / 2; ++j) unit_bit[j] = static_cast<uint16_t>(1u << (j % 4));
+  const u64xQ f = reinterpret_cast<u64xQ>((reinterpret_cast<u16xH>(low >= threshold) & unit_bit) |
+                                          (reinterpret_cast<u16xH>(high >= threshold) & (unit_bit << 4)));
+  const u8xQ packed = __builtin_convertvector(f | f >> 16 | f >> 32 | f >> 48, u8xQ);
+  std::memcpy(out, &packed, sizeof(packed));
+#endif
 }
+
+// A call's Philox stream in vector lanes: its round keys and counter words
+// 2-3, broadcast once, read from memory by each round.
+struct PhiloxLanes {
+  u64xQ key0[kPhiloxRounds], key1[kPhiloxRounds];
+  u64xQ offset_lo, offset_hi;
+  uint32_t threshold;
+
+  PhiloxLanes(uint64_t seed, uint64_t offset, uint32_t keep_threshold) : threshold(keep_threshold) {
+    const PhiloxBlock counter = group_counter(0, offset);
+    offset_lo = u64xQ{} + counter.w[2];
+    offset_hi = u64xQ{} + counter.w[3];
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      key0[round] = u64xQ{} + k0;
+      key1[round] = u64xQ{} + k1;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+  }
+
+  // The mask bytes of groups g0 .. g0 + kLanes - 1 into out[0, kLanes): the
+  // vector form of group_keep_bits() in philox.h, lane i of vector v
+  // computing group g0 + v * kWordLanes + i. threshold < 2^16.
+  void draw(uint64_t g0, uint8_t* out) const {
+    u64xQ lane;
+    for (int i = 0; i < kWordLanes; ++i) lane[i] = static_cast<uint64_t>(i);
+    u64xQ c[kPhiloxVectors][4];
+    for (int v = 0; v < kPhiloxVectors; ++v) {
+      const u64xQ group = lane + (g0 + static_cast<uint64_t>(v * kWordLanes));
+      c[v][0] = group;
+      c[v][1] = group >> 32;
+      c[v][2] = offset_lo;
+      c[v][3] = offset_hi;
+    }
+    // Unrolled: the words change roles each round, which a loop pays for in moves.
+#pragma GCC unroll 10
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      for (int v = 0; v < kPhiloxVectors; ++v) {
+        const u64xQ p0 = mul_low_halves(c[v][0], kPhiloxM0);
+        const u64xQ p1 = mul_low_halves(c[v][2], kPhiloxM1);
+        c[v][0] = (p1 >> 32) ^ c[v][1] ^ key0[round];
+        c[v][1] = p1;
+        c[v][2] = (p0 >> 32) ^ c[v][3] ^ key1[round];
+        c[v][3] = p0;
+      }
+    }
+    for (int v = 0; v < kPhiloxVectors; ++v) keep_bytes(c[v], static_cast<uint16_t>(threshold), out + v * kWordLanes);
+  }
+
+  // The mask bytes of groups [g0, g0 + count).
+  void draw_bytes(int64_t g0, int64_t count, uint8_t* bytes) const {
+    // Uniforms are below 2^16: a threshold of 2^16 (p == 1) keeps nothing.
+    if (threshold >= 65536) {
+      std::memset(bytes, 0, static_cast<size_t>(count));
+      return;
+    }
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes) draw(static_cast<uint64_t>(g0 + i), bytes + i);
+    if (i < count) {
+      uint8_t last[kLanes];
+      draw(static_cast<uint64_t>(g0 + i), last);
+      std::memcpy(bytes + i, last, static_cast<size_t>(count - i));
+    }
+  }
+};
 
 // Bits [from, from + n) of `src` into bits [at, at + n) of `dst`, which are 0.
 inline void or_bits(const uint8_t* src, int64_t from, uint8_t* dst, int64_t at, int64_t n) {
@@ -140,7 +211,7 @@ inline void or_bits(const uint8_t* src, int64_t from, uint8_t* dst, int64_t at, 
 // The mask bytes of groups [g0, g0 + count) of a call that is a shard of a
 // larger one (kernel_call.h's ShardMap): each stretch of its units that lies
 // in one run is drawn where the larger call draws it, then shifted into place.
-inline void draw_shard_bytes(const KernelCall& c, uint64_t seed, uint64_t offset, int64_t g0, int64_t count,
+inline void draw_shard_bytes(const KernelCall& c, const PhiloxLanes& philox, int64_t g0, int64_t count,
                              uint8_t* bytes) {
   std::memset(bytes, 0, static_cast<size_t>(count));
   const ShardMap& m = c.shard;
@@ -152,8 +223,7 @@ inline void draw_shard_bytes(const KernelCall& c, uint64_t seed, uint64_t offset
     const int64_t len = std::min(m.run - pos, end - e);
     const int64_t unit = m.first + e / m.run * m.stride + pos;
     const int64_t skip = unit % kUnitsPerGroup;
-    draw_bytes(seed, offset, c.threshold, unit / kUnitsPerGroup, (skip + len + kUnitsPerGroup - 1) / kUnitsPerGroup,
-               drawn);
+    philox.draw_bytes(unit / kUnitsPerGroup, (skip + len + kUnitsPerGroup - 1) / kUnitsPerGroup, drawn);
     or_bits(drawn, skip, bytes, e - begin, len);
     e += len;
   }
@@ -205,6 +275,44 @@ struct BFloat16 {
   uint16_t bits;
 };
 
+// Outputs at least this large are written with non-temporal stores: they do
+// not fit beside their inputs in the last-level cache (32 MB on the EPYC
+// this was measured on, as on most server parts), so a normal store would
+// read each line before writing it and evict what is cached, for nothing.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+// The bytes of w to p: with a non-temporal store where `streaming` and p is
+// aligned to them (every whole chunk of an output from an aligned start).
+template <class W>
+inline void write(void* p, const W& w, bool streaming) {
+#if defined(__x86_64__)
+  if (streaming && (reinterpret_cast<uintptr_t>(p) & (sizeof(W) - 1)) == 0) {
+#if defined(REGDROP_ISA_AVX512)
+    if constexpr (sizeof(W) == 64) {
+      return _mm512_stream_si512(static_cast<__m512i*>(p), reinterpret_cast<const __m512i&>(w));
+    }
+#endif
+#if defined(REGDROP_ISA_AVX512) || defined(REGDROP_ISA_AVX2)
+    if constexpr (sizeof(W) == 32) {
+      return _mm256_stream_si256(static_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(w));
+    }
+#endif
+    if constexpr (sizeof(W) == 16) {
+      return _mm_stream_si128(static_cast<__m128i*>(p), reinterpret_cast<const __m128i&>(w));
+    }
+  }
+#endif
+  std::memcpy(p, &w, sizeof(W));
+}
+
+// Makes a call's non-temporal stores visible before it returns: they are
+// weakly ordered, even against the lock of the threads' join.
+inline void drain_stores() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
 // Elements are processed a chunk at a time: kParts native vectors of kWidth
 // lanes of the compute type (half types compute in float), which together
 // cover kGroups whole groups. AVX-512: 16 floats, two groups, or 8 doubles;
@@ -251,9 +359,17 @@ struct Lanes : LaneTypes<T> {
 
   static V load(const T* p) {
     if constexpr (std::is_same_v<T, BFloat16>) {
+#if defined(REGDROP_ISA_AVX512)
+      return reinterpret_cast<V>(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#elif defined(REGDROP_ISA_AVX2)
+      return reinterpret_cast<V>(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#else
       u16xW h;
       std::memcpy(&h, p, sizeof(h));
       return reinterpret_cast<f32xW>(__builtin_convertvector(h, u32xW) << 16);
+#endif
     } else if constexpr (std::is_same_v<T, Half>) {
 #if defined(REGDROP_ISA_AVX512)
       return reinterpret_cast<V>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
@@ -272,53 +388,73 @@ struct Lanes : LaneTypes<T> {
     }
   }
 
-  static void store(T* p, V v) {
+  // The low halves of 32-bit lanes whose values fit in 16 bits.
+  static u16xW narrow(u32xW u) {
+#if defined(REGDROP_ISA_AVX512)
+    return reinterpret_cast<u16xW>(_mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(u)));
+#elif defined(REGDROP_ISA_AVX2)
+    const __m256i w = reinterpret_cast<__m256i>(u);
+    return reinterpret_cast<u16xW>(_mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+#else
+    return __builtin_convertvector(u, u16xW);
+#endif
+  }
+
+  static void store(T* p, V v, bool streaming = false) {
+    // Round to nearest even; any NaN becomes the canonical 0x7FFF.
     if constexpr (std::is_same_v<T, BFloat16>) {
-      // Round to nearest even; any NaN becomes the canonical 0x7FFF.
       const u32xW u = reinterpret_cast<u32xW>(v);
       const u32xW rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-      const u32xW is_nan = reinterpret_cast<u32xW>((u & 0x7FFFFFFFu) > 0x7F800000u);
-      const u16xW h = __builtin_convertvector((rounded & ~is_nan) | (is_nan & 0x7FFFu), u16xW);
-      std::memcpy(p, &h, sizeof(h));
+      const i32xW is_nan = v != v;
+      write(p, narrow(is_nan ? u32xW{} + 0x7FFFu : rounded), streaming);
     } else if constexpr (std::is_same_v<T, Half>) {
-      u16xW h;
+      // The conversion keeps NaN payloads.
 #if defined(REGDROP_ISA_AVX512)
-      h = reinterpret_cast<u16xW>(_mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
-#elif defined(REGDROP_ISA_AVX2)
-      h = reinterpret_cast<u16xW>(_mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+      const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+      write(p, _mm256_mask_mov_epi16(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm256_set1_epi16(0x7FFF)), streaming);
+#else
+      u32xW h;
+#if defined(REGDROP_ISA_AVX2)
+      h = reinterpret_cast<u32xW>(
+          _mm256_cvtepu16_epi32(_mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT)));
 #else
       typedef _Float16 f16xW __attribute__((vector_size(kFloatWidth * 2)));
-      h = reinterpret_cast<u16xW>(__builtin_convertvector(v, f16xW));
+      h = __builtin_convertvector(reinterpret_cast<u16xW>(__builtin_convertvector(v, f16xW)), u32xW);
 #endif
-      // The conversion keeps NaN payloads; any NaN becomes the canonical 0x7FFF.
-      const u16xW is_nan = __builtin_convertvector(v != v, i16xW) != 0;
-      h = (h & ~is_nan) | (is_nan & 0x7FFFu);
-      std::memcpy(p, &h, sizeof(h));
+      const i32xW is_nan = v != v;
+      write(p, narrow(is_nan ? u32xW{} + 0x7FFFu : h), streaming);
+#endif
     } else {
-      std::memcpy(p, &v, sizeof(v));
+      write(p, v, streaming);
     }
   }
 
-  // All lanes -1 where bit j of `bits` is set, for lane j.
-  static Keep keep_mask(uint32_t bits) {
-    Keep select;
-    for (int j = 0; j < kWidth; ++j) select[j] = I{1} << j;
-    return ((Keep{} + static_cast<I>(bits)) & select) != 0;
+  // Lane j: `kept` where bit j of `bits` is set, else `dropped`. AVX-512
+  // takes the bits as a mask register; other sets make a lane mask of them.
+  static V select(uint32_t bits, V kept, V dropped) {
+#if defined(REGDROP_ISA_AVX512)
+    if constexpr (std::is_same_v<C, float>) {
+      return reinterpret_cast<V>(_mm512_mask_blend_ps(static_cast<__mmask16>(bits), reinterpret_cast<__m512>(dropped),
+                                                      reinterpret_cast<__m512>(kept)));
+    } else {
+      return reinterpret_cast<V>(_mm512_mask_blend_pd(static_cast<__mmask8>(bits), reinterpret_cast<__m512d>(dropped),
+                                                      reinterpret_cast<__m512d>(kept)));
+    }
+#else
+    Keep lane_bit;
+    for (int j = 0; j < kWidth; ++j) lane_bit[j] = I{1} << j;
+    const Keep keep = ((Keep{} + static_cast<I>(bits)) & lane_bit) != 0;
+    return reinterpret_cast<V>((reinterpret_cast<Keep>(kept) & keep) | (reinterpret_cast<Keep>(dropped) & ~keep));
+#endif
   }
 
-  static V blend(Keep keep, V kept, V dropped) {
-    return reinterpret_cast<V>((reinterpret_cast<Keep>(kept) & keep) |
-                               (reinterpret_cast<Keep>(dropped) & ~keep));
-  }
-
-  // A kept value, with any NaN written as the canonical NaN (README,
-  // "Semantics"; the CUDA kernels do the same). The 16-bit types get it
+  // A kept value, with any NaN written as the canonical NaN (docs/semantics.md,
+  // "Values", NaN bits; the CUDA kernels do the same). The 16-bit types get it
   // from store(); float and double here.
   static V kept_canonical(V v) {
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      const Keep is_nan = v != v;
       const Keep canonical = Keep{} + static_cast<I>(std::numeric_limits<std::make_unsigned_t<I>>::max() >> 1);
-      return reinterpret_cast<V>((reinterpret_cast<Keep>(v) & ~is_nan) | (canonical & is_nan));
+      return v != v ? reinterpret_cast<V>(canonical) : v;
     } else {
       return v;
     }
@@ -343,11 +479,12 @@ struct Apply {
   Y* out;
   int64_t bias_len;
   V scale;
+  bool streaming;  // whole chunks of the output written with non-temporal stores
 
   // Elements e .. e + kChunk - 1 (all inside the tensor), with their keep
   // bits (bit j for element e + j) and the first one's column.
   inline void chunk(int64_t e, uint32_t bits, int64_t col) const {
-    lanes(in + e, E == Epilogue::Scale ? nullptr : residual + e, out + e, bits, col);
+    lanes(in + e, E == Epilogue::Scale ? nullptr : residual + e, out + e, bits, col, streaming);
   }
 
   // The last n < kChunk elements go through the same code via stack copies.
@@ -357,11 +494,11 @@ struct Apply {
     Y y[kChunk];
     std::memcpy(x, in + e, sizeof(T) * n);
     if (E != Epilogue::Scale) std::memcpy(r, residual + e, sizeof(R) * n);
-    lanes(x, r, y, bits & ((uint32_t{1} << n) - 1), col);
+    lanes(x, r, y, bits & ((uint32_t{1} << n) - 1), col, false);
     std::memcpy(out + e, y, sizeof(Y) * n);
   }
 
-  inline void lanes(const T* x, const R* r, Y* y, uint32_t bits, int64_t col) const {
+  inline void lanes(const T* x, const R* r, Y* y, uint32_t bits, int64_t col, bool stream) const {
     if constexpr (kWholeUnits && E != Epilogue::AddBiasResidual) {
       if (bits == 0) {  // dropped: the input is not even read
         for (int q = 0; q < L::kParts; ++q) {
@@ -369,7 +506,7 @@ struct Apply {
           V dropped{};
           if constexpr (E != Epilogue::Scale) dropped = Lanes<R>::load(r + first);
           if constexpr (!std::is_same_v<R, Y>) dropped = Lanes<Y>::kept_canonical(dropped);
-          Lanes<Y>::store(y + first, dropped);
+          Lanes<Y>::store(y + first, dropped, stream);
         }
         return;
       }
@@ -391,11 +528,52 @@ struct Apply {
       const V kept = Lanes<Y>::kept_canonical(kept_value<E>(L::load(x + first), rv, bv, scale));
       // A residual widened to the output's type is a new value: its NaNs canonical too.
       const V dropped = std::is_same_v<R, Y> ? dropped_value<E>(rv) : Lanes<Y>::kept_canonical(dropped_value<E>(rv));
-      const V result = kWholeUnits && bits == kAllKept ? kept : L::blend(L::keep_mask(bits >> first), kept, dropped);
-      Lanes<Y>::store(y + first, result);
+      const V result = kWholeUnits && bits == kAllKept ? kept : L::select(bits >> first, kept, dropped);
+      Lanes<Y>::store(y + first, result, stream);
+    }
+  }
+
+  // Elements [e, e + n) (e a multiple of 8) with the keep bits of their
+  // groups in bytes[0, ceil(n / 8)); `col` is e's column, and is moved on.
+  inline void groups(int64_t e, int64_t n, const uint8_t* bytes, int64_t& col) const {
+    auto chunk_bits = [&](int64_t j, int bytes_left) {
+      uint32_t bits = bytes[j * L::kGroups];
+      if (L::kGroups == 2 && bytes_left > 1) bits |= uint32_t{bytes[j * L::kGroups + 1]} << kUnitsPerGroup;
+      return bits;
+    };
+    const int64_t full = n / kChunk;
+    for (int64_t j = 0; j < full; ++j) {
+      chunk(e + j * kChunk, chunk_bits(j, L::kGroups), col);
+      if constexpr (E == Epilogue::AddBiasResidual) {
+        col += kChunk;
+        while (col >= bias_len) col -= bias_len;
+      }
+    }
+    const int64_t rest = n - full * kChunk;
+    if (rest > 0) {
+      partial_chunk(e + full * kChunk, rest, chunk_bits(full, static_cast<int>((rest + 7) / 8)), col);
+      if constexpr (E == Epilogue::AddBiasResidual) col = (col + rest) % bias_len;
+    }
+  }
+
+  // Elements [e, e + n), all kept or all dropped: a scaled copy, or zeros
+  // (or the residual) written without reading the input.
+  inline void run(int64_t e, int64_t n, bool keep) const {
+    static_assert(kWholeUnits && E != Epilogue::AddBiasResidual, "runs of whole units");
+    const int64_t full = n / kChunk * kChunk;
+    if (keep) {
+      for (int64_t k = 0; k < full; k += kChunk) chunk(e + k, kAllKept, 0);
+      if (full < n) partial_chunk(e + full, n - full, kAllKept, 0);
+    } else {
+      for (int64_t k = 0; k < full; k += kChunk) chunk(e + k, 0, 0);
+      if (full < n) partial_chunk(e + full, n - full, 0, 0);
     }
   }
 };
+
+// Units of at least this many elements are applied a run at a time (unit
+// masks); shorter ones go through per-element bytes like element masks.
+constexpr int64_t kRunElements = 64;
 
 template <class O, Epilogue E, MaskSource S>
 void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end) {
@@ -406,55 +584,54 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end) {
                                                   static_cast<const typename O::BiasT*>(c.bias),
                                                   static_cast<typename O::OutT*>(c.out),
                                                   c.bias_len,
-                                                  typename Lanes<T>::V{} + static_cast<C>(c.scale)};
-  uint64_t seed = 0, offset = 0;
-  if constexpr (S == MaskSource::Draw) {
-    c.rng.unpack(seed, offset);
+                                                  typename Lanes<T>::V{} + static_cast<C>(c.scale),
+                                                  c.numel * int64_t{sizeof(typename O::OutT)} >= kStreamBytes};
+  const int64_t e_end = std::min(c.numel, g_end * kUnitsPerGroup);
+  if constexpr (S == MaskSource::Units && E != Epilogue::AddBiasResidual) {
+    const UnitLayout& u = c.units;
+    if (u.inner >= kRunElements) {
+      for (int64_t e = g_begin * kUnitsPerGroup; e < e_end;) {
+        const int64_t len = std::min(u.inner - e % u.inner, e_end - e);
+        apply.run(e, len, bit_at(c.mask_in, (e / u.block) * u.channels + (e / u.inner) % u.channels));
+        e += len;
+      }
+      return;
+    }
   }
   const int64_t full_groups = c.numel / kUnitsPerGroup;
   const int64_t tail = c.numel % kUnitsPerGroup;
-  // Only bias reads need each group's column.
-  constexpr bool tracks_columns = E == Epilogue::AddBiasResidual;
-  int64_t col = tracks_columns ? (g_begin * kUnitsPerGroup) % c.bias_len : 0;
+  int64_t col = E == Epilogue::AddBiasResidual ? (g_begin * kUnitsPerGroup) % c.bias_len : 0;
   uint8_t local[kBlockGroups];
-
-  for (int64_t g0 = g_begin; g0 < g_end; g0 += kBlockGroups) {
-    const int64_t count = std::min(kBlockGroups, g_end - g0);
-    const uint8_t* bytes;
-    if constexpr (S == MaskSource::Draw) {
+  auto each_block = [&](auto&& block_bytes) {
+    for (int64_t g0 = g_begin; g0 < g_end; g0 += kBlockGroups) {
+      const int64_t count = std::min(kBlockGroups, g_end - g0);
+      const uint8_t* bytes = block_bytes(g0, count);
+      if (c.out == nullptr) continue;  // only the mask was asked for
+      const int64_t e = g0 * kUnitsPerGroup;
+      apply.groups(e, std::min(count * kUnitsPerGroup, c.numel - e), bytes, col);
+    }
+  };
+  if constexpr (S == MaskSource::Draw) {
+    uint64_t seed, offset;
+    c.rng.unpack(seed, offset);
+    const PhiloxLanes philox(seed, offset, c.threshold);
+    each_block([&](int64_t g0, int64_t count) {
       uint8_t* dst = c.mask_out != nullptr ? c.mask_out + g0 : local;
       if (c.shard.sharded()) {
-        draw_shard_bytes(c, seed, offset, g0, count, dst);  // padding bits stay 0
+        draw_shard_bytes(c, philox, g0, count, dst);  // padding bits stay 0
       } else {
-        draw_bytes(seed, offset, c.threshold, g0, count, dst);
+        philox.draw_bytes(g0, count, dst);
         if (tail != 0 && g0 + count > full_groups) dst[count - 1] &= (1u << tail) - 1;  // padding bits are 0
       }
-      bytes = dst;
-    } else if constexpr (S == MaskSource::Elements) {
-      bytes = c.mask_in + g0;
-    } else {
+      return static_cast<const uint8_t*>(dst);
+    });
+  } else if constexpr (S == MaskSource::Elements) {
+    each_block([&](int64_t g0, int64_t) { return c.mask_in + g0; });
+  } else {
+    each_block([&](int64_t g0, int64_t count) {
       unit_bytes(c, g0, count, local);
-      bytes = local;
-    }
-    if (c.out == nullptr) continue;  // only the mask was asked for
-    constexpr int kGroups = Lanes<T>::kGroups;
-    for (int64_t i = 0; i < count; i += kGroups) {
-      const int64_t e = (g0 + i) * kUnitsPerGroup;
-      const int64_t n = std::min(std::min<int64_t>(kGroups, count - i) * kUnitsPerGroup, c.numel - e);
-      uint32_t bits = bytes[i];
-      if constexpr (kGroups == 2) {
-        if (i + 1 < count) bits |= uint32_t{bytes[i + 1]} << kUnitsPerGroup;
-      }
-      if (n == Lanes<T>::kChunk) {
-        apply.chunk(e, bits, col);
-      } else {
-        apply.partial_chunk(e, n, bits, col);
-      }
-      if constexpr (tracks_columns) {
-        col += n;
-        while (col >= c.bias_len) col -= c.bias_len;
-      }
-    }
+      return static_cast<const uint8_t*>(local);
+    });
   }
 }
 
@@ -482,8 +659,13 @@ void run_groups_for_dtype(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   }
 }
 
-// The widening mix (kernel_call.h): a 16-bit input T, a float32 output, and a
-// residual (and bias) of T or float32; only the residual forms have it.
+// The two mixes of dtypes, where the output's differs from the input's:
+//   widening:  a 16-bit input T, a float32 output, and a residual (and bias)
+//              of T or float32: autocast's residual forms, forward;
+//   narrowing: a float32 input, a 16-bit output T, no residual: grad through
+//              a mask (or the mask drawn again) straight into the gradient of
+//              a 16-bit input whose output was float32, backward. Kept
+//              values are rounded once, from float32 to T, as in a cast.
 template <class T>
 void run_groups_widening(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   const bool float_residual = c.residual_dtype == ScalarKind::Float;
@@ -491,6 +673,7 @@ void run_groups_widening(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   if (c.epilogue == Epilogue::AddResidual) {
     return run_groups_with_source<OperandTypes<T, float, T, float>, Epilogue::AddResidual>(c, g_begin, g_end);
   }
+  if (c.epilogue != Epilogue::AddBiasResidual) throw std::logic_error("widening mix: a residual form only");
   if (float_residual && float_bias) {
     return run_groups_with_source<OperandTypes<T, float, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
   }
@@ -500,13 +683,25 @@ void run_groups_widening(const KernelCall& c, int64_t g_begin, int64_t g_end) {
   return run_groups_with_source<OperandTypes<T, T, float, float>, Epilogue::AddBiasResidual>(c, g_begin, g_end);
 }
 
+template <class T>
+void run_groups_narrowing(const KernelCall& c, int64_t g_begin, int64_t g_end) {
+  if (c.epilogue != Epilogue::Scale) throw std::logic_error("narrowing mix: Epilogue::Scale only");
+  return run_groups_with_source<OperandTypes<float, float, float, T>, Epilogue::Scale>(c, g_begin, g_end);
+}
+
 // ------------------------------------------------------ bias gradients
 
-// The keep bits of elements e .. e + n - 1 (n <= 16), at any bit offset.
-inline uint32_t bits_at(const uint8_t* mask, int64_t e, int n) {
-  uint32_t window = 0;
-  std::memcpy(&window, mask + (e >> 3), static_cast<size_t>(((e & 7) + n + 7) >> 3));
-  return (window >> (e & 7)) & ((uint32_t{1} << n) - 1);
+// The keep bits of elements e .. e + 56 (or to the mask's end, then 0s):
+// one unaligned 8-byte read where the mask has 8 bytes left.
+inline uint64_t mask_window(const uint8_t* mask, int64_t mask_len, int64_t e) {
+  const int64_t byte = e >> 3;
+  uint64_t window = 0;
+  if (byte + 8 <= mask_len) {
+    std::memcpy(&window, mask + byte, 8);
+  } else {
+    std::memcpy(&window, mask + byte, static_cast<size_t>(mask_len - byte));
+  }
+  return window >> (e & 7);
 }
 
 // v rounded to T (round to nearest even, canonical NaN), as store() rounds.
@@ -517,78 +712,107 @@ inline void store_one(T* p, typename Lanes<T>::C v) {
   *p = lanes[0];
 }
 
-// One (chunk, tile) of a bias gradient (column_sums.h): grad_input = keep ?
-// grad * s : 0 over the chunk's rows and the tile's columns, its lane sums
-// in row order, folded in lane order into `target`: the chunk's row of
-// accumulators, or, with one chunk, the T result.
+// A range of a bias gradient (column_sums.h): chunks [chunk_begin,
+// chunk_end) of columns [col_begin, col_end). grad_input = keep ? grad * s : 0
+// is written over it; each column's sums are added in the plan's order:
+// rows in order into their lane's accumulator, then the lanes in order. Each
+// chunk's sums go to `partial` (a row of accumulators per chunk), or, with
+// partial == nullptr and all chunks in the range, are added in chunk order
+// and rounded once into the T result.
+//
+// Memory is read in runs as long as the accumulators allow (column_block):
+// where the range is whole rows whose lanes' accumulators fit, a chunk is one
+// run, element i of it adding into accumulator i % (lanes x cols), its
+// lane's for its column; otherwise a row's block of columns at a time. (Rows
+// read in blocks took half again as long as rows read whole, measured with
+// benchmarks/kernel_speed.cpp.)
 template <class T>
-void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, int64_t task, void* target) {
+void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, const ColumnRange& range, void* partial,
+                       void* scratch) {
   using L = Lanes<T>;
   using C = typename L::C;
   using V = typename L::V;
   constexpr int kChunk = L::kChunk;
-  const int64_t chunk = task / plan.tiles, tile = task % plan.tiles;
-  const int64_t width = int64_t{kUnitsPerGroup} * plan.column_groups;
-  const int64_t col0 = tile * width, cols = std::min(plan.cols - col0, width);
-  const int64_t begin = chunk * plan.chunk_rows, end = std::min(plan.rows, begin + plan.chunk_rows);
   const T* grad = static_cast<const T*>(c.in);
   T* out = static_cast<T*>(c.out);
+  const int64_t mask_len = mask_bytes(c.numel);
   const V scale = V{} + static_cast<C>(c.scale);
-  // At most lanes x cols <= 8 x kColumnSumThreads sums, in rows rounded up
-  // to whole vectors, or in one run with a vector of slack.
-  alignas(64) C sums[kColumnSumThreads * std::max(kUnitsPerGroup, kChunk) + kChunk];
+  const int64_t lanes = plan.lanes;
+  const int64_t most = column_block(plan, range);
+  const bool whole_rows = range.whole_rows(plan) && most == plan.cols;
+  static_assert(kChunk <= 64, "column_sum_slots() leaves 64 accumulators of slack");
+  C* sums = static_cast<C*>(scratch);        // a vector of slack past them: whole vectors add +0 there
+  C* folded = sums + lanes * most + kChunk;  // the chunks' sums so far, by column
 
-  // grad_input of elements [e, e + count), added into acc[0, count). Whole
-  // vectors: past `count` it adds +0, which changes no sum.
-  auto segment = [&](int64_t e, int64_t count, C* acc) {
-    for (int64_t k = 0; k < count; k += kChunk) {
-      const int n = static_cast<int>(std::min<int64_t>(kChunk, count - k));
-      const uint32_t bits = bits_at(c.mask_in, e + k, n);
-      T x[kChunk] = {}, y[kChunk];
-      const T* src = n == kChunk ? grad + e + k : x;
-      T* dst = n == kChunk ? out + e + k : y;
-      if (n < kChunk) std::memcpy(x, grad + e + k, sizeof(T) * n);
-      for (int q = 0; q < L::kParts; ++q) {
-        const int first = q * L::kWidth;
-        const V kept = L::kept_canonical(L::load(src + first) * scale);
-        const V value = L::blend(L::keep_mask(bits >> first), kept, V{});
-        L::store(dst + first, value);
-        V sum;
-        std::memcpy(&sum, acc + k + first, sizeof(V));
-        sum += value;
-        std::memcpy(acc + k + first, &sum, sizeof(V));
+  const bool streaming = c.numel * int64_t{sizeof(T)} >= kStreamBytes;
+  // grad_input of the kChunk elements at x into y, added into acc.
+  auto add_chunk = [&](const T* x, T* y, uint32_t bits, C* acc, bool stream) {
+    for (int q = 0; q < L::kParts; ++q) {
+      const int first = q * L::kWidth;
+      const V value = L::select(bits >> first, L::kept_canonical(L::load(x + first) * scale), V{});
+      L::store(y + first, value, stream);
+      V sum;
+      std::memcpy(&sum, acc + first, sizeof(V));
+      sum += value;
+      std::memcpy(acc + first, &sum, sizeof(V));
+    }
+  };
+  // grad_input of elements [e, e + count), added into acc[0, count): 32
+  // elements per read of the mask, then the rest, the last chunk through
+  // stack copies.
+  auto accumulate = [&](int64_t e, int64_t count, C* acc) {
+    int64_t k = 0;
+    for (; k + 32 <= count; k += 32) {
+      const uint64_t window = mask_window(c.mask_in, mask_len, e + k);
+      for (int h = 0; h < 32; h += kChunk) {
+        add_chunk(grad + e + k + h, out + e + k + h, static_cast<uint32_t>(window >> h), acc + k + h, streaming);
       }
-      if (n < kChunk) std::memcpy(out + e + k, y, sizeof(T) * n);
+    }
+    for (; k < count; k += kChunk) {
+      const int n = static_cast<int>(std::min<int64_t>(kChunk, count - k));
+      const uint32_t bits = static_cast<uint32_t>(mask_window(c.mask_in, mask_len, e + k)) & ((uint32_t{1} << n) - 1);
+      if (n == kChunk) {
+        add_chunk(grad + e + k, out + e + k, bits, acc + k, streaming);
+      } else {
+        T x[kChunk] = {}, y[kChunk];
+        std::memcpy(x, grad + e + k, sizeof(T) * n);
+        add_chunk(x, y, bits, acc + k, false);  // whole vectors: past n it adds +0, which changes no sum
+        std::memcpy(out + e + k, y, sizeof(T) * n);
+      }
     }
   };
 
-  // Lane l's sum of column j is sums[l * stride + j].
-  int64_t stride;
-  if (plan.tiles == 1) {
-    // The tile is whole rows: the chunk is one run of memory, and element
-    // i of it adds into sums[i % (lanes * cols)], so long runs of elements
-    // add into long runs of sums, narrow rows included.
-    stride = cols;
-    const int64_t period = plan.lanes * cols;
-    std::fill(sums, sums + period + kChunk, C(0));
-    for (int64_t i = 0, n = (end - begin) * cols; i < n;) {
-      const int64_t count = std::min(n - i, period - i % period);
-      segment(begin * cols + i, count, sums + i % period);
-      i += count;
+  for (int64_t col0 = range.col_begin; col0 < range.col_end; col0 += most) {
+    const int64_t width = std::min(most, range.col_end - col0);
+    std::fill(folded, folded + width, C(0));
+    for (int64_t chunk = range.chunk_begin; chunk < range.chunk_end; ++chunk) {
+      const int64_t begin = chunk * plan.chunk_rows, end = std::min(plan.rows, begin + plan.chunk_rows);
+      std::fill(sums, sums + lanes * width + kChunk, C(0));
+      if (whole_rows) {
+        const int64_t period = lanes * width;
+        for (int64_t i = 0, n = (end - begin) * width; i < n;) {
+          const int64_t count = std::min(n - i, period - i % period);
+          accumulate(begin * width + i, count, sums + i % period);
+          i += count;
+        }
+      } else {
+        for (int64_t r = begin; r < end; ++r) {
+          accumulate(r * plan.cols + col0, width, sums + (r - begin) % lanes * width);
+        }
+      }
+      // Lane 0's sums are never -0 (sums of values start at +0), so adding
+      // the others into them is the fold from +0.
+      for (int64_t l = 1; l < lanes; ++l) {
+        for (int64_t j = 0; j < width; ++j) sums[j] += sums[l * width + j];
+      }
+      if (partial != nullptr) {
+        std::memcpy(static_cast<C*>(partial) + chunk * plan.cols + col0, sums, sizeof(C) * width);
+      } else {
+        for (int64_t j = 0; j < width; ++j) folded[j] += sums[j];
+      }
     }
-  } else {
-    // A row of sums per lane, whole vectors apart.
-    stride = (width + kChunk - 1) / kChunk * kChunk;
-    std::fill(sums, sums + plan.lanes * stride, C(0));
-    for (int64_t r = begin; r < end; ++r) segment(r * plan.cols + col0, cols, sums + (r - begin) % plan.lanes * stride);
-  }
-  for (int64_t j = 0; j < cols; ++j) {
-    C sum = 0;
-    for (uint32_t l = 0; l < plan.lanes; ++l) sum += sums[l * stride + j];
-    if (plan.chunks == 1) {
-      store_one(static_cast<T*>(target) + col0 + j, sum);
-    } else {
-      static_cast<C*>(target)[chunk * plan.cols + col0 + j] = sum;
+    if (partial == nullptr) {
+      for (int64_t j = 0; j < width; ++j) store_one(static_cast<T*>(c.bias_grad) + col0 + j, folded[j]);
     }
   }
 }
@@ -610,33 +834,47 @@ void fold_chunks_typed(const ColumnSumPlan& plan, const void* partial, void* res
 
 // The entry points, one set per instruction set (kernel_isa.h).
 void run_groups(const KernelCall& c, int64_t g_begin, int64_t g_end) {
-  if (widening(c)) {
-    return c.dtype == ScalarKind::Half ? run_groups_widening<Half>(c, g_begin, g_end)
-                                       : run_groups_widening<BFloat16>(c, g_begin, g_end);
-  }
-  switch (c.dtype) {
-    case ScalarKind::Float:
-      return run_groups_for_dtype<float>(c, g_begin, g_end);
-    case ScalarKind::Double:
-      return run_groups_for_dtype<double>(c, g_begin, g_end);
-    case ScalarKind::Half:
-      return run_groups_for_dtype<Half>(c, g_begin, g_end);
-    case ScalarKind::BFloat16:
-      return run_groups_for_dtype<BFloat16>(c, g_begin, g_end);
-  }
+  const auto dispatch = [&] {
+    const bool half_out = c.out_dtype == ScalarKind::Half;
+    if (c.out_dtype != c.dtype && c.dtype == ScalarKind::Float) {
+      return half_out ? run_groups_narrowing<Half>(c, g_begin, g_end)
+                      : run_groups_narrowing<BFloat16>(c, g_begin, g_end);
+    }
+    if (c.out_dtype != c.dtype) {
+      return c.dtype == ScalarKind::Half ? run_groups_widening<Half>(c, g_begin, g_end)
+                                         : run_groups_widening<BFloat16>(c, g_begin, g_end);
+    }
+    switch (c.dtype) {
+      case ScalarKind::Float:
+        return run_groups_for_dtype<float>(c, g_begin, g_end);
+      case ScalarKind::Double:
+        return run_groups_for_dtype<double>(c, g_begin, g_end);
+      case ScalarKind::Half:
+        return run_groups_for_dtype<Half>(c, g_begin, g_end);
+      case ScalarKind::BFloat16:
+        return run_groups_for_dtype<BFloat16>(c, g_begin, g_end);
+    }
+  };
+  dispatch();
+  drain_stores();
 }
 
-void column_sums(const KernelCall& c, const ColumnSumPlan& plan, int64_t task, void* target) {
-  switch (c.dtype) {
-    case ScalarKind::Float:
-      return column_sums_typed<float>(c, plan, task, target);
-    case ScalarKind::Double:
-      return column_sums_typed<double>(c, plan, task, target);
-    case ScalarKind::Half:
-      return column_sums_typed<Half>(c, plan, task, target);
-    case ScalarKind::BFloat16:
-      return column_sums_typed<BFloat16>(c, plan, task, target);
-  }
+void column_sums(const KernelCall& c, const ColumnSumPlan& plan, const ColumnRange& range, void* partial,
+                 void* scratch) {
+  const auto dispatch = [&] {
+    switch (c.dtype) {
+      case ScalarKind::Float:
+        return column_sums_typed<float>(c, plan, range, partial, scratch);
+      case ScalarKind::Double:
+        return column_sums_typed<double>(c, plan, range, partial, scratch);
+      case ScalarKind::Half:
+        return column_sums_typed<Half>(c, plan, range, partial, scratch);
+      case ScalarKind::BFloat16:
+        return column_sums_typed<BFloat16>(c, plan, range, partial, scratch);
+    }
+  };
+  dispatch();
+  drain_stores();
 }
 
 void fold_chunks(const KernelCall& c, const ColumnSumPlan& plan, const void* partial, int64_t begin,

@@ -1,0 +1,178 @@
+// The CPU kernels alone (csrc/cpu/kernels.h), without torch: one KernelCall
+// into buffers allocated and touched beforehand, so no page fault, no
+// allocation and no dispatch is timed; and a Philox-only call (the mask bytes
+// drawn, nothing else read or written) as the limit of what a drawing kernel
+// can reach on this machine. Built and run by kernel_speed.py.
+//
+//   kernel_speed <mode> <dtype> <elements> <threads> <repeats> [isa]
+//
+// mode: copy (memcpy), philox, dropout, dropout_add, backward, drop_path,
+// drop_path_add, channel, bias_grad. dtype: fp32, bf16, fp16. isa: avx512,
+// avx2, baseline (default: the widest this CPU has). Threads split the work
+// as dropout_cpu.cpp does: groups in contiguous runs of whole blocks of 8; a
+// bias gradient (rows of 4096) in runs of chunks, then the chunks folded.
+// Prints the median and the best of `repeats` runs, in milliseconds, of the
+// wall time and of the process's CPU time (on a shared machine the time
+// threads spent descheduled is in the first only).
+#include <omp.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../csrc/cpu/kernel_isa.h"
+
+using namespace regdrop;
+
+namespace {
+
+struct Buffer {
+  void* data = nullptr;
+  explicit Buffer(size_t bytes) {
+    const size_t size = std::max<size_t>(bytes, 64);
+    const size_t huge = 2 << 20;
+    data = std::aligned_alloc(huge, (size + huge - 1) / huge * huge);
+    madvise(data, size, MADV_HUGEPAGE);  // as THP_MEM_ALLOC_ENABLE=1 does for torch
+    std::memset(data, 0x3C, size);       // touched: no page fault is timed
+  }
+  ~Buffer() { std::free(data); }
+};
+
+ScalarKind kind_of(const std::string& dtype) {
+  if (dtype == "bf16") return ScalarKind::BFloat16;
+  if (dtype == "fp16") return ScalarKind::Half;
+  return ScalarKind::Float;
+}
+
+cpu::KernelSet kernels_for(const std::string& isa) {
+  __builtin_cpu_init();
+  if (isa == "baseline") return cpu::baseline::kernels;
+  if (isa == "avx2" || !__builtin_cpu_supports("avx512bw")) return cpu::avx2::kernels;
+  return cpu::avx512::kernels;
+}
+
+// Groups [0, groups) in `threads` contiguous ranges, as at::parallel_for splits them.
+template <class F>
+void split(int64_t groups, F&& body) {
+#pragma omp parallel
+  {
+    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (groups + n - 1) / n;
+    const int64_t begin = std::min(groups, t * per), end = std::min(groups, begin + per);
+    if (begin < end) body(begin, end);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 6) {
+    std::fprintf(stderr, "usage: %s mode dtype elements threads repeats [isa]\n", argv[0]);
+    return 2;
+  }
+  const std::string mode = argv[1], dtype = argv[2];
+  const int64_t numel = std::atoll(argv[3]);
+  omp_set_num_threads(std::atoi(argv[4]));
+  const int repeats = std::atoi(argv[5]);
+  const cpu::KernelSet kernels = kernels_for(argc > 6 ? argv[6] : "");
+  const size_t element = dtype == "fp32" ? 4 : 2;
+  const size_t bytes = static_cast<size_t>(numel) * element;
+
+  Buffer in(bytes), out(bytes), residual(bytes), mask(static_cast<size_t>(mask_bytes(numel)));
+  std::memset(mask.data, 0xB7, static_cast<size_t>(mask_bytes(numel)));  // 6 of 8 kept
+  KernelCall c;
+  c.dtype = c.residual_dtype = c.bias_dtype = c.out_dtype = kind_of(dtype);
+  c.numel = numel;
+  c.in = in.data;
+  c.out = out.data;
+  c.scale = 1.0 / 0.9;
+  c.threshold = keep_threshold(0.1);
+  c.rng.seed = 12345;
+  const int64_t samples = 16, hidden = 4096;
+  if (mode == "philox") {
+    c.out = nullptr;
+    c.mask_out = static_cast<uint8_t*>(mask.data);
+  } else if (mode == "dropout" || mode == "dropout_add") {
+    c.mask_out = static_cast<uint8_t*>(mask.data);
+    if (mode == "dropout_add") c.residual = residual.data, c.epilogue = Epilogue::AddResidual;
+  } else if (mode == "backward" || mode == "bias_grad") {
+    c.source = MaskSource::Elements;
+    c.mask_in = static_cast<const uint8_t*>(mask.data);
+  } else if (mode == "drop_path" || mode == "drop_path_add") {
+    c.source = MaskSource::Units;
+    c.mask_in = static_cast<const uint8_t*>(mask.data);
+    c.units = UnitLayout{numel / samples, 1, numel / samples};
+    c.unit_count = samples;
+    if (mode == "drop_path_add") c.residual = residual.data, c.epilogue = Epilogue::AddResidual;
+  } else if (mode == "channel") {
+    c.source = MaskSource::Units;
+    c.mask_in = static_cast<const uint8_t*>(mask.data);
+    c.units = UnitLayout{hidden, numel / samples / hidden, numel / samples};
+    c.unit_count = numel / hidden;
+  } else if (mode != "copy") {
+    std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
+    return 2;
+  }
+  std::vector<uint8_t> bias_grad(hidden * 8);
+  ColumnSumPlan plan;
+  std::vector<float> partial;
+  if (mode == "bias_grad") {
+    c.bias_len = hidden;
+    c.bias_grad = bias_grad.data();
+    plan = ColumnSumPlan::make(numel / hidden, hidden);
+    partial.resize(plan.chunks * plan.cols);
+  }
+
+  auto run = [&] {
+    if (mode == "copy") {
+      split(numel / 8, [&](int64_t begin, int64_t end) {
+        std::memcpy(static_cast<char*>(out.data) + begin * 8 * element,
+                    static_cast<const char*>(in.data) + begin * 8 * element, (end - begin) * 8 * element);
+      });
+    } else if (mode == "bias_grad") {  // rows of 4096, chunks >= threads: as dropout_cpu.cpp splits them
+      std::vector<float> scratch[64];
+      split(plan.chunks, [&](int64_t begin, int64_t end) {
+        const cpu::ColumnRange range{begin, end, 0, plan.cols};
+        std::vector<float>& sums = scratch[omp_get_thread_num()];
+        sums.resize(cpu::column_sum_slots(plan, range));
+        kernels.column_sums(c, plan, range, omp_get_num_threads() > 1 ? partial.data() : nullptr, sums.data());
+      });
+      if (omp_get_max_threads() > 1) {
+        split(plan.cols, [&](int64_t begin, int64_t end) { kernels.fold_chunks(c, plan, partial.data(), begin, end); });
+      }
+    } else {
+      const int64_t groups = mask_bytes(numel);  // in blocks of 8 groups, as dropout_cpu.cpp splits them
+      split((groups + 7) / 8, [&](int64_t begin, int64_t end) {
+        kernels.run_groups(c, begin * 8, std::min(end * 8, groups));
+      });
+    }
+  };
+  run();  // warm-up
+  // Wall time, and the process's CPU time (on a shared machine, time the
+  // threads were descheduled is in the first, not the second).
+  auto cpu_ms = [] {
+    timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+  };
+  std::vector<double> ms, cpu;
+  for (int r = 0; r < repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    const double cpu_start = cpu_ms();
+    run();
+    cpu.push_back(cpu_ms() - cpu_start);
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  std::sort(cpu.begin(), cpu.end());
+  std::printf("%s %s %lld %d median_ms %.4f best_ms %.4f cpu_median_ms %.4f cpu_best_ms %.4f\n", mode.c_str(),
+              dtype.c_str(), static_cast<long long>(numel), omp_get_max_threads(), ms[ms.size() / 2], ms[0],
+              cpu[cpu.size() / 2], cpu[0]);
+  return 0;
+}

@@ -1,0 +1,84 @@
+"""The promise of the fused ops, checked: every row of ours at or above the
+fastest native route, measured side by side in one run. A benchmark check,
+not a timed test: timings are noisy, so CI does not run it.
+
+    python benchmarks/bench.py --check                  # measure (64K and 16M on CPU), then judge
+    python benchmarks/native_check.py FILE.json         # judge a results file
+
+Routes are judged against the native routes called the same way, so that
+neither side is charged for an autograd engine the other skips:
+- ``module`` (regdrop_ext's module, through autograd) against the fastest of
+  ``eager`` and ``compile`` (the PyTorch expression, through autograd);
+- ``raw`` (torch.ops.regdrop, called directly) against ``aten`` (the native
+  kernels, called directly), where there is one.
+The low-memory variant, which draws its mask again in backward by design,
+is not judged. Exits 1 if any row falls short of ``min_ratio`` x the
+fastest native route, or if nothing could be judged.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.results import Row, read_json  # noqa: E402
+from benchmarks.table import size_label  # noqa: E402
+
+# Which native routes each of our routes is judged against.
+JUDGED = {"module": ("eager", "compile"), "raw": ("aten",)}
+
+
+def _us(ms: float) -> str:
+    return f"{ms * 1e3:.4g} us" if ms < 1 else f"{ms:.4g} ms"
+
+
+def shortfalls(rows: Sequence[Row], min_ratio: float = 1.0) -> Tuple[List[str], List[str]]:
+    """(a line per judged row, the rows that fall short) for the rows of one run."""
+    cells: Dict[tuple, Dict[str, Row]] = {}
+    for r in rows:
+        if r.timed and r.kind != "copy":
+            cells.setdefault((r.op, r.phase, r.dtype, r.size), {})[r.variant] = r
+    lines, short = [], []
+    for (op, phase, dtype, size), routes in sorted(cells.items(), key=lambda kv: (kv[0][3], kv[0][:3])):
+        for ours, natives in JUDGED.items():
+            native = [routes[v] for v in natives if v in routes]
+            if ours not in routes or not native:
+                continue
+            mine, fastest = routes[ours], min(native, key=lambda r: r.time_ms)
+            ratio = fastest.time_ms / mine.time_ms
+            line = (
+                f"{op} {phase} {dtype} {size_label(size)}: {mine.implementation} {_us(mine.time_ms)} "
+                f"vs {fastest.implementation} {_us(fastest.time_ms)}: {ratio:.2f}x"
+            )
+            lines.append(line + ("" if ratio >= min_ratio else "  SHORT"))
+            if ratio < min_ratio:
+                short.append(line)
+    if not lines:
+        short.append("no row of ours with a native route timed in the same run")
+    return lines, short
+
+
+def report(rows: Sequence[Row], min_ratio: float = 1.0) -> int:
+    """Print the judged rows and the shortfalls; 1 if there are any."""
+    lines, short = shortfalls(rows, min_ratio)
+    print("\n".join(lines))
+    if short:
+        print(f"\n{len(short)} below {min_ratio:g}x the fastest native route:\n  " + "\n  ".join(short))
+        return 1
+    print(f"\nevery row at or above {min_ratio:g}x the fastest native route")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", help="a results JSON file (bench.py --json)")
+    parser.add_argument("--min-ratio", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    return report(read_json(args.results)["rows"], args.min_ratio)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
