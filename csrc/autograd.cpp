@@ -80,14 +80,16 @@ struct Saved {
   Shard shard;                       // low memory: the shard its bits are drawn for
 };
 
-// `grad` through backward op `op` (grad_input, and grad_bias where it has
-// one). Called through the dispatcher, with grad mode as the engine sets it,
-// so a create_graph backward records these ops for double backward.
+// `grad` through backward op `op` (grad_input, in `dtype` or grad's, and
+// grad_bias where it has one). Called through the dispatcher, with grad mode
+// as the engine sets it, so a create_graph backward records these ops for
+// double backward.
 std::pair<at::Tensor, at::Tensor> through(const OpSpec& op, const Saved& s, const at::Tensor& grad,
-                                          const at::Tensor& saved) {
+                                          const at::Tensor& saved, std::optional<at::ScalarType> dtype = {}) {
   torch::jit::Stack stack{op.unit == UnitKind::Element ? laid_out(grad, s.strides) : grad, saved, s.p};
   if (op.scale_by_keep()) stack.emplace_back(s.scale_by_keep);
   if (op.variant == Variant::LowMemoryBackward) stack.emplace_back(s.shard ? c10::IValue(*s.shard) : c10::IValue());
+  stack.emplace_back(dtype);
   handle_of(op).callBoxed(stack);
   return {stack[0].toTensor(), stack.size() > 1 ? stack[1].toTensor() : at::Tensor()};
 }
@@ -104,7 +106,7 @@ const OpSpec& without_bias(const OpSpec& op) {
 // The gradient of a forward op, whose differentiable inputs are, in schema
 // order, input, then bias, then residual. Each gradient comes in its input's
 // dtype: where dtypes mix (a bfloat16 input under a float32 residual), the
-// output's gradient is cast back to each.
+// input's in one pass by the backward op, the others cast.
 struct ForwardGradient : Node {
   explicit ForwardGradient(const OpSpec& op) : op_(op) {}
 
@@ -112,7 +114,7 @@ struct ForwardGradient : Node {
     variable_list out(num_outputs());
     const at::Tensor& grad = grads[0];
     if (!grad.defined()) return out;
-    auto [grad_input, grad_bias] = through(backward_of(op_), saved, grad, saved.saved.unpack());
+    auto [grad_input, grad_bias] = through(backward_of(op_), saved, grad, saved.saved.unpack(), dtypes[0]);
     size_t k = 0;
     out[k++] = grad_input;
     if (op_.bias) out[k++] = grad_bias;
@@ -145,7 +147,7 @@ struct BackwardGradient : Node {
       total = total.defined() ? total.add(grads[1]) : grads[1].expand_symint(sizes);
     }
     if (!total.defined()) return out;
-    out[0] = through(without_bias(op_), saved, total, saved.saved.unpack()).first;
+    out[0] = through(without_bias(op_), saved, total, saved.saved.unpack(), grad_dtype).first;
     return out;
   }
   std::string name() const override { return std::string("Regdrop_") + op_.name + "_Backward"; }
@@ -153,6 +155,7 @@ struct BackwardGradient : Node {
 
   Saved saved;
   std::vector<c10::SymInt> sizes;  // of grad (ops with a bias gradient)
+  at::ScalarType grad_dtype = at::kFloat;
 
  private:
   const OpSpec& op_;
@@ -270,7 +273,7 @@ void backward_op(const OpSpec& op, const c10::OperatorHandle& handle, torch::jit
   Saved s{SavedVariable(), a.p, a.scale_by_keep, walked_strides(a.grad), a.shard};
   // Linear in grad: the tangent goes through the same op.
   if (const at::Tensor t = tangent_of(a.grad); t.defined()) {
-    auto [t_input, t_bias] = through(op, s, t, a.saved);
+    auto [t_input, t_bias] = through(op, s, t, a.saved, a.dtype);
     grad_input._set_fw_grad(t_input, /*level=*/0, /*is_inplace_op=*/false);
     if (returns == 2) (*stack)[first + 1].toTensor()._set_fw_grad(t_bias, /*level=*/0, /*is_inplace_op=*/false);
   }
@@ -281,6 +284,7 @@ void backward_op(const OpSpec& op, const c10::OperatorHandle& handle, torch::jit
       torch::autograd::set_history({grad_input, (*stack)[first + 1].toTensor()}, node);
       node->sizes = a.grad.sym_sizes().vec();
     }
+    node->grad_dtype = a.grad.scalar_type();
     s.strides = grad_input.sym_strides().vec();
     s.saved = SavedVariable(a.saved, false);
     node->saved = std::move(s);

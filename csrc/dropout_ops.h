@@ -191,14 +191,16 @@ inline Operands promote(const at::Tensor& input, const at::Tensor& residual, con
   return {cast(input), cast(residual), cast(bias), out};
 }
 
-// A residual cast to a wider float type is a new value: its NaNs become the
-// canonical NaN, as the kernels write every NaN they compute (docs/semantics.md). 16-bit outputs need nothing: their kernels store every NaN
-// as the canonical one.
+// A value cast to another float type is a new value: its NaNs become the
+// canonical NaN, as the kernels write every NaN they compute
+// (docs/semantics.md).
 inline void canonical_nans_(at::Tensor& t) {
   if (t.scalar_type() == at::kFloat) {
     t.view(at::kInt).masked_fill_(t.isnan(), int64_t{0x7FFFFFFF});
   } else if (t.scalar_type() == at::kDouble) {
     t.view(at::kLong).masked_fill_(t.isnan(), int64_t{0x7FFFFFFFFFFFFFFF});
+  } else {
+    t.view(at::kShort).masked_fill_(t.isnan(), int64_t{0x7FFF});
   }
 }
 
@@ -273,13 +275,22 @@ struct BackwardArgs {
   double p = 0;
   bool scale_by_keep = true;
   std::optional<std::vector<int64_t>> shard;  // low-memory: the forward's
+  std::optional<at::ScalarType> dtype;        // grad_input's; default grad's
 };
+
+// Whether the kernels write a gradient of `dtype` from `grad` in one pass:
+// in grad's dtype, or narrowing a float32 gradient into a 16-bit input's
+// (kernel_call.h), the backward of the widening mix. A bias gradient is
+// summed in grad's dtype, so its ops compute in grad's and then cast.
+inline bool one_pass(const OpSpec& op, at::ScalarType grad, at::ScalarType dtype) {
+  return dtype == grad || (!op.bias && grad == at::kFloat && (dtype == at::kHalf || dtype == at::kBFloat16));
+}
 
 // A backward op: grad through the mask of its unit, with the bias gradient
 // (its sums over all but the last dimension, added in the order
 // column_sums.h fixes, in float32, float64 for float64, and rounded once to
 // grad's dtype) where the row has a bias; the low-memory backward draws its
-// element mask again from the rng_state.
+// element mask again from the rng_state. grad_input comes in `dtype`.
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> backward(const OpSpec& op, const BackwardArgs& a) {
   check_probability(a.p);
@@ -295,7 +306,10 @@ std::tuple<at::Tensor, at::Tensor> backward(const OpSpec& op, const BackwardArgs
   } else {
     check_mask(a.saved, w.unit_count, a.grad, "grad");
   }
-  at::Tensor out = w.new_output(w.input.scalar_type());
+  const at::ScalarType dtype = a.dtype.value_or(a.grad.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_dtype(dtype), "dtype must be float32, float64, float16 or bfloat16, got ", dtype);
+  const bool in_one_pass = one_pass(op, a.grad.scalar_type(), dtype);
+  at::Tensor out = w.new_output(in_one_pass ? dtype : a.grad.scalar_type());
   at::Tensor sums = op.bias ? at::zeros_symint({a.grad.sym_size(-1)}, a.grad.options()) : at::Tensor();
   if constexpr (Backend::kLaunches) {
     check_storage(a.saved, low_memory ? "rng_state" : "mask");
@@ -318,7 +332,12 @@ std::tuple<at::Tensor, at::Tensor> backward(const OpSpec& op, const BackwardArgs
       Backend::run(c);
     }
   }
-  return {w.output(out), sums};
+  at::Tensor grad_input = w.output(out);
+  if (!in_one_pass) {
+    grad_input = grad_input.to(dtype);
+    canonical_nans_(grad_input);
+  }
+  return {grad_input, sums};
 }
 
 // ------------------------------------------------------ boxed registration
@@ -364,6 +383,7 @@ inline BackwardArgs backward_args(const OpSpec& op, const torch::jit::Stack& sta
   a.p = s.next().toDouble();
   if (op.scale_by_keep()) a.scale_by_keep = s.next().toBool();
   if (op.variant == Variant::LowMemoryBackward) a.shard = s.int_list();
+  a.dtype = s.next().toOptional<at::ScalarType>();
   return a;
 }
 

@@ -4,9 +4,11 @@
 //
 // The family has three axes:
 //   * dtype:       float, double, half, bfloat16 (half types compute in float),
-//                  one for every operand, or the mix autocast makes: a 16-bit
-//                  input with a float32 output and a float32 or 16-bit
-//                  residual and bias (the "widening" mix);
+//                  one for every operand, or one of two mixes: the one
+//                  autocast makes, a 16-bit input with a float32 output and a
+//                  float32 or 16-bit residual and bias (the "widening" mix),
+//                  and its gradient's, a float32 grad through the mask into
+//                  the 16-bit input's gradient (the "narrowing" mix, Scale);
 //   * mask source: draw each element's bit from Philox (element dropout),
 //                  read element bits, or read the bit of the element's unit
 //                  (channel dropout: one unit per (n, c); drop-path: one per sample);
@@ -67,8 +69,7 @@ struct PhiloxSource {
 };
 
 // The element types of a kernel's operands, for the CPU's and the CUDA
-// kernels' element types alike: one type throughout, or the widening mix (a
-// 16-bit input, a float32 output, and a residual and bias of either). All
+// kernels' element types alike: one type throughout, or a mix (above). All
 // compute in one type (float, or double throughout), so every operand loads
 // into and stores from the same registers.
 template <class In, class Residual = In, class Bias = In, class Out = In>
@@ -128,8 +129,5 @@ struct KernelCall {
 };
 
 inline int64_t mask_bytes(int64_t units) { return units / 8 + (units % 8 != 0); }
-
-// A call whose output is wider than its input: a 16-bit input, float32 out.
-inline bool widening(const KernelCall& c) { return c.out_dtype != c.dtype; }
 
 }  // namespace regdrop

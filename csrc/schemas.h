@@ -10,8 +10,10 @@
 //                of ceil(units / 8) bytes is written (torch.compile supports no op that returns
 //                both an alias of its input and a new tensor)
 //   low memory   (input[, bias][, residual], p, <rng>) -> (output, rng_state)
-//   backward     (grad, mask, p[, scale_by_keep]) -> grad_input[, grad_bias]
-//                (grad, rng_state, p, *, shard) for the low-memory ops
+//   backward     (grad, mask, p[, scale_by_keep], *, dtype) -> grad_input[, grad_bias]
+//                (grad, rng_state, p, *, shard, dtype) for the low-memory ops; grad_input
+//                in dtype (default grad's): a 16-bit input's gradient under a float32
+//                output, in one pass
 //   <rng>        Generator? generator=None, *, int? seed=None, int offset=0, int[]? shard=None
 //
 // Conventions shared by all ops (docs/semantics.md, docs/random-mapping.md):
@@ -42,6 +44,7 @@ inline std::string schema_of(const OpSpec& op) {
   if (op.family == Family::Norm) return norm::schema_of(op.name);
   const std::string rng = "Generator? generator=None, *, int? seed=None, int offset=0, int[]? shard=None";
   const std::string keep = op.scale_by_keep() ? ", bool scale_by_keep=True" : "";
+  const std::string dtype = "ScalarType? dtype=None";  // a backward's grad_input: grad's by default
   std::string tensors = "Tensor input";
   if (op.bias) tensors += ", Tensor bias";
   if (op.residual) tensors += ", Tensor residual";
@@ -55,10 +58,10 @@ inline std::string schema_of(const OpSpec& op) {
       return std::string(op.name) + "(" + tensors + ", float p" + keep + ", " + rng +
              ") -> (Tensor output, Tensor rng_state)";
     case Variant::Backward:
-      return std::string(op.name) + "(Tensor grad, Tensor mask, float p" + keep + ") -> " +
+      return std::string(op.name) + "(Tensor grad, Tensor mask, float p" + keep + ", *, " + dtype + ") -> " +
              (op.bias ? "(Tensor grad_input, Tensor grad_bias)" : "Tensor");
     case Variant::LowMemoryBackward:
-      return std::string(op.name) + "(Tensor grad, Tensor rng_state, float p" + keep + ", *, int[]? shard=None) -> Tensor";
+      return std::string(op.name) + "(Tensor grad, Tensor rng_state, float p" + keep + ", *, int[]? shard=None, " + dtype + ") -> Tensor";
   }
   return {};
 }

@@ -279,6 +279,8 @@ def every_kernel_name():
             ("fp32/{0}", "AddBiasResidual", "DrawShard"), ("{0}/fp32", "AddBiasResidual", "DrawShard"),
         ]:
             names.add(f"elementwise {name}/{operands.format(name)}->fp32 {epilogue} {source}")
+        for source in ("Draw", "DrawShard", "Elements", "UnitPerGroup", "UnitRuns"):  # the narrowing mix, backward
+            names.add(f"elementwise fp32/fp32/fp32->{name} Scale {source}")
     return names
 
 
@@ -319,6 +321,12 @@ def run_every_kernel(check):
                     check("bias_dropout_add", x, bias, residual, 0.5, seed=1, shard=(3, 13, 29))
                 for shape in [(4, 16), (4, 5)]:
                     check("drop_path_add", t(shape, 5), t(shape, 6, dtype=torch.float32), 0.5, seed=1)
+                    sample_mask = torch.ops.regdrop.drop_path(torch.empty(shape), 0.5, seed=1)[1]
+                    check("drop_path_backward", t(shape, 6, dtype=torch.float32), sample_mask, 0.5, dtype=dtype)
+                check("dropout_backward", wide, mask, 0.5, dtype=dtype)
+                state = torch.tensor([5, 8])
+                check("dropout_low_memory_backward", wide, state, 0.5, dtype=dtype)
+                check("dropout_low_memory_backward", wide, state, 0.5, dtype=dtype, shard=(8, 16, 40))
 
 
 @pytest.mark.parametrize("kernels", ["emulated", pytest.param("cuda", marks=requires_cuda)])
@@ -459,6 +467,15 @@ def test_emulation_widening_mix(emulation, dtype, numel, aligned):
     for shape in [(4, 16), (3, 13)]:
         compare(emulation, "drop_path_add", make(shape, dtype, seed=6, aligned=aligned),
                 make(shape, torch.float32, seed=7, aligned=aligned), 0.3, seed=1)
+    # Their gradients, narrowed: a float32 grad into the 16-bit input's, in one pass.
+    wide = make((numel,), torch.float32, seed=8, aligned=aligned)
+    _, mask = compare(emulation, "dropout_add", x, wide, 0.3, seed=1)
+    compare(emulation, "dropout_backward", wide, mask, 0.3, dtype=dtype)
+    _, state = compare(emulation, "dropout_add_low_memory", x, wide, 0.3, seed=1)
+    compare(emulation, "dropout_low_memory_backward", wide, state, 0.3, dtype=dtype)
+    for shape in [(4, 16), (3, 13)]:
+        grad = make(shape, torch.float32, seed=9, aligned=aligned)
+        compare(emulation, "drop_path_backward", grad, torch.tensor([0b101], dtype=torch.uint8), 0.3, dtype=dtype)
 
 
 def test_emulation_bias_gradient_of_many_rows(emulation):

@@ -119,6 +119,44 @@ def test_the_widening_mix_runs_in_one_pass_and_rare_mixes_cast(device, half):
     assert _copies_made(lambda: ops.dropout_add(x, wide.to(other), 0.5)) > 0
 
 
+@pytest.mark.parametrize("op", ["dropout_add", "dropout_add_low_memory", "drop_path_add", "bias_dropout_add"])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=str)
+def test_the_widening_mixs_input_gradient_is_narrowed_in_one_pass(device, op, half):
+    """The backward of the widening mix: the float32 output's gradient goes
+    through the mask straight into the 16-bit input's, with no cast or copy
+    (a bias gradient is summed in float32: there the input's gradient is cast
+    after). Its values: float32 through the mask, rounded once; its NaNs the
+    canonical one, cast or narrowed alike."""
+    call, keep_of, uses_bias = OPS[op]
+    x, b, r = operands((half, torch.float32, torch.float32), device)
+    x.requires_grad_()
+    out, mask = call(x, b, r, 0.3)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    grad[0, :8] = float("nan")
+    copies = _copies_made(lambda: out.backward(grad))
+    assert (copies > 0) == uses_bias
+    keep = keep_of(mask, x)
+    expected = torch.where(keep, grad * keep_scale(0.3), 0).to(half)
+    int_dtype, canonical = CANONICAL[half]
+    expected.view(int_dtype)[expected.isnan()] = canonical
+    assert torch.equal(x.grad.view(int_dtype), expected.view(int_dtype))
+
+
+def test_a_backward_ops_dtype_is_its_input_gradients(device):
+    """``dtype`` gives grad_input's dtype: a narrowing in one pass, any other
+    a cast; grad_bias stays in grad's. A dtype that is not a float is refused
+    by name."""
+    grad = torch.randn(6, 40, device=device)
+    mask = ops.dropout(grad, 0.3, seed=1)[1]
+    plain = ops.dropout_backward(grad, mask, 0.3)
+    for dtype in FLOATS:
+        assert torch.equal(ops.dropout_backward(grad, mask, 0.3, dtype=dtype), plain.to(dtype))
+    grad_input, grad_bias = ops.bias_dropout_add_backward(grad, mask, 0.3, dtype=torch.bfloat16)
+    assert grad_input.dtype == torch.bfloat16 and grad_bias.dtype == torch.float32
+    with pytest.raises(TypeError, match="^dtype must be"):
+        ops.dropout_backward(grad, mask, 0.3, dtype=torch.int32)
+
+
 def test_under_autocast_a_block_matches_its_eager_expression(device):
     """A Linear's output in bfloat16 (autocast) with a float32 residual and
     bias, as a transformer block under autocast has them: the fused forms

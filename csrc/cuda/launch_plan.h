@@ -20,13 +20,15 @@
 // reading element masks with Scale (backward), reading unit masks with Scale
 // (channel dropout, drop-path, their backward) and with the epilogues the
 // manifest's unit ops have (drop_path_add: sample units with AddResidual);
-// and the widening mix for the residual forms. So a new row of the manifest
-// brings the kernels it needs.
+// and the two mixes of dtypes for the residual forms: widening forward,
+// narrowing (Scale) backward. So a new row of the manifest brings the
+// kernels it needs.
 #pragma once
 
 #include <cstdint>
 #include <algorithm>
 #include <stdexcept>
+#include <type_traits>
 
 #include "../column_sums.h"
 #include "../include/regdrop/manifest.h"
@@ -189,11 +191,31 @@ constexpr bool manifest_reads_units(UnitKind unit, Epilogue e) {
   return false;
 }
 
+// Whether a backward op of the manifest narrows through `unit` units: that
+// of a residual form, whose 16-bit input under a float32 residual gets its
+// gradient from the float32 output's.
+constexpr bool manifest_narrows_units(UnitKind unit) {
+  for (const OpSpec& op : kOps) {
+    if (op.is_forward() && op.unit == unit && op.residual) return true;
+  }
+  return false;
+}
+
+template <class O>
+constexpr bool narrowing_operands() {
+  return std::is_same_v<typename O::InT, float> && !std::is_same_v<typename O::OutT, float>;
+}
+
+template <class O, Epilogue E>
+constexpr bool launches_units(UnitKind unit) {
+  return narrowing_operands<O>() ? manifest_narrows_units(unit) : manifest_reads_units(unit, E);
+}
+
 // Units in runs of elements (samples, contiguous channels), or channels-last.
 template <class O, Epilogue E, class Executor>
 void launch_unit_source(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
-  constexpr bool runs = manifest_reads_units(UnitKind::Sample, E) || manifest_reads_units(UnitKind::Channel, E);
-  constexpr bool channels_last = manifest_reads_units(UnitKind::Channel, E);
+  constexpr bool runs = launches_units<O, E>(UnitKind::Sample) || launches_units<O, E>(UnitKind::Channel);
+  constexpr bool channels_last = launches_units<O, E>(UnitKind::Channel);
   const BitSource source = unit_source(c.units);
   if constexpr (runs) {
     if (source == BitSource::UnitPerGroup) return launch_elementwise<O, E, BitSource::UnitPerGroup>(c, exec, limits);
@@ -234,6 +256,24 @@ void launch_widening(const KernelCall& c, Executor& exec, const LaunchLimits& li
     }
     if (float_residual) return launch_drawing<OperandTypes<T, float, T, float>, E>(c, exec, limits);
     return launch_drawing<OperandTypes<T, T, float, float>, E>(c, exec, limits);
+  }
+  throw std::logic_error("no CUDA kernel for this mix of dtypes");
+}
+
+// The narrowing mix (kernel_call.h): a float32 grad through a mask into a
+// 16-bit T gradient; the backward ops of the residual forms without a bias.
+template <class T, class Executor>
+void launch_narrowing(const KernelCall& c, Executor& exec, const LaunchLimits& limits) {
+  using O = OperandTypes<float, float, float, T>;
+  if (c.epilogue == Epilogue::Scale && c.bias_grad == nullptr) {
+    switch (c.source) {
+      case MaskSource::Draw:
+        return launch_drawing<O, Epilogue::Scale>(c, exec, limits);
+      case MaskSource::Elements:
+        return launch_elementwise<O, Epilogue::Scale, BitSource::Elements>(c, exec, limits);
+      case MaskSource::Units:
+        return launch_unit_source<O, Epilogue::Scale>(c, exec, limits);
+    }
   }
   throw std::logic_error("no CUDA kernel for this mix of dtypes");
 }
@@ -323,7 +363,11 @@ void launch(const KernelCall& c, Executor& exec, const LaunchLimits& limits = {}
   using namespace plan_detail;
   if (c.numel == 0) return;
   if (c.out == nullptr) return launch_draw_mask(c, exec, limits);
-  if (widening(c)) {
+  if (c.out_dtype != c.dtype && c.dtype == ScalarKind::Float) {
+    return c.out_dtype == ScalarKind::Half ? launch_narrowing<Half>(c, exec, limits)
+                                           : launch_narrowing<BFloat16>(c, exec, limits);
+  }
+  if (c.out_dtype != c.dtype) {
     return c.dtype == ScalarKind::Half ? launch_widening<Half>(c, exec, limits)
                                        : launch_widening<BFloat16>(c, exec, limits);
   }
