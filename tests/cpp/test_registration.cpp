@@ -2,6 +2,7 @@
 // no symbol of the library and is linked with --as-needed (CMakeLists.txt):
 // the manifest and the API are headers.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/op_registration/infer_schema.h>
 #include <gtest/gtest.h>
 
 #include <regdrop/manifest.h>
@@ -39,18 +40,27 @@ TEST(Registration, EveryRegisteredOpIsInTheManifest) {
   }
 }
 
+// The difference between function `fn` of regdrop.h and its op's schema, or
+// nullopt. find_op makes the same check on a function's first call; this
+// makes it for every function without calling any.
+#define REGDROP_SIGNATURE_DIFFERENCE(fn)                                                   \
+  c10::findSchemaDifferences(c10::inferFunctionSchemaFlattenedReturns<decltype(regdrop::fn)>(), \
+                             c10::Dispatcher::singleton().findSchemaOrThrow("regdrop::" #fn, "").schema())
+#define EXPECT_MATCHES_SCHEMA(fn) \
+  EXPECT_FALSE(REGDROP_SIGNATURE_DIFFERENCE(fn).has_value()) << #fn ": " << REGDROP_SIGNATURE_DIFFERENCE(fn).value_or("");
+
 TEST(Registration, TheApiTypesEveryOpAsItsSchema) {
-  // Each function of regdrop.h checks its signature against the op's schema
-  // the first time it is called (TypedOperatorHandle); the norm family's are
-  // written out, so call them once.
-  const at::Tensor x = at::ones({2, 8});
-  const auto [out, residual_out, mask, mean, rstd] =
-      regdrop::dropout_add_norm(x, x, std::nullopt, std::nullopt, 0.5, 1e-5, false, std::nullopt, false, true, false,
-                                std::nullopt, /*seed=*/1);
-  regdrop::dropout_add_norm_backward(out, std::nullopt, residual_out, mask, mean, rstd, std::nullopt, 0.5);
-  const auto low = regdrop::dropout_add_norm_low_memory(x, x, std::nullopt, std::nullopt, 0.5, 1e-5, true);
-  regdrop::dropout_add_norm_low_memory_backward(std::get<0>(low), std::nullopt, std::get<1>(low), std::get<2>(low),
-                                                std::get<3>(low), std::get<4>(low), std::nullopt, 0.5, true);
+#define EXPECT_FORWARD(name, unit, operands, in_place, low_memory) \
+  EXPECT_MATCHES_SCHEMA(name)                                      \
+  REGDROP_IF_##in_place(EXPECT_MATCHES_SCHEMA(name##_)) REGDROP_IF_##low_memory(EXPECT_MATCHES_SCHEMA(name##_low_memory))
+#define EXPECT_BACKWARD(name, unit, gradients, saved) EXPECT_MATCHES_SCHEMA(name)
+#define EXPECT_NORM(name, kind) EXPECT_MATCHES_SCHEMA(name)
+  REGDROP_FORWARD_OPS(EXPECT_FORWARD)
+  REGDROP_BACKWARD_OPS(EXPECT_BACKWARD)
+  REGDROP_NORM_OPS(EXPECT_NORM)
+#undef EXPECT_FORWARD
+#undef EXPECT_BACKWARD
+#undef EXPECT_NORM
 }
 
 }  // namespace

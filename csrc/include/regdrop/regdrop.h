@@ -17,8 +17,9 @@
 //       written; mask: uint8, ceil(units / 8) bytes
 //   std::tuple<at::Tensor, at::Tensor> name_low_memory(input, ..., p, ...);  with LOW_MEMORY: (output, rng_state)
 //
-// and for each backward row: name(grad, mask, p[, scale_by_keep = true]) -> grad_input, or
-// (grad_input, grad_bias); dropout_low_memory_backward(grad, rng_state, p, shard = nullopt).
+// and for each backward row: name(grad, mask, p[, scale_by_keep = true], dtype = nullopt) ->
+// grad_input (in `dtype`, default grad's), or (grad_input, grad_bias);
+// dropout_low_memory_backward(grad, rng_state, p, shard = nullopt, dtype = nullopt).
 //
 // Masks are uint8 with ceil(units / 8) bytes: bit i % 8 of byte i / 8 keeps
 // unit i (docs/semantics.md). Random ops draw from `generator` (default: the
@@ -31,6 +32,7 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/op_registration/infer_schema.h>
 #include <c10/util/OptionalArrayRef.h>
 
 #include <cstdint>
@@ -43,11 +45,18 @@ namespace regdrop {
 
 namespace detail {
 
-// The typed handle of op `name`. The dispatcher checks that Signature is the
-// op's schema, so each function below takes exactly its parameter types.
+// The typed handle of op `name`. The ops' kernels are boxed, so the
+// dispatcher has no C++ signature to hold Signature against; this checks it
+// against the schema, so a function below that falls out of step with its
+// schema (a parameter added to one, not the other) fails on its first call
+// with the difference, instead of calling the op with a misaligned stack.
 template <class Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+  const c10::OperatorHandle handle = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  const std::optional<std::string> difference =
+      c10::findSchemaDifferences(c10::inferFunctionSchemaFlattenedReturns<Signature>(), handle.schema());
+  TORCH_CHECK(!difference, "regdrop.h: the function for ", name, " does not match its schema: ", *difference);
+  return handle.typed<Signature>();
 }
 
 }  // namespace detail
@@ -100,9 +109,10 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 #define REGDROP_BACKWARD_FUNCTIONS(name, unit, gradients, saved)                                            \
   inline REGDROP_RESULT_##gradients name(const at::Tensor& grad, REGDROP_SAVED_PARAMS_##saved                \
-                                             REGDROP_UNIT_PARAMS_##unit REGDROP_SAVED_TAIL_PARAMS_##saved) { \
+                                             REGDROP_UNIT_PARAMS_##unit REGDROP_SAVED_TAIL_PARAMS_##saved,   \
+                                         std::optional<at::ScalarType> dtype = std::nullopt) {               \
     REGDROP_CALL(name, grad, REGDROP_SAVED_NAMES_##saved REGDROP_UNIT_NAMES_##unit                          \
-                                 REGDROP_SAVED_TAIL_NAMES_##saved)                                          \
+                                 REGDROP_SAVED_TAIL_NAMES_##saved, dtype)                                   \
   }
 
 REGDROP_FORWARD_OPS(REGDROP_FORWARD_FUNCTIONS)
