@@ -3,7 +3,7 @@
 Importing the package loads the C++/CUDA library, which registers the ops of
 the manifest as ``torch.ops.regdrop.*`` with their kernels, meta kernels and
 autograd; then the in-place ops' functionalization (``_ops``), the vmap rules
-(``batching``) and the DTensor handlers (``dtensor``). The package exports
+(``batching``, and ``norm_batching`` for the norm family) and the DTensor handlers (``dtensor``). The package exports
 every function of ``functional`` and every module of ``modules``.
 """
 
@@ -14,9 +14,10 @@ load_compiled_library()  # registers torch.ops.regdrop, or says why it cannot
 from ._built_against import VERSION as __version__  # noqa: E402  (0.1.0+torch2.13.0cpu: names its torch)
 
 from . import _ops  # noqa: E402, F401  (the in-place ops' functionalization)
-from . import batching  # noqa: E402
+from . import batching, norm_batching  # noqa: E402
 
 batching.register()
+norm_batching.register()
 from . import dtensor  # noqa: E402
 
 dtensor.register_when_imported()  # DTensor handlers, once torch.distributed.tensor is imported

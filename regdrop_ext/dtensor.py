@@ -342,13 +342,17 @@ def _backward(op, args, kwargs):
 
 
 def register() -> None:
-    """Registers the handlers with DTensor's dispatcher (done at the import of
-    torch.distributed.tensor, or at regdrop_ext's if that came first)."""
+    """Registers the handlers with DTensor's dispatcher, the norm family's
+    (norm_dtensor) too (done at the import of torch.distributed.tensor, or at
+    regdrop_ext's if that came first)."""
     from torch.distributed.tensor import DTensor
+
+    from . import norm_dtensor
 
     handlers = DTensor._op_dispatcher._custom_op_handlers
     for spec in manifest.ops():
         handlers[spec.op.default] = _forward if spec.is_forward else _backward
+    norm_dtensor.register(handlers)
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

@@ -1,4 +1,4 @@
-"""regdrop_ext on DTensors (regdrop_ext/dtensor.py): a sharded call gives
+"""regdrop_ext on DTensors (regdrop_ext/dtensor.py, norm_dtensor.py): a sharded call gives
 exactly the output and the gradients of the same call on the whole tensor,
 for every op, placement and mesh, and a tensor-parallel MLP block trains as
 the same block does in one process. CPU processes, gloo, a file store in
@@ -366,6 +366,7 @@ def _two_ranks(rank: int, world: int) -> list:
     check_saved_shapes(bad, mesh, world)
     check_generators_in_step(bad, mesh, [((1, 6), [Shard(0)]), ((1, 1), [Shard(1)]), ((5, 4), [Shard(1)]),
                                          ((3, 4), [Replicate()])])  # fmt: skip
+    check_norm_ops(bad, mesh, rank)  # in this spawn: starting the processes is most of a spawn's time
     return bad
 
 
@@ -577,3 +578,109 @@ def _tensor_parallel(rank: int, world: int) -> list:
 
 def test_tensor_parallel_mlp_matches_one_process_and_trains_alike(tmp_path):
     spawn(_tensor_parallel, 2, tmp_path)
+
+
+# --- the norm ops: dropout + residual + LayerNorm / RMSNorm (regdrop_ext/norm_dtensor.py) ---
+
+
+def _norm_case(name: str, api: bool):
+    """call(t) -> (output, residual_out[, mean, rstd]): the raw op with seed=, or the functional form."""
+    raw = {
+        "layer": lambda t: ops.dropout_add_norm(t["input"], t["residual"], t["weight"], t["bias"], P, 1e-5, False,
+                                                t["input_bias"], **SEEDED),
+        "rms": lambda t: ops.dropout_add_norm(t["input"], None, t["weight"], None, P, 1e-5, True, **SEEDED),
+        "drop_path": lambda t: ops.dropout_add_norm(t["input"], t["residual"], t["weight"], t["bias"], P,
+                                                    drop_path=True, **SEEDED),
+        "low_memory": lambda t: ops.dropout_add_norm_low_memory(t["input"], t["residual"], t["weight"], None, P,
+                                                                1e-5, True, t["input_bias"], **SEEDED),
+    }
+    public = {
+        "layer": lambda t: regdrop_ext.dropout_add_layer_norm(t["input"], t["residual"], t["weight"], t["bias"], P,
+                                                              input_bias=t["input_bias"], prenorm=True),
+        "rms": lambda t: (regdrop_ext.dropout_add_rms_norm(t["input"], None, t["weight"], P, 1e-5),),
+        "drop_path": lambda t: regdrop_ext.drop_path_add_layer_norm(t["input"], t["residual"], t["weight"],
+                                                                    t["bias"], P, prenorm=True),
+        "low_memory": lambda t: regdrop_ext.dropout_add_rms_norm(t["input"], t["residual"], t["weight"], P, 1e-5,
+                                                                 input_bias=t["input_bias"], prenorm=True,
+                                                                 low_memory=True),
+    }
+    if api:
+        return public[name]
+    return lambda t: [out for k, out in enumerate(raw[name](t)) if k != 2]  # all but the mask
+
+
+def check_norm_op(bad: Mismatches, mesh, name: str, shape, placements, api: bool, case_seed: int) -> None:
+    """A norm op on DTensors against the op on the whole tensors: output,
+    residual stream and row statistics, and the input's and residual's
+    gradients, bit for bit; the parameters' gradients (partial column sums
+    added across ranks) within float64 rounding."""
+    case = f"norm {name}{list(shape)} {list(placements)} {'generator' if api else 'seed'}"
+    try:
+        call = _norm_case(name, api)
+        g = torch.Generator().manual_seed(case_seed)
+        full = {"input": torch.randn(shape, generator=g, dtype=torch.float64),
+                "residual": torch.randn(shape, generator=g, dtype=torch.float64)}
+        full.update({k: torch.rand(shape[-1], generator=g, dtype=torch.float64) + 0.5
+                     for k in ("weight", "bias", "input_bias")})
+
+        torch.manual_seed(case_seed)
+        plain = {k: v.clone().requires_grad_() for k, v in full.items()}
+        expected = call(plain)
+        moved = torch.get_rng_state()
+        grads = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in expected[:2]]
+        torch.autograd.backward(list(expected[:2]), grads)
+
+        torch.manual_seed(case_seed)
+        wanted = {"input": placements, "residual": placements}
+        sharded = {k: distribute_tensor(v, mesh, wanted.get(k, [Replicate()]), src_data_rank=None).requires_grad_()
+                   for k, v in full.items()}  # fmt: skip
+        out = call(sharded)
+        bad.true(case, "the generator moved otherwise than in the whole-tensor call",
+                 torch.equal(torch.get_rng_state(), moved))  # fmt: skip
+        bad.true(case, f"output placements {list(out[0].placements)}, the input's {list(placements)}",
+                 list(out[0].placements) == list(placements))  # fmt: skip
+        torch.autograd.backward(list(out[:2]), [distribute_tensor(t, mesh, o.placements, src_data_rank=None)
+                                                for t, o in zip(grads, out)])  # fmt: skip
+        for k, (got, want) in enumerate(zip(out, expected)):
+            bad.equal(case, ["output", "residual_out", "mean", "rstd"][k], got.full_tensor(), want.detach())
+        for k in full:
+            if plain[k].grad is None:
+                bad.true(case, f"{k}.grad exists, but not in the whole-tensor call", sharded[k].grad is None)
+            elif k in ("input", "residual"):
+                bad.equal(case, f"{k}.grad", sharded[k].grad.full_tensor(), plain[k].grad)
+            else:
+                bad.close(case, f"{k}.grad", sharded[k].grad.full_tensor(), plain[k].grad, rtol=1e-12, atol=1e-12)
+    except Exception as e:
+        raise RuntimeError(f"case {case} raised") from e
+
+
+def check_norm_ops(bad: Mismatches, mesh, rank: int) -> None:
+    """The norm ops on every placement of a 1-D mesh, a Partial input, and a
+    shard of the normalized dim (refused)."""
+    torch.manual_seed(0)  # the same generator state on every rank
+    case_seed = 2000
+    cases = [(name, (5, 3, 7), [p]) for name in ("layer", "rms", "drop_path", "low_memory")
+             for p in (Shard(0), Shard(1), Replicate())]  # fmt: skip
+    cases += [("layer", (1, 6), [Shard(0)]), ("drop_path", (3, 2, 4), [Shard(1)])]  # an empty shard; drop-path
+    for name, shape, placements in cases:
+        for api in (False, True):
+            case_seed += 1
+            check_norm_op(bad, mesh, name, shape, placements, api, case_seed)
+
+    # A Partial input (rank 0 holds the values) is reduced first; the outputs are replicated.
+    full = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    partial = DTensor.from_local(full if rank == 0 else torch.zeros_like(full), mesh, [Partial()])
+    out = ops.dropout_add_norm(partial, None, None, None, P, seed=9)
+    bad.equal("dropout_add_norm of a Partial input", "output", out[0].full_tensor(),
+              ops.dropout_add_norm(full, None, None, None, P, seed=9)[0])  # fmt: skip
+    bad.true("dropout_add_norm of a Partial input", f"placements {out[0].placements}",
+             out[0].placements == (Replicate(),))  # fmt: skip
+
+    # A shard of the normalized dim is refused, naming the op, the placement and the fix.
+    try:
+        ops.dropout_add_norm(distribute_tensor(full, mesh, [Shard(1)]), None, None, None, P, seed=9)
+        bad.append("dropout_add_norm of a Shard(1) input of 2 dims: not refused")
+    except RuntimeError as e:
+        message = str(e)
+        bad.true("dropout_add_norm along the normalized dim", f"message: {message}",
+                 all(s in message for s in ("regdrop.dropout_add_norm", "Shard(dim=1)", "redistribute")))

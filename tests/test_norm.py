@@ -323,6 +323,21 @@ def test_drop_path_gradients(device):
     assert (x3.grad[dropped] == 0).all()
 
 
+def test_no_rows_give_empty_outputs_and_zero_parameter_gradients(device):
+    """A tensor of no rows (an empty shard's): empty outputs, and column sums
+    over no rows, zeros (never the memory they were allocated in)."""
+    _, _, w, b, ib = operands(1, 16, torch.float32, device)
+    for poison in range(3):  # allocations that reuse freed memory full of ones
+        torch.ones(4096, device=device).add_(poison)
+        leaves = [t.clone().requires_grad_() for t in (w, b, ib)]
+        x = torch.empty(0, 16, device=device, requires_grad=True)
+        out, res = N.dropout_add_layer_norm(x, x * 1, leaves[0], leaves[1], 0.3, input_bias=leaves[2], prenorm=True)
+        assert out.shape == res.shape == (0, 16)
+        (out.sum() + res.sum()).backward()
+        for t in leaves:
+            assert torch.equal(t.grad, torch.zeros_like(t))
+
+
 def test_double_backward_is_refused():
     x, r, w, b, _ = as_float64(*operands(3, 8, torch.float32)[:4], None)
     out = ops.dropout_add_norm(x, r, w, b, 0.3, seed=1)[0]

@@ -287,7 +287,13 @@ Tensors5 norm_backward(const at::Tensor& grad_output_, const std::optional<at::T
     c.bits.rng.offset_ptr = c.bits.rng.seed_ptr + 1;
     c.bits.shard = to_shard_map(shard);
   }
-  if (c.rows > 0) Backend::run_norm_backward(c);
+  if (c.rows > 0) {
+    Backend::run_norm_backward(c);
+  } else {  // column sums over no rows (an empty shard's, say): zeros, which no kernel writes
+    for (at::Tensor* t : {&grad_weight, &grad_bias, &grad_input_bias}) {
+      if (t->defined()) t->zero_();
+    }
+  }
   return {grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias};
 }
 
