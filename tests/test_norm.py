@@ -323,16 +323,21 @@ def test_drop_path_gradients(device):
     assert (x3.grad[dropped] == 0).all()
 
 
-def test_no_rows_give_empty_outputs_and_zero_parameter_gradients(device):
-    """A tensor of no rows (an empty shard's): empty outputs, and column sums
-    over no rows, zeros (never the memory they were allocated in)."""
+@pytest.mark.parametrize("drop_path, shape", [(False, (0, 16)), (True, (0, 4, 16)), (True, (3, 0, 16))],
+                         ids=["elements", "drop-path-no-samples", "drop-path-no-rows-per-sample"])
+def test_no_rows_give_empty_outputs_and_zero_parameter_gradients(device, drop_path, shape):
+    """A tensor of no rows (an empty shard's; drop-path: no samples, or
+    samples of no rows): empty outputs, and column sums over no rows, zeros
+    (never the memory they were allocated in)."""
     _, _, w, b, ib = operands(1, 16, torch.float32, device)
+    fused = N.drop_path_add_layer_norm if drop_path else N.dropout_add_layer_norm
     for poison in range(3):  # allocations that reuse freed memory full of ones
         torch.ones(4096, device=device).add_(poison)
-        leaves = [t.clone().requires_grad_() for t in (w, b, ib)]
-        x = torch.empty(0, 16, device=device, requires_grad=True)
-        out, res = N.dropout_add_layer_norm(x, x * 1, leaves[0], leaves[1], 0.3, input_bias=leaves[2], prenorm=True)
-        assert out.shape == res.shape == (0, 16)
+        leaves = [t.clone().requires_grad_() for t in ((w, b) if drop_path else (w, b, ib))]
+        x = torch.empty(shape, device=device, requires_grad=True)
+        input_bias = {} if drop_path else {"input_bias": leaves[2]}  # drop-path forms take none
+        out, res = fused(x, x * 1, leaves[0], leaves[1], 0.3, prenorm=True, **input_bias)
+        assert out.shape == res.shape == shape
         (out.sum() + res.sum()).backward()
         for t in leaves:
             assert torch.equal(t.grad, torch.zeros_like(t))

@@ -113,7 +113,10 @@ inline RowBits row_bits(const Dropout& d, const at::Tensor& input, const at::Ten
     return b;
   }
   b.element_units = !d.drop_path;
-  b.rows_per_unit = d.drop_path ? input.numel() / input.size(-1) / input.size(0) : 1;
+  // Drop-path: a sample's rows. A divisor of row numbers, so at least 1: a tensor without rows
+  // (N == 0, or a dim of 0) runs no row.
+  const int64_t rows = input.numel() / input.size(-1);
+  b.rows_per_unit = d.drop_path && rows > 0 ? rows / input.size(0) : 1;
   if (mask.defined() && mask.scalar_type() == at::kByte) b.mask_in = mask.const_data_ptr<uint8_t>();
   return b;
 }
