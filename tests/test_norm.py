@@ -189,6 +189,21 @@ def test_dropped_elements_are_selected_never_multiplied(device):
     assert not mask.any()
 
 
+def test_a_row_whose_variance_overflows_is_nan_for_layer_norm_and_zeros_for_rms_norm(device):
+    """Finite rows whose variance (mean square) overflows float32, as torch's
+    norms treat them: LayerNorm NaN, rather than rstd 0 quietly giving the
+    bias; RMSNorm zeros (rstd 0). The row beside them is unaffected."""
+    x = torch.tensor([[1.0, 1e30, 2.0], [1.0, 2.0, 4.0]], device=device)
+    b = torch.full((3,), 0.5, device=device)
+    layer = ops.dropout_add_norm(x, None, None, b, 0.0)
+    assert torch.isnan(layer[0][0]).all() and torch.isnan(F.layer_norm(x[:1], (3,), None, b)).all()
+    torch.testing.assert_close(layer[0][1], F.layer_norm(x[1], (3,), None, b))
+    rms = ops.dropout_add_norm(x, None, None, None, 0.0, 1e-5, True)[0]
+    same_bits(rms[0], torch.zeros(3, device=device))
+    same_bits(F.rms_norm(x[0], (3,)), torch.zeros(3, device=device))
+    torch.testing.assert_close(rms[1], F.rms_norm(x[1], (3,), None, 1e-5))
+
+
 def test_p_zero_and_eval_draw_nothing(device):
     x, r, w, b, _ = operands(4, 24, torch.float32, device)
     g = torch.Generator(device=device).manual_seed(3)

@@ -10,6 +10,7 @@ The extension is the one tests/test_cuda_emulation.py builds (same name,
 sources and flags: keep the two in step).
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -62,20 +63,23 @@ def compare(emulation, op, *args, **kwargs):
     return expected
 
 
-def make(shape, dtype, seed, aligned=True):
-    """Random values with a few NaNs and infinities; one element into a
-    larger storage (not 16-byte aligned) unless `aligned`."""
+def make(shape, dtype, seed, aligned=True, specials=False):
+    """Random values, one element into a larger storage (not 16-byte
+    aligned) unless `aligned`; with `specials`, a NaN, an infinity and a
+    value whose square overflows (a row whose variance does) in three rows."""
     g = torch.Generator().manual_seed(seed)
     numel = 1
     for s in shape:
         numel *= s
     values = (torch.randn(numel + 1, generator=g, dtype=torch.float64) * 2).to(dtype)
     flat = values[:numel] if aligned else values[1:]
+    if specials and numel >= 3:
+        flat[numel // 4], flat[numel // 2], flat[3 * numel // 4] = math.nan, -math.inf, torch.finfo(dtype).max / 2
     return flat.view(shape)
 
 
 def operands(rows, hidden, dtype, aligned=True, stream=None, seed=0):
-    x = make((rows, hidden), dtype, seed, aligned)
+    x = make((rows, hidden), dtype, seed, aligned, specials=True)
     r = make((rows, hidden), stream or dtype, seed + 1, aligned)
     w = make((hidden,), stream or dtype, seed + 2, aligned).abs() + 0.5
     b = make((hidden,), stream or dtype, seed + 3, aligned)

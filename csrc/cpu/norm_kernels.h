@@ -331,7 +331,8 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
         std::memcpy(&s, sv + 8 * j, sizeof(V));
         add_lanes<C>(acc, j, L, norm::squared_deviation(s, meanv), n);
       }
-      const C rstd = norm::inverse_std(norm::row_mean(norm::fold_lanes(acc, threads), inverse_hidden), eps);
+      const C rstd = norm::inverse_std(norm::row_mean(norm::fold_lanes(acc, threads), inverse_hidden), eps,
+                                          c.kind == NormKind::Layer);
       const V rstdv = V{} + rstd;
       for (int64_t j = 0; j < G; ++j) {
         const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));

@@ -339,7 +339,8 @@ struct NormForwardBlock {
     b.each([&](uint32_t tid, State& st) {
       const int64_t row = row_of(tid);
       if (row >= shape.rows) return;
-      st.rstd = norm::inverse_std(norm::row_mean(sh.b[tid & ~(per_row - 1)], inverse_hidden), compute_as<C>(p.eps_f, p.eps_d));
+      st.rstd = norm::inverse_std(norm::row_mean(sh.b[tid & ~(per_row - 1)], inverse_hidden),
+                                  compute_as<C>(p.eps_f, p.eps_d), shape.layer);
       if ((tid & (per_row - 1)) == 0) {
         static_cast<C*>(p.mean)[row] = canonical_nan(st.mean);
         static_cast<C*>(p.rstd)[row] = canonical_nan(st.rstd);

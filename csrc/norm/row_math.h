@@ -102,10 +102,18 @@ REGDROP_HOST_DEVICE double inverse_sqrt(double x) {
   return y;
 }
 
-// rstd = 1 / sqrt(var + eps), rounded once to the compute type.
+// rstd = 1 / sqrt(var + eps), rounded once to the compute type. A LayerNorm
+// variance that overflows (a finite row such as [1, 1e30] in float32) gives
+// NaN, as torch's layer_norm does, rather than rstd 0, which would quietly
+// turn the row into its bias; an RMSNorm mean square that overflows gives 0,
+// as torch's rms_norm does (its finite elements normalize to zeros).
 template <class C>
-REGDROP_HOST_DEVICE C inverse_std(C var, C eps) {
-  return static_cast<C>(inverse_sqrt(static_cast<double>(add_rn(var, eps))));
+REGDROP_HOST_DEVICE C inverse_std(C var, C eps, bool layer) {
+  const C sum = add_rn(var, eps);
+  if (layer && sum == static_cast<C>(double_from_bits64(0x7FF0000000000000ull))) {
+    return static_cast<C>(double_from_bits64(0x7FF8000000000000ull));
+  }
+  return static_cast<C>(inverse_sqrt(static_cast<double>(sum)));
 }
 
 // ds = rstd * ((dz - a) - z * b), a = row mean of dz (+0 for RMSNorm), b = row mean of dz * z.
