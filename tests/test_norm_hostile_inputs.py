@@ -77,7 +77,8 @@ def check_outcome(error, expected):
 
 
 def bits(t):
-    return t if t.dtype == torch.bool else t.contiguous().reshape(-1).view(torch.uint8)
+    # A copy: contiguous() of one element keeps its stride, which view(uint8) refuses.
+    return t if t.dtype == torch.bool else t.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
 
 
 def on_meta(value):
