@@ -55,8 +55,10 @@ echo "== machine-code gate (sm_80, sm_90)"
 gate "$(ls "$work"/site/regdrop_ext/_C*.so)" --require sm_80,sm_90
 
 echo "== the kernels built with -use_fast_math: no contraction, no flushing"
-nvcc -fatbin "${archs[@]}" -O3 -use_fast_math -std=c++17 -Icsrc -o "$work/fast_math.fatbin" csrc/cuda/kernels.cu
-gate "$work/fast_math.fatbin" --require sm_80,sm_90 --checks contraction
+for cu in kernels norm_kernels; do
+  nvcc -fatbin "${archs[@]}" -O3 -use_fast_math -std=c++17 -Icsrc -o "$work/$cu.fast_math.fatbin" "csrc/cuda/$cu.cu"
+  gate "$work/$cu.fast_math.fatbin" --require sm_80,sm_90 --checks contraction
+done
 
 echo "== the gate refuses a contracting probe built with --fmad=true, and only that"
 nvcc -fatbin "${archs[@]}" -O3 --fmad=true -o "$work/probe.fatbin" .ci/contraction_probe.cu

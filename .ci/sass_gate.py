@@ -174,6 +174,13 @@ def column_sum_unroll() -> int:
     return int(re.search(r"kColumnSumUnroll = (\d+);", text).group(1))
 
 
+def row_groups_per_thread() -> int:
+    """Groups of 8 a cached norm row kernel's thread holds, unrolled, from
+    entry to exit (csrc/norm/row_order.h)."""
+    text = (ROOT / "csrc" / "norm" / "row_order.h").read_text()
+    return int(re.search(r"kRowGroupsPerThread = (\d+);", text).group(1))
+
+
 @dataclass
 class Kernel:
     """What the table says of one kernel, from its demangled name."""
@@ -182,6 +189,15 @@ class Kernel:
     element_bytes: int = 0  # of its output; 0: no vector path (not a streaming kernel)
     bytes_per_group: float = 0.0
     groups_per_pass: int = 1  # per thread from entry to exit, or per trip around its loop
+    floor_share: float = 1.0  # of its machine's floor
+
+
+# The norm row kernels add each row twice (barriers, shuffles and shared
+# memory a streaming kernel has none of), so they are held to a copy's
+# bandwidth (0.8 x the 1.25 x copy floor), as the fused-norm issue asks,
+# rather than to 1.25 x a copy: issue can then still limit them, but only
+# where a copy's own bandwidth would.
+ROW_KERNEL_FLOOR_SHARE = 0.8
 
 
 def classify(name: str):
@@ -218,7 +234,8 @@ def classify(name: str):
         # grad_residual; both a mask byte. Its 128-bit stores: 8 elements of
         # each written tensor per group.
         size, stream = ELEMENT_BYTES[types[0]], ELEMENT_BYTES[types[1]]
-        return Kernel(label, size + stream, 8 * 2 * (size + stream) + 1)
+        return Kernel(label, size + stream, 8 * 2 * (size + stream) + 1, row_groups_per_thread(),
+                      ROW_KERNEL_FLOOR_SHARE)
     m = re.match(r"regdrop::cuda::norm_kernels::norm_fold_chunks_kernel<(.+)>", name)
     if m:
         return Kernel(f"norm_fold_chunks {DTYPE_NAMES[m.group(1)]}")
@@ -515,7 +532,7 @@ def gate_architecture(arch, machine, functions, resources, names, only_contracti
         stores128 = sum(i.opcode.startswith("STG.E.128") for i in instrs)
         row = {"kernel": kernel.label, "regs": r.get("REG", 0), "spill": local, "calls": calls, "ld128": loads128,
                "st128": stores128, "vector": None, "bound": None, "vector_tbps": None, "scalar": None,
-               "scalar_tbps": None}
+               "scalar_tbps": None, "floor": None}
         if local:
             failures.append(f"{arch} {kernel.label}: local memory (spills or a stack frame)")
         if calls:
@@ -531,9 +548,10 @@ def gate_architecture(arch, machine, functions, resources, names, only_contracti
             else:
                 row["vector"], row["bound"] = vector.slots / kernel.groups_per_pass, vector.pipe
                 row["vector_tbps"] = ceiling(machine, kernel, row["vector"])
-                if row["vector_tbps"] < machine.floor_tbps:
+                floor = row["floor"] = round(machine.floor_tbps * kernel.floor_share, 2)
+                if row["vector_tbps"] < floor:
                     failures.append(f"{arch} {kernel.label}: issue ceiling {row['vector_tbps']:.2f} TB/s "
-                                    f"< {machine.floor_tbps} ({vector.pipe}-bound)")
+                                    f"< {floor} ({vector.pipe}-bound)")
             if scalar is not None:
                 row["scalar"] = scalar.slots / kernel.groups_per_pass
                 row["scalar_tbps"] = ceiling(machine, kernel, row["scalar"])
@@ -543,14 +561,14 @@ def gate_architecture(arch, machine, functions, resources, names, only_contracti
 
 def print_table(arch, machine, rows, markdown):
     header = ["kernel", "regs", "spill", "calls", "ld128", "st128", "vector slots/group", "bound by", "TB/s",
-              "scalar slots/group", "TB/s"]
+              "floor", "scalar slots/group", "TB/s"]
 
     def number(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
 
     cells = [[row["kernel"], str(row["regs"]), str(row["spill"]), str(row["calls"]), str(row["ld128"]),
               str(row["st128"]), number(row["vector"], 0), row["bound"] or "-", number(row["vector_tbps"], 2),
-              number(row["scalar"], 0), number(row["scalar_tbps"], 2)] for row in rows]
+              number(row["floor"], 2), number(row["scalar"], 0), number(row["scalar_tbps"], 2)] for row in rows]
     print(f"\n{arch} ({machine.gpu}: {machine.sms} SMs x {machine.clock_hz / 1e9:.2f} GHz; "
           f"floor {machine.floor_tbps} TB/s = {machine.floor_why})")
     if markdown:

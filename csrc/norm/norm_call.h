@@ -19,7 +19,7 @@
 //   grad_residual = ds;  grad_input = keep ? ds * scale : 0
 //   grad_weight = col_sum(grad_output * z), grad_bias = col_sum(grad_output),
 //   grad_input_bias = col_sum(grad_input before rounding)
-// in the order row_order.h fixes, each operation rounded once (arith.h).
+// in the order row_order.h fixes, each operation rounded once (rounding.h).
 #pragma once
 
 #include <cstdint>

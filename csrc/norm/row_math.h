@@ -1,6 +1,6 @@
 // The norm family's arithmetic, written once for the CPU kernels (V a GCC
 // vector, one element per lane) and the CUDA bodies (V a scalar); norm_call.h
-// states the formulas. Every operation is rounded on its own (arith.h), in
+// states the formulas. Every operation is rounded on its own (rounding.h), in
 // the order written here, so both devices give the same bits. Where an
 // element is kept or dropped, the caller selects between the two values:
 // dropped elements are never multiplied by zero.
@@ -11,9 +11,14 @@
 
 #include <cstdint>
 
-#include "arith.h"
+#include "../rounding.h"
 
 namespace regdrop::norm {
+
+// norm::add_rn and the others: callers in other namespaces name them so.
+using regdrop::add_rn;
+using regdrop::mul_rn;
+using regdrop::sub_rn;
 
 // v = input [+ input_bias]
 template <bool kInputBias, class V>
@@ -109,11 +114,11 @@ REGDROP_HOST_DEVICE double inverse_sqrt(double x) {
 // as torch's rms_norm does (its finite elements normalize to zeros).
 template <class C>
 REGDROP_HOST_DEVICE C inverse_std(C var, C eps, bool layer) {
-  const C sum = add_rn(var, eps);
-  if (layer && sum == static_cast<C>(double_from_bits64(0x7FF0000000000000ull))) {
-    return static_cast<C>(double_from_bits64(0x7FF8000000000000ull));
+  const double sum = to_double(add_rn(var, eps));
+  if (layer && sum == double_from_bits64(0x7FF0000000000000ull)) {
+    return from_double<C>(double_from_bits64(0x7FF8000000000000ull));
   }
-  return static_cast<C>(inverse_sqrt(static_cast<double>(sum)));
+  return from_double<C>(inverse_sqrt(sum));
 }
 
 // ds = rstd * ((dz - a) - z * b), a = row mean of dz (+0 for RMSNorm), b = row mean of dz * z.

@@ -30,7 +30,7 @@
 #include <cstdint>
 
 #include "../column_sums.h"
-#include "arith.h"
+#include "row_math.h"
 
 namespace regdrop::norm {
 
