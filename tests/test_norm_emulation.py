@@ -152,6 +152,13 @@ def test_emulation_norm_shards(emulation, shard):
             weight_grad=w.dtype, shard=shard)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulation_norm_rows_of_65536(emulation, dtype):
+    """The longest rows the issue asks for: streamed, 256 threads a row."""
+    x, r, w, b = operands(2, 65536, dtype, seed=65536)
+    forward_and_backward(emulation, x, r, w, b, 0.3, seed=3)
+
+
 def test_emulation_norm_many_chunks(emulation):
     """A column plan of many chunks and lanes: 2000 rows of 40."""
     x, r, w, b = operands(2000, 40, torch.float32)
