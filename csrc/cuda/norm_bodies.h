@@ -426,8 +426,18 @@ struct NormBackwardBlock {
     C fold[kCached ? kFoldTile : 1];
   };
 
+  // As the forward's: instantiated for vector rows and for the rest.
   template <class Block>
   REGDROP_HOST_DEVICE static void run(const NormBackwardParams& p, uint32_t chunk, Block& b, Shared& sh) {
+    if (p.shape.vector) {
+      rows<true>(p, chunk, b, sh);
+    } else {
+      rows<false>(p, chunk, b, sh);
+    }
+  }
+
+  template <bool kVector, class Block>
+  REGDROP_HOST_DEVICE static void rows(const NormBackwardParams& p, uint32_t chunk, Block& b, Shared& sh) {
     const RowShape& shape = p.shape;
     const uint32_t per_row = shape.threads;
     const int64_t H = shape.hidden;
@@ -436,7 +446,9 @@ struct NormBackwardBlock {
     const bool terms = p.partial != nullptr;
     const C inverse_hidden = compute_as<C>(shape.inverse_hidden_f, shape.inverse_hidden_d);
     const uint64_t seed = 0, offset = 0;  // read bits need no stream
-    auto count = [&](uint32_t g) { return H - 8 * static_cast<int64_t>(g) < 8 ? static_cast<int>(H - 8 * int64_t{g}) : 8; };
+    auto count = [&](uint32_t g) {
+      return kVector || H - 8 * static_cast<int64_t>(g) >= 8 ? 8 : static_cast<int>(H - 8 * int64_t{g});
+    };
     C* const lane_sums = static_cast<C*>(p.lane_sums);
     if (terms) {
       b.each([&](uint32_t tid, State& st) {
@@ -471,12 +483,12 @@ struct NormBackwardBlock {
             const int64_t e0 = row * H + 8 * int64_t{g};
             Group<T> dy;
             Group<R> s;
-            load_row(p, e0, n, shape.vector && n == 8, dy, s);
+            load_row(p, e0, n, kVector, dy, s);
             const Group<C> w = load_parameters<C>(p.weight, g, n, shape.parameter_vector);
             if constexpr (kCached) {
               st.dy[j] = dy;
               st.s[j] = s;
-              st.keep[j] = group_bits<S, false>(p.bits, seed, offset, row, e0, row * H + H, n);
+              st.keep[j] = group_bits<S, kVector>(p.bits, seed, offset, row, e0, row * H + H, n);
             }
             C dz[8], dzz[8];
 #pragma unroll
@@ -504,7 +516,7 @@ struct NormBackwardBlock {
         for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
           const int n = count(g);
           const int64_t e0 = row * H + 8 * int64_t{g};
-          const bool vector = shape.vector && n == 8;
+          constexpr bool vector = kVector;
           Group<T> dy;
           Group<R> s;
           uint32_t keep;
@@ -514,7 +526,7 @@ struct NormBackwardBlock {
             keep = st.keep[j];
           } else {
             load_row(p, e0, n, vector, dy, s);
-            keep = group_bits<S, false>(p.bits, seed, offset, row, e0, row * H + H, n);
+            keep = group_bits<S, kVector>(p.bits, seed, offset, row, e0, row * H + H, n);
           }
           const Group<C> w = load_parameters<C>(p.weight, g, n, shape.parameter_vector);
           Group<R> dro;
