@@ -22,13 +22,12 @@ struct DeviceBlock {
   __device__ __forceinline__ void sync() { __syncthreads(); }
 };
 
-// Row kernels ask for one resident block per SM, no more: left to its own
-// occupancy heuristic, ptxas trimmed some (sm_80's, and float64's with the
-// vector path's own instantiation) to the register count of the next
-// occupancy step by spilling a few bytes to local memory on their scalar
-// paths, which .ci/sass_gate.py rejects. The cached kernels hold their rows
-// in registers by design; a row kernel's bandwidth comes from its 128-bit
-// accesses in flight, not from more resident warps.
+// Row kernels ask for one resident block per SM, no more: left to its
+// occupancy heuristic, ptxas trimmed some of them (sm_80's 16-bit forward
+// and streamed backward, float64's forward) to the register count of the
+// next occupancy step by spilling 4 to 8 bytes to local memory on their
+// scalar paths, which .ci/sass_gate.py rejects. The price is that some may
+// hold fewer blocks per SM (the gate's table gives their registers).
 template <class T, class R, RowSource S, bool kCached>
 __global__ void __launch_bounds__(kRowBlockThreads, 1) norm_forward_kernel(const NormForwardParams p) {
   using Body = NormForwardBlock<T, R, S, kCached>;
