@@ -124,14 +124,17 @@ REGDROP_HOST_DEVICE uint8_t mask_byte(uint32_t bits, uint64_t g, int64_t numel) 
 // The keep bits of elements e0 .. e0 + n - 1 of row `row` (bit j for
 // e0 + j). Drawing, a thread also writes the mask byte whose first element
 // its group holds, if it lies in the row: bytes straddling two rows are
-// drawn by both and written by the first.
-template <RowSource S>
+// drawn by both and written by the first. kAligned: e0 % 8 == 0 and n == 8
+// (rows of a multiple of 8), known at compile time, so that the vector path
+// holds one Philox draw and one mask byte per group, not the straddling
+// case's two.
+template <RowSource S, bool kAligned>
 REGDROP_HOST_DEVICE uint32_t group_bits(const RowBitsParams& b, uint64_t seed, uint64_t offset, int64_t row,
                                         int64_t e0, int64_t row_end, int n) {
-  const uint32_t valid = (1u << n) - 1;
+  const uint32_t valid = kAligned ? 0xFFu : (1u << n) - 1;
   if constexpr (S == RowSource::Draw) {
     const uint64_t g = static_cast<uint64_t>(e0) / 8;
-    const uint32_t shift = static_cast<uint32_t>(e0 % 8);
+    const uint32_t shift = kAligned ? 0u : static_cast<uint32_t>(e0 % 8);
     const uint32_t low = group_keep_bits(seed, offset, g, b.threshold);
     if (shift == 0) {
       if (b.mask_out != nullptr) b.mask_out[g] = mask_byte(low, g, b.numel);
@@ -146,6 +149,7 @@ REGDROP_HOST_DEVICE uint32_t group_bits(const RowBitsParams& b, uint64_t seed, u
     if (!b.element_units) {
       return b.mask_in == nullptr || bit_at64(b.mask_in, b.rows_per_unit.div(static_cast<uint32_t>(row))) ? valid : 0u;
     }
+    if constexpr (kAligned) return b.mask_in[e0 >> 3];
     const uint32_t window = b.mask_in[e0 >> 3] | (static_cast<uint32_t>(b.mask_in[(e0 + n - 1) >> 3]) << 8);
     return (window >> (e0 & 7)) & valid;
   }
@@ -253,8 +257,20 @@ struct NormForwardBlock {
     C b[kRowBlockThreads];
   };
 
+  // The block program, instantiated for rows on the vector path (every
+  // group full and 16-byte aligned: no per-element tests, one draw per
+  // group) and for the rest; the branch is the block's, taken once.
   template <class Block>
   REGDROP_HOST_DEVICE static void run(const NormForwardParams& p, uint32_t block, Block& b, Shared& sh) {
+    if (p.shape.vector) {
+      rows<true>(p, block, b, sh);
+    } else {
+      rows<false>(p, block, b, sh);
+    }
+  }
+
+  template <bool kVector, class Block>
+  REGDROP_HOST_DEVICE static void rows(const NormForwardParams& p, uint32_t block, Block& b, Shared& sh) {
     const RowShape& shape = p.shape;
     const uint32_t per_row = shape.threads;
     const int64_t H = shape.hidden;
@@ -262,7 +278,9 @@ struct NormForwardBlock {
     uint64_t seed = 0, offset = 0;
     if constexpr (S == RowSource::Draw) p.bits.rng.unpack(seed, offset);
     auto row_of = [&](uint32_t tid) { return static_cast<int64_t>(block) * shape.slots + (tid >> shape.thread_shift); };
-    auto count = [&](uint32_t g) { return H - 8 * static_cast<int64_t>(g) < 8 ? static_cast<int>(H - 8 * int64_t{g}) : 8; };
+    auto count = [&](uint32_t g) {
+      return kVector || H - 8 * static_cast<int64_t>(g) >= 8 ? 8 : static_cast<int>(H - 8 * int64_t{g});
+    };
 
     // The residual stream: written, kept, and summed.
     b.each([&](uint32_t tid, State& st) {
@@ -280,14 +298,14 @@ struct NormForwardBlock {
         for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
           const int n = count(g);
           const int64_t e0 = row * H + 8 * int64_t{g};
-          const bool vector = shape.vector && n == 8;
+          constexpr bool vector = kVector;
           Group<T> x;
           Group<R> r;
           x.load(static_cast<const typename Element<T>::Bits*>(p.input) + e0, n, vector);
           if (p.residual != nullptr) r.load(static_cast<const typename Element<R>::Bits*>(p.residual) + e0, n, vector);
           Group<C> ib;
           if (p.input_bias != nullptr) ib = load_parameters<C>(p.input_bias, g, n, shape.parameter_vector);
-          const uint32_t keep = group_bits<S>(p.bits, seed, offset, row, e0, row * H + H, n);
+          const uint32_t keep = group_bits<S, kVector>(p.bits, seed, offset, row, e0, row * H + H, n);
           Group<R> s;
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
@@ -326,7 +344,7 @@ struct NormForwardBlock {
       if (row < shape.rows) {
         for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
           const int n = count(g);
-          const Group<R> s = reload(p, st, row * H + 8 * int64_t{g}, j, n, shape.vector && n == 8);
+          const Group<R> s = reload(p, st, row * H + 8 * int64_t{g}, j, n, kVector);
           accumulate(acc, n, [&](int k) { return norm::squared_deviation(s.get(k), st.mean); });
         });
       }
@@ -348,7 +366,7 @@ struct NormForwardBlock {
       for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
         const int n = count(g);
         const int64_t e0 = row * H + 8 * int64_t{g};
-        const bool vector = shape.vector && n == 8;
+        constexpr bool vector = kVector;
         const Group<R> s = reload(p, st, e0, j, n, vector);
         const Group<C> w = load_parameters<C>(p.weight, g, n, shape.parameter_vector);
         const Group<C> bias = load_parameters<C>(p.bias, g, n, shape.parameter_vector);
@@ -408,8 +426,18 @@ struct NormBackwardBlock {
     C fold[kCached ? kFoldTile : 1];
   };
 
+  // As the forward's: instantiated for vector rows and for the rest.
   template <class Block>
   REGDROP_HOST_DEVICE static void run(const NormBackwardParams& p, uint32_t chunk, Block& b, Shared& sh) {
+    if (p.shape.vector) {
+      rows<true>(p, chunk, b, sh);
+    } else {
+      rows<false>(p, chunk, b, sh);
+    }
+  }
+
+  template <bool kVector, class Block>
+  REGDROP_HOST_DEVICE static void rows(const NormBackwardParams& p, uint32_t chunk, Block& b, Shared& sh) {
     const RowShape& shape = p.shape;
     const uint32_t per_row = shape.threads;
     const int64_t H = shape.hidden;
@@ -418,7 +446,9 @@ struct NormBackwardBlock {
     const bool terms = p.partial != nullptr;
     const C inverse_hidden = compute_as<C>(shape.inverse_hidden_f, shape.inverse_hidden_d);
     const uint64_t seed = 0, offset = 0;  // read bits need no stream
-    auto count = [&](uint32_t g) { return H - 8 * static_cast<int64_t>(g) < 8 ? static_cast<int>(H - 8 * int64_t{g}) : 8; };
+    auto count = [&](uint32_t g) {
+      return kVector || H - 8 * static_cast<int64_t>(g) >= 8 ? 8 : static_cast<int>(H - 8 * int64_t{g});
+    };
     C* const lane_sums = static_cast<C*>(p.lane_sums);
     if (terms) {
       b.each([&](uint32_t tid, State& st) {
@@ -453,12 +483,12 @@ struct NormBackwardBlock {
             const int64_t e0 = row * H + 8 * int64_t{g};
             Group<T> dy;
             Group<R> s;
-            load_row(p, e0, n, shape.vector && n == 8, dy, s);
+            load_row(p, e0, n, kVector, dy, s);
             const Group<C> w = load_parameters<C>(p.weight, g, n, shape.parameter_vector);
             if constexpr (kCached) {
               st.dy[j] = dy;
               st.s[j] = s;
-              st.keep[j] = group_bits<S>(p.bits, seed, offset, row, e0, row * H + H, n);
+              st.keep[j] = group_bits<S, kVector>(p.bits, seed, offset, row, e0, row * H + H, n);
             }
             C dz[8], dzz[8];
 #pragma unroll
@@ -486,7 +516,7 @@ struct NormBackwardBlock {
         for_each_group<kCached>((tid & (per_row - 1)), per_row, shape.groups, [&](uint32_t g, int j) {
           const int n = count(g);
           const int64_t e0 = row * H + 8 * int64_t{g};
-          const bool vector = shape.vector && n == 8;
+          constexpr bool vector = kVector;
           Group<T> dy;
           Group<R> s;
           uint32_t keep;
@@ -496,7 +526,7 @@ struct NormBackwardBlock {
             keep = st.keep[j];
           } else {
             load_row(p, e0, n, vector, dy, s);
-            keep = group_bits<S>(p.bits, seed, offset, row, e0, row * H + H, n);
+            keep = group_bits<S, kVector>(p.bits, seed, offset, row, e0, row * H + H, n);
           }
           const Group<C> w = load_parameters<C>(p.weight, g, n, shape.parameter_vector);
           Group<R> dro;

@@ -22,8 +22,14 @@ struct DeviceBlock {
   __device__ __forceinline__ void sync() { __syncthreads(); }
 };
 
+// Row kernels ask for one resident block per SM, no more: left to its
+// occupancy heuristic, ptxas trimmed some of them (sm_80's 16-bit forward
+// and streamed backward, float64's forward) to the register count of the
+// next occupancy step by spilling 4 to 8 bytes to local memory on their
+// scalar paths, which .ci/sass_gate.py rejects. The price is that some may
+// hold fewer blocks per SM (the gate's table gives their registers).
 template <class T, class R, RowSource S, bool kCached>
-__global__ void __launch_bounds__(kRowBlockThreads) norm_forward_kernel(const NormForwardParams p) {
+__global__ void __launch_bounds__(kRowBlockThreads, 1) norm_forward_kernel(const NormForwardParams p) {
   using Body = NormForwardBlock<T, R, S, kCached>;
   __shared__ typename Body::Shared shared;
   DeviceBlock<typename Body::State> block;
@@ -31,7 +37,7 @@ __global__ void __launch_bounds__(kRowBlockThreads) norm_forward_kernel(const No
 }
 
 template <class T, class R, bool kCached>
-__global__ void __launch_bounds__(kRowBlockThreads) norm_backward_kernel(const NormBackwardParams p) {
+__global__ void __launch_bounds__(kRowBlockThreads, 1) norm_backward_kernel(const NormBackwardParams p) {
   using Body = NormBackwardBlock<T, R, kCached>;
   __shared__ typename Body::Shared shared;
   DeviceBlock<typename Body::State> block;
