@@ -9,11 +9,14 @@ import sys
 import torch
 
 # glibc serves a large allocation from fresh pages (mmap) or from memory an
-# earlier free left behind, depending on what ran before: the same op timed
-# twice could differ 5x. A fixed mmap threshold turns off that adaptation, so
-# that every implementation's large outputs are fresh pages, as x.clone()'s
-# are, and as they are in a training loop for tensors past glibc's 32 MiB.
-PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+# earlier free left behind, and moves the line between the two as a process
+# runs: the same op timed twice could differ 5x, depending on what ran
+# before. Fixed thresholds turn that adaptation off at the state glibc
+# settles into in a training loop (mmap threshold at its 32 MiB maximum,
+# trim threshold at twice that): outputs past 32 MiB are fresh pages, whose
+# page faults every implementation pays, as x.clone() does; smaller ones
+# reuse freed memory, as they do between the steps of a training loop.
+PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
 def pin_allocator() -> None:
@@ -68,6 +71,7 @@ def describe(device: torch.device, threads: int) -> dict:
         # PyTorch backs large allocations with huge pages when this is 1.
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "malloc_trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -89,7 +93,8 @@ def header(env: dict) -> str:
             f"{os.cpu_count()} logical cores)",
             f"memory:   huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE) "
             f"{'on' if env.get('thp_mem_alloc') else 'off'}; glibc mmap threshold "
-            f"{env.get('malloc_mmap_threshold') or 'adaptive (not pinned)'}",
+            f"{env.get('malloc_mmap_threshold') or 'adaptive (not pinned)'}, trim threshold "
+            f"{env.get('malloc_trim_threshold') or 'adaptive'}",
             f"date:     {env['date']}",
         ]
     )
