@@ -24,5 +24,7 @@ setup:
 bench: setup
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
+# Two workers (pytest-xdist): much of the suite waits on subprocesses
+# (ranks, fresh interpreters, compilers), so two keep both cores busy.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2

@@ -11,12 +11,15 @@ import torch
 # glibc serves a large allocation from fresh pages (mmap) or from memory an
 # earlier free left behind, and moves the line between the two as a process
 # runs: the same op timed twice could differ 5x, depending on what ran
-# before. Fixed thresholds turn that adaptation off at the state glibc
-# settles into in a training loop (mmap threshold at its 32 MiB maximum,
-# trim threshold at twice that): outputs past 32 MiB are fresh pages, whose
-# page faults every implementation pays, as x.clone() does; smaller ones
-# reuse freed memory, as they do between the steps of a training loop.
-PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+# before. Fixed thresholds turn that adaptation off, close to the state
+# glibc settles into in a training loop (there the mmap threshold stops at
+# 32 MiB, and tensors of 32 MiB and more are fresh pages): every output of
+# 16 MiB and more (the 16M-element rows, whatever the dtype) is fresh pages,
+# whose page faults every implementation pays, as x.clone() does; smaller
+# ones (4K to 1M elements) reuse freed memory, as between the steps of a
+# training loop. 16 MiB rather than 32: at exactly 32 MiB (16M bf16
+# elements) glibc served some outputs from freed memory and others not.
+PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
 def pin_allocator() -> None:
