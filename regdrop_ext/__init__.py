@@ -3,8 +3,9 @@
 Importing the package loads the C++/CUDA library, which registers the ops of
 the manifest as ``torch.ops.regdrop.*`` with their kernels, meta kernels and
 autograd; then the in-place ops' functionalization (``_ops``), the vmap rules
-(``batching``, and ``norm_batching`` for the norm family) and the DTensor handlers (``dtensor``). The package exports
-every function of ``functional`` and every module of ``modules``.
+(``batching``; ``norm_batching`` for the norm family) and the DTensor handlers
+(``dtensor``). The package exports every function of ``functional`` and
+``norm``, and every module of ``modules`` and ``norm_modules``.
 """
 
 from ._library import load_compiled_library
