@@ -1,6 +1,8 @@
 """Helpers shared by the test modules (test modules never import each other)."""
 
 import math
+import os
+from pathlib import Path
 
 import torch
 
@@ -54,3 +56,30 @@ def assert_rounded_once(result, terms):
     half_ulp = torch.finfo(result.dtype).eps * torch.pow(2.0, exponent.double() - 2)
     error = (result.double() - exact_sum).abs()
     assert (error <= half_ulp + lost).all(), f"off by {(error - half_ulp - lost).max().item()} beyond one rounding"
+
+
+def load_emulation():
+    """The CUDA kernels' thread bodies built for the host (tests/cuda_emulation/),
+    registered as torch.ops.regdrop_cuda_emulation; under REGDROP_SANITIZE=1
+    (.ci/sanitize.sh) with ASan and UBSan. Built under this checkout's build/:
+    the shared torch_extensions cache would let two checkouts of different
+    versions overwrite each other's."""
+    from torch.utils.cpp_extension import load
+
+    root = Path(__file__).resolve().parents[1]
+    cflags, ldflags, name = ["-O2", "-ffp-contract=off"], [], "regdrop_cuda_emulation"
+    if os.environ.get("REGDROP_SANITIZE") == "1":
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cflags, ldflags, name = cflags + sanitize + ["-g"], sanitize, name + "_sanitized"
+    build_directory = root / "build" / name
+    build_directory.mkdir(parents=True, exist_ok=True)
+    load(
+        name=name,
+        build_directory=str(build_directory),
+        sources=[str(root / "tests/cuda_emulation" / f) for f in ("emulated_backend.cpp", "emulated_norm.cpp")],
+        extra_include_paths=[str(root / "csrc")],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        is_python_module=False,
+    )
+    return torch.ops.regdrop_cuda_emulation

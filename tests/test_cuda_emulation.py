@@ -27,42 +27,22 @@ the same body on a GPU's kernels (benchmarks/gpu_check.sh): every kernel
 against the CPU, and draws captured in one CUDA graph against eager draws.
 """
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import requires_cuda
-from torch.utils.cpp_extension import load
+from helpers import load_emulation
 
 from regdrop_ext.manifest import OPS
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 @pytest.fixture(scope="module")
 def emulation():
-    """torch.ops.regdrop_cuda_emulation, built once (about a minute)."""
-    cflags, ldflags, name = ["-O2", "-ffp-contract=off"], [], "regdrop_cuda_emulation"
-    if os.environ.get("REGDROP_SANITIZE") == "1":  # .ci/sanitize.sh: the kernels' bodies under ASan/UBSan too
-        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-        cflags, ldflags, name = cflags + sanitize + ["-g"], sanitize, name + "_sanitized"
-    # Built under this checkout's build/: the shared torch_extensions cache
-    # would let two checkouts of different versions overwrite each other's.
-    build_directory = ROOT / "build" / name
-    build_directory.mkdir(parents=True, exist_ok=True)
-    load(
-        name=name,
-        build_directory=str(build_directory),
-        sources=[str(ROOT / "tests/cuda_emulation" / f) for f in ("emulated_backend.cpp", "emulated_norm.cpp")],
-        extra_include_paths=[str(ROOT / "csrc")],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        is_python_module=False,
-    )
-    return torch.ops.regdrop_cuda_emulation
+    return load_emulation()
 
 
 @pytest.fixture

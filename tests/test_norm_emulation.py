@@ -6,41 +6,24 @@ bit for bit: cached and streamed rows, drawn and read bits, element and
 sample units, shards, the fp32 residual stream, vector and scalar paths.
 `pytest -k emulation` selects these tests.
 
-The extension is the one tests/test_cuda_emulation.py builds (same name,
-sources and flags: keep the two in step).
+The extension is the one tests/test_cuda_emulation.py uses
+(helpers.load_emulation).
 """
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.cpp_extension import load
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_emulation
+
 INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(scope="module")
 def emulation():
-    cflags, ldflags, name = ["-O2", "-ffp-contract=off"], [], "regdrop_cuda_emulation"
-    if os.environ.get("REGDROP_SANITIZE") == "1":
-        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-        cflags, ldflags, name = cflags + sanitize + ["-g"], sanitize, name + "_sanitized"
-    build_directory = ROOT / "build" / name
-    build_directory.mkdir(parents=True, exist_ok=True)
-    load(
-        name=name,
-        build_directory=str(build_directory),
-        sources=[str(ROOT / "tests/cuda_emulation" / f) for f in ("emulated_backend.cpp", "emulated_norm.cpp")],
-        extra_include_paths=[str(ROOT / "csrc")],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        is_python_module=False,
-    )
-    return torch.ops.regdrop_cuda_emulation
+    return load_emulation()
 
 
 def same_bits(a, b, what):
