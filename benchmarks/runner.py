@@ -6,6 +6,13 @@ this first call compiles, and its wall time is reported as the compile
 time); check the results (checks.py); and only then time the three phases. An
 implementation that fails its check, or cannot run, gets rows with the
 reason and no time.
+
+A cell's implementations are timed in interleaved rounds (each phase of
+each implementation, then again), and a row's median and quartiles are
+those of its runs pooled over the rounds. Timed one after another, the
+implementations of a cell would each meet a different moment of the
+machine: on a shared 2-core machine the same call drifts by 20% within a
+minute, more than the differences the rows are read for.
 """
 
 import time
@@ -18,7 +25,7 @@ from .checks import check, unit_count
 from .op_table import Op, make_operands, positive, positive_like, shape_for
 from .results import PHASES, VARIANTS, Check, Row, derive
 from .saved import total_bytes
-from .timing import measure, synchronize
+from .timing import Timing, run_times, synchronize
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -30,7 +37,8 @@ class Settings:
     dtypes: Sequence[torch.dtype]
     threads: int
     p: float
-    budget_s: float
+    budget_s: float  # per row, spread over the rounds
+    rounds: int = 1
 
 
 def grid(ops: Sequence[Op], variants: Sequence[str]) -> Tuple[List[Tuple[Op, list]], List[str]]:
@@ -68,15 +76,18 @@ def run(settings: Settings, runnable, progress):
                 for t in operands.values():  # the output's dtype: eager's, for mixed operands
                     out_dtype = torch.promote_types(out_dtype, t.dtype)
                 grad = positive(operands["input"].shape, out_dtype, settings.device)
+                timed = []
+                progress.set_postfix_str(f"{op.key} {DTYPE_NAMES[dtype]} {size:,}")
                 for impl in impls:
-                    progress.set_postfix_str(f"{op.key} {DTYPE_NAMES[dtype]} {size:,} {impl.label}")
-                    impl_rows, first_call_s = _measure(settings, op, impl, operands, grad)
+                    impl_rows, phases, first_call_s = _prepare(settings, op, impl, operands, grad)
                     rows += impl_rows
+                    timed += zip(impl_rows, phases)
                     if impl.variant == "compile" and first_call_s is not None:
                         compiles.append(
                             {"op": op.key, "dtype": DTYPE_NAMES[dtype], "size": size, "seconds": first_call_s}
                         )
-                    progress.update()
+                _time_interleaved(settings, timed)
+                progress.update(len(impls))
     derive(rows)
     return rows, compiles
 
@@ -87,19 +98,21 @@ def _copy_rows(settings: Settings, size: int, dtype: torch.dtype) -> List[Row]:
     writes; on CPU a fresh large allocation costs page faults."""
     x = positive(size, dtype, settings.device)
     y = torch.empty_like(x)
-    rows = []
+    rows, timed = [], []
     for label, variant, fn in (("y.copy_(x)", "copy", lambda: y.copy_(x)), ("x.clone()", "clone", x.clone)):
         row = Row("copy", "forward", label, variant, "copy", DTYPE_NAMES[dtype], size, [size])
         if torch.equal(fn(), x):
-            _time(row, settings, fn, 2 * x.nbytes)
+            timed.append((row, (fn, 2 * x.nbytes)))
         else:
             row.check = Check(passed=False, error=f"{label} differs from x")
         rows.append(row)
+    _time_interleaved(settings, timed)
     return rows
 
 
-def _measure(settings: Settings, op: Op, impl, operands, grad):
-    """The implementation's three rows, and the wall time of its first call."""
+def _prepare(settings: Settings, op: Op, impl, operands, grad):
+    """The implementation's three rows, untimed; for each row what to time,
+    ``(fn, bytes moved)``, unless it failed; and the wall time of its first call."""
     x = operands["input"]
     base = dict(
         op=op.key,
@@ -112,7 +125,7 @@ def _measure(settings: Settings, op: Op, impl, operands, grad):
     )
 
     def untimed(check: Check):
-        return [Row(**base, phase=phase, check=check) for phase in PHASES], None
+        return [Row(**base, phase=phase, check=check) for phase in PHASES], [], None
 
     try:
         call = impl.bind(operands, settings.p)
@@ -140,24 +153,23 @@ def _measure(settings: Settings, op: Op, impl, operands, grad):
             forward_bytes + backward_bytes,
         ),
     }
-    rows = []
-    for phase, (fn, moved) in phases.items():
-        row = Row(**base, phase=phase, saved_bytes_per_element=total_bytes(saved) / x.numel())
-        _time(row, settings, fn, moved)
-        rows.append(row)
-    return rows, first_call_s
+    saved_per_element = total_bytes(saved) / x.numel()
+    rows = [Row(**base, phase=phase, saved_bytes_per_element=saved_per_element) for phase in phases]
+    return rows, list(phases.values()), first_call_s
 
 
 def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
-def _time(row: Row, settings: Settings, fn, moved: int) -> None:
-    timing = measure(fn, settings.device, settings.threads, settings.budget_s)
-    row.time_ms, row.q25_ms, row.q75_ms, row.runs = (
-        timing.median_ms,
-        timing.q25_ms,
-        timing.q75_ms,
-        timing.runs,
-    )
-    row.bytes = moved
+def _time_interleaved(settings: Settings, timed) -> None:
+    """Time each ``(row, (fn, bytes moved))`` for ``settings.budget_s`` in all,
+    in ``settings.rounds`` rounds that visit every row in turn."""
+    runs = {id(row): [] for row, _ in timed}
+    for _ in range(settings.rounds):
+        for row, (fn, _moved) in timed:
+            runs[id(row)] += run_times(fn, settings.device, settings.threads, settings.budget_s / settings.rounds)
+    for row, (_fn, moved) in timed:
+        timing = Timing.of(runs[id(row)])
+        row.time_ms, row.q25_ms, row.q75_ms, row.runs = timing.median_ms, timing.q25_ms, timing.q75_ms, timing.runs
+        row.bytes = moved

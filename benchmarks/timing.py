@@ -37,11 +37,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, threads: int, budget_s: float) -> Timing:
+def run_times(fn: Callable[[], object], device: torch.device, threads: int, budget_s: float) -> List[float]:
+    """The times of the runs of ``fn``, in milliseconds."""
     if device.type == "cuda":
-        return Timing.of(_cuda_times(fn, budget_s))
+        return _cuda_times(fn, budget_s)
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    return Timing.of([t * 1e3 for t in timer.blocked_autorange(min_run_time=budget_s).times])
+    return [t * 1e3 for t in timer.blocked_autorange(min_run_time=budget_s).times]
+
+
+def measure(fn: Callable[[], object], device: torch.device, threads: int, budget_s: float) -> Timing:
+    return Timing.of(run_times(fn, device, threads, budget_s))
 
 
 def _cuda_times(fn, budget_s: float) -> List[float]:

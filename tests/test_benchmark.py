@@ -159,6 +159,27 @@ def test_a_wrong_kernel_gets_no_time():
         assert row.time_ms is None and row.gbps is None
 
 
+def test_a_cells_implementations_are_timed_in_interleaved_rounds():
+    """Each round times every implementation of the cell in turn; a row pools
+    the runs of all rounds."""
+    regdrop, calls = torch.ops.regdrop, []
+
+    def traced(label):
+        def forward(x, p):
+            calls.append(label)
+            return regdrop.dropout(x, p)
+
+        return RawOp(label, "raw", forward, regdrop.dropout_backward, mask_bits=True)
+
+    settings = Settings(torch.device("cpu"), [4096], [torch.float32], threads=1, p=P, budget_s=0.02, rounds=3)
+    rows, _ = run(settings, [(OPS[0], [traced("a"), traced("b")])], tqdm(disable=True))
+    # The first call of each (untimed, checked), then per round a's phases and b's.
+    order = [label for i, label in enumerate(calls) if i == 0 or calls[i - 1] != label]
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    for row in (r for r in rows if r.implementation in "ab"):
+        assert row.runs >= 3 and row.time_ms > 0
+
+
 def _row(op, phase, variant, kind, pct, size=1 << 27):
     from benchmarks.results import Row
 
