@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     env = environment.describe(settings.device, settings.threads)
     method = {
         "timer": timing.describe(settings.device, settings.threads, settings.budget_s / settings.rounds)
-        + f", {settings.rounds} interleaved round(s): each implementation of a cell in turn, then again; "
-        "median and IQR of the runs of all rounds",
+        + f", in {settings.rounds} interleaved round(s) (each implementation of a cell in turn, then again); "
+        "time: the median of the fastest round; IQR: of the runs of all rounds",
         "p": settings.p,
         "quick": args.quick,
         "bytes_rule": BYTES_RULE,

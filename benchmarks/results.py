@@ -61,6 +61,7 @@ class Row:
     q25_ms: Optional[float] = None
     q75_ms: Optional[float] = None
     runs: Optional[int] = None
+    round_ms: Optional[List[float]] = None  # the median of each interleaved round (runner.py)
     bytes: Optional[int] = None
     saved_bytes_per_element: Optional[float] = None
     gbps: Optional[float] = None

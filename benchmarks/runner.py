@@ -7,12 +7,14 @@ time); check the results (checks.py); and only then time the three phases. An
 implementation that fails its check, or cannot run, gets rows with the
 reason and no time.
 
-A cell's implementations are timed in interleaved rounds (each phase of
-each implementation, then again), and a row's median and quartiles are
-those of its runs pooled over the rounds. Timed one after another, the
-implementations of a cell would each meet a different moment of the
-machine: on a shared 2-core machine the same call drifts by 20% within a
-minute, more than the differences the rows are read for.
+A cell's implementations are timed in interleaved rounds: each phase of
+each implementation in turn, then again. A row's time is the median of its
+fastest round, its quartiles those of its runs of all rounds. A shared
+2-core machine changes state for a second or more at a time: the same call
+through autograd at 64K takes 24 us in some rounds and 45 us in others,
+whoever's it is. Timed one after another, or judged by all rounds pooled,
+the implementations of a cell would be compared across those states; each
+one's fastest round compares them in the same state.
 """
 
 import time
@@ -165,11 +167,12 @@ def _first_line(error: Exception) -> str:
 def _time_interleaved(settings: Settings, timed) -> None:
     """Time each ``(row, (fn, bytes moved))`` for ``settings.budget_s`` in all,
     in ``settings.rounds`` rounds that visit every row in turn."""
-    runs = {id(row): [] for row, _ in timed}
+    rounds = {id(row): [] for row, _ in timed}
     for _ in range(settings.rounds):
         for row, (fn, _moved) in timed:
-            runs[id(row)] += run_times(fn, settings.device, settings.threads, settings.budget_s / settings.rounds)
+            rounds[id(row)].append(run_times(fn, settings.device, settings.threads, settings.budget_s / settings.rounds))
     for row, (_fn, moved) in timed:
-        timing = Timing.of(runs[id(row)])
-        row.time_ms, row.q25_ms, row.q75_ms, row.runs = timing.median_ms, timing.q25_ms, timing.q75_ms, timing.runs
+        pooled = Timing.of([t for runs in rounds[id(row)] for t in runs])
+        row.round_ms = [Timing.of(runs).median_ms for runs in rounds[id(row)]]
+        row.time_ms, row.q25_ms, row.q75_ms, row.runs = min(row.round_ms), pooled.q25_ms, pooled.q75_ms, pooled.runs
         row.bytes = moved

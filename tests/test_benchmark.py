@@ -160,8 +160,8 @@ def test_a_wrong_kernel_gets_no_time():
 
 
 def test_a_cells_implementations_are_timed_in_interleaved_rounds():
-    """Each round times every implementation of the cell in turn; a row pools
-    the runs of all rounds."""
+    """Each round times every implementation of the cell in turn; a row's
+    time is its fastest round's median, its quartiles those of all runs."""
     regdrop, calls = torch.ops.regdrop, []
 
     def traced(label):
@@ -177,7 +177,8 @@ def test_a_cells_implementations_are_timed_in_interleaved_rounds():
     order = [label for i, label in enumerate(calls) if i == 0 or calls[i - 1] != label]
     assert order == ["a", "b"] + ["a", "b"] * 3
     for row in (r for r in rows if r.implementation in "ab"):
-        assert row.runs >= 3 and row.time_ms > 0
+        assert len(row.round_ms) == 3 and row.runs >= 3
+        assert row.time_ms == min(row.round_ms) and row.q25_ms <= row.q75_ms
 
 
 def _row(op, phase, variant, kind, pct, size=1 << 27):
