@@ -58,7 +58,10 @@ built_torch=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])
 unzip -p "$wheel" '*.dist-info/METADATA' > "$work/METADATA"
 grep -x "Version: 0.1.0+torch${built_torch}cpu" "$work/METADATA" || fail "the version does not name torch $built_torch"
 grep -x "Requires-Dist: torch" "$work/METADATA" || fail "METADATA does not require plain torch"
-unzip -l "$wheel" | grep -q 'regdrop_ext/py.typed' || fail "no py.typed in the wheel"
+# The listing goes through a file: unzip writes it line by line, and a grep -q
+# that stops at its match would kill it with SIGPIPE, failing under pipefail.
+unzip -l "$wheel" > "$work/listing"
+grep -q 'regdrop_ext/py.typed' "$work/listing" || fail "no py.typed in the wheel"
 (cd "$work" && unzip -q -o "$wheel" 'regdrop_ext/_C*' -d unpacked)
 library=$(ls "$work"/unpacked/regdrop_ext/_C*.so)
 ls -l "$library"
