@@ -180,7 +180,7 @@ def main(argv=None) -> int:
 
     if args.norm and settings.device.type == "cpu":
         result["norm"] = norm_rows.run(8192, 1024, settings.dtypes, ("layer", "rms"), settings.p, settings.threads,
-                                       settings.budget_s)
+                                       settings.budget_s, settings.rounds)
         print("\n" + norm_rows.table(result["norm"]))
 
     print("\nREADME table (python benchmarks/report.py FILE.json renders it from a results file):\n")

@@ -7,7 +7,8 @@ run against
 - ours: ``regdrop_ext.dropout_add_layer_norm`` (``dropout_add_rms_norm``), through autograd;
 
 for the forward and forward+backward phases, with the bytes each saves for
-backward per element (measured through saved_tensors_hooks).
+backward per element (measured through saved_tensors_hooks). A cell's
+implementations and phases are timed interleaved (timing.py).
 
     python benchmarks/bench.py --norm [--json PATH]          # with the op rows
     python -m benchmarks.norm_rows [--rows 8192 --hidden 1024 --dtypes fp32,bf16 --json PATH]
@@ -100,7 +101,8 @@ def keep_rate(norm: str, x, r, w, b, p: float) -> float:
     return (residual_out != r).double().mean().item()
 
 
-def run(rows: int, hidden: int, dtypes, norms, p: float, threads: int, budget_s: float) -> List[dict]:
+def run(rows: int, hidden: int, dtypes, norms, p: float, threads: int, budget_s: float,
+        rounds: int) -> List[dict]:
     device = torch.device("cpu")
     results = []
     for dtype in dtypes:
@@ -118,6 +120,7 @@ def run(rows: int, hidden: int, dtypes, norms, p: float, threads: int, budget_s:
             impls = implementations(norm)
             baseline = errors(next(iter(impls.values())), norm, [t.clone().requires_grad_() for t in (x, r, w, b)],
                               grad)
+            cell = []  # (row without its times, what to time), for every implementation and phase
             for label, fn in impls.items():
                 leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
                 check(fn, norm, leaves, grad, baseline)
@@ -126,18 +129,20 @@ def run(rows: int, hidden: int, dtypes, norms, p: float, threads: int, budget_s:
                 held = {t.data_ptr() for t in leaves}
                 saved_bytes = sum(t.nbytes for t in saved if t.data_ptr() not in held)
 
-                def forward():
+                def forward(fn=fn, leaves=leaves):
                     return fn(*leaves, p)
 
-                def forward_backward():
+                def forward_backward(fn=fn, leaves=leaves):
                     torch.autograd.grad(fn(*leaves, p), leaves, grad, allow_unused=True)
 
                 for phase, call in zip(PHASES, (forward, forward_backward)):
-                    t = timing.measure(call, device, threads, budget_s)
-                    results.append({"norm": norm, "dtype": {v: k for k, v in DTYPES.items()}[dtype],
-                                    "rows": rows, "hidden": hidden, "implementation": label, "phase": phase,
-                                    "median_ms": t.median_ms, "q25_ms": t.q25_ms, "q75_ms": t.q75_ms,
-                                    "runs": t.runs, "saved_bytes_per_element": saved_bytes / x.numel()})
+                    cell.append(({"norm": norm, "dtype": {v: k for k, v in DTYPES.items()}[dtype], "rows": rows,
+                                  "hidden": hidden, "implementation": label, "phase": phase,
+                                  "saved_bytes_per_element": saved_bytes / x.numel()}, call))
+            timed = timing.interleaved([call for _, call in cell], device, threads, budget_s, rounds)
+            for (row, _), t in zip(cell, timed):
+                results.append({**row, "median_ms": t.time_ms, "q25_ms": t.pooled.q25_ms, "q75_ms": t.pooled.q75_ms,
+                                "runs": t.pooled.runs, "round_ms": t.round_ms})
     return results
 
 
@@ -169,7 +174,8 @@ def parse_args(argv=None):
     parser.add_argument("--norms", default="layer,rms")
     parser.add_argument("--p", type=float, default=0.1)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per cell")
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per row, over the rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (timing.py)")
     parser.add_argument("--json", metavar="PATH")
     return parser.parse_args(argv)
 
@@ -181,9 +187,10 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     env = environment.describe(torch.device("cpu"), threads)
     print(environment.header(env))
-    print(f"timing:   {timing.describe(torch.device('cpu'), threads, args.budget)}; median of the runs")
+    print(f"timing:   {timing.describe(torch.device('cpu'), threads, args.budget / args.rounds)}, "
+          f"{args.rounds} interleaved rounds; the median of the fastest round")
     results = run(args.rows, args.hidden, [DTYPES[d] for d in args.dtypes.split(",")], args.norms.split(","),
-                  args.p, threads, args.budget)
+                  args.p, threads, args.budget, args.rounds)
     print(table(results))
     if args.json:
         import json

@@ -7,14 +7,9 @@ time); check the results (checks.py); and only then time the three phases. An
 implementation that fails its check, or cannot run, gets rows with the
 reason and no time.
 
-A cell's implementations are timed in interleaved rounds: each phase of
-each implementation in turn, then again. A row's time is the median of its
-fastest round, its quartiles those of its runs of all rounds. A shared
-2-core machine changes state for a second or more at a time: the same call
-through autograd at 64K takes 24 us in some rounds and 45 us in others,
-whoever's it is. Timed one after another, or judged by all rounds pooled,
-the implementations of a cell would be compared across those states; each
-one's fastest round compares them in the same state.
+A cell's implementations, and the two references, are timed interleaved
+(timing.py): a row's time is the median of its fastest round, its quartiles
+those of its runs of all rounds.
 """
 
 import time
@@ -27,7 +22,7 @@ from .checks import check, unit_count
 from .op_table import Op, make_operands, positive, positive_like, shape_for
 from .results import PHASES, VARIANTS, Check, Row, derive
 from .saved import total_bytes
-from .timing import Timing, run_times, synchronize
+from .timing import interleaved, synchronize
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -165,14 +160,9 @@ def _first_line(error: Exception) -> str:
 
 
 def _time_interleaved(settings: Settings, timed) -> None:
-    """Time each ``(row, (fn, bytes moved))`` for ``settings.budget_s`` in all,
-    in ``settings.rounds`` rounds that visit every row in turn."""
-    rounds = {id(row): [] for row, _ in timed}
-    for _ in range(settings.rounds):
-        for row, (fn, _moved) in timed:
-            rounds[id(row)].append(run_times(fn, settings.device, settings.threads, settings.budget_s / settings.rounds))
-    for row, (_fn, moved) in timed:
-        pooled = Timing.of([t for runs in rounds[id(row)] for t in runs])
-        row.round_ms = [Timing.of(runs).median_ms for runs in rounds[id(row)]]
-        row.time_ms, row.q25_ms, row.q75_ms, row.runs = min(row.round_ms), pooled.q25_ms, pooled.q75_ms, pooled.runs
-        row.bytes = moved
+    """Time each ``(row, (fn, bytes moved))``, interleaved."""
+    fns = [fn for _, (fn, _) in timed]
+    for (row, (_, moved)), t in zip(timed, interleaved(fns, settings.device, settings.threads, settings.budget_s,
+                                                        settings.rounds)):
+        row.time_ms, row.q25_ms, row.q75_ms, row.runs = t.time_ms, t.pooled.q25_ms, t.pooled.q75_ms, t.pooled.runs
+        row.round_ms, row.bytes = t.round_ms, moved

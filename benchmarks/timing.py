@@ -5,10 +5,17 @@
 - CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` at a fixed thread count.
 
 ``budget_s`` is the least time spent measuring one callable (warm-up aside).
+
+Callables compared with one another are timed ``interleaved``: in rounds,
+each callable in turn, then again. A shared 2-core machine changes state for
+a second or more at a time: the same call through autograd at 64K elements
+takes 24 us in some rounds and 45 us in others, whoever's it is. Timed one
+after another, or judged by all rounds pooled, callables would be compared
+across those states; each one's fastest round compares them in the same one.
 """
 
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 import torch
 from torch.utils.benchmark import Timer
@@ -47,6 +54,28 @@ def run_times(fn: Callable[[], object], device: torch.device, threads: int, budg
 
 def measure(fn: Callable[[], object], device: torch.device, threads: int, budget_s: float) -> Timing:
     return Timing.of(run_times(fn, device, threads, budget_s))
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    time_ms: float  # the median of the fastest round
+    pooled: Timing  # the runs of all rounds
+    round_ms: List[float]  # each round's median
+
+
+def interleaved(
+    fns: Sequence[Callable[[], object]], device: torch.device, threads: int, budget_s: float, rounds: int
+) -> List[Interleaved]:
+    """Each of ``fns`` timed for ``budget_s`` in all, in ``rounds`` rounds that visit every one in turn."""
+    runs: List[List[List[float]]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, of_fn in zip(fns, runs):
+            of_fn.append(run_times(fn, device, threads, budget_s / rounds))
+    results = []
+    for of_fn in runs:
+        medians = [Timing.of(r).median_ms for r in of_fn]
+        results.append(Interleaved(min(medians), Timing.of([t for r in of_fn for t in r]), medians))
+    return results
 
 
 def _cuda_times(fn, budget_s: float) -> List[float]:
