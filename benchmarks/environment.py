@@ -75,6 +75,9 @@ def describe(device: torch.device, threads: int) -> dict:
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "malloc_trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        # A caching malloc (tcmalloc, jemalloc) preloaded in glibc's place
+        # hands large outputs memory already in memory: no page faults.
+        "preloaded_malloc": os.environ.get("LD_PRELOAD") or None,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -97,7 +100,8 @@ def header(env: dict) -> str:
             f"memory:   huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE) "
             f"{'on' if env.get('thp_mem_alloc') else 'off'}; glibc mmap threshold "
             f"{env.get('malloc_mmap_threshold') or 'adaptive (not pinned)'}, trim threshold "
-            f"{env.get('malloc_trim_threshold') or 'adaptive'}",
+            f"{env.get('malloc_trim_threshold') or 'adaptive'}"
+            + (f"; LD_PRELOAD={env['preloaded_malloc']}" if env.get("preloaded_malloc") else ""),
             f"date:     {env['date']}",
         ]
     )

@@ -11,12 +11,19 @@ neither side is charged for an autograd engine the other skips:
   ``eager`` and ``compile`` (the PyTorch expression, through autograd);
 - ``raw`` (torch.ops.regdrop, called directly) against ``aten`` (the native
   kernels, called directly), where there is one.
+The fastest native route is the one with the fastest round (runner.py).
+The ratio judged is paired by round: the median over the interleaved rounds
+of its round time over ours, each pair timed back to back. On a shared
+machine the fastest rounds of two routes can fall in different states of
+the machine (16M rows vary by 10-25% from round to round here); a pair of
+one round shares its state. Files without rounds are judged by the times.
 The low-memory variant, which draws its mask again in backward by design,
 is not judged. Exits 1 if any row falls short of ``min_ratio`` x the
 fastest native route, or if nothing could be judged.
 """
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -35,6 +42,15 @@ def _us(ms: float) -> str:
     return f"{ms * 1e3:.4g} us" if ms < 1 else f"{ms:.4g} ms"
 
 
+def paired_ratio(mine: Row, native: Row) -> Tuple[float, str]:
+    """(native's time over ours, paired by round where both have rounds; how)."""
+    if mine.round_ms and native.round_ms and len(mine.round_ms) == len(native.round_ms):
+        pairs = [n / m for n, m in zip(native.round_ms, mine.round_ms)]
+        ahead = sum(p >= 1 for p in pairs)
+        return statistics.median(pairs), f"round by round: ours ahead in {ahead} of {len(pairs)}"
+    return native.time_ms / mine.time_ms, "by time"
+
+
 def shortfalls(rows: Sequence[Row], min_ratio: float = 1.0) -> Tuple[List[str], List[str]]:
     """(a line per judged row, the rows that fall short) for the rows of one run."""
     cells: Dict[tuple, Dict[str, Row]] = {}
@@ -48,10 +64,10 @@ def shortfalls(rows: Sequence[Row], min_ratio: float = 1.0) -> Tuple[List[str], 
             if ours not in routes or not native:
                 continue
             mine, fastest = routes[ours], min(native, key=lambda r: r.time_ms)
-            ratio = fastest.time_ms / mine.time_ms
+            ratio, how = paired_ratio(mine, fastest)
             line = (
                 f"{op} {phase} {dtype} {size_label(size)}: {mine.implementation} {_us(mine.time_ms)} "
-                f"vs {fastest.implementation} {_us(fastest.time_ms)}: {ratio:.2f}x"
+                f"vs {fastest.implementation} {_us(fastest.time_ms)}: {ratio:.2f}x ({how})"
             )
             lines.append(line + ("" if ratio >= min_ratio else "  SHORT"))
             if ratio < min_ratio:

@@ -72,6 +72,7 @@ def markdown(run: dict, phases: Optional[Sequence[str]] = None, dtypes: Optional
         + (", THP_MEM_ALLOC_ENABLE=1" if env.get("thp_mem_alloc") else "")
         + (f", MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold']}" if env.get("malloc_mmap_threshold") else "")
         + (f", MALLOC_TRIM_THRESHOLD_={env['malloc_trim_threshold']}" if env.get("malloc_trim_threshold") else "")
+        + (f", LD_PRELOAD={env['preloaded_malloc']}" if env.get("preloaded_malloc") else "")
         + f"), torch {env['torch']}, {env['date'][:10]}. "
         f"{size:,} elements ({size_label(size)}), p = {method['p']}, {method['timer']}.",
         "",

@@ -246,6 +246,23 @@ def test_native_check_judges_each_route_against_natives_called_the_same_way():
     assert shortfalls([_timed("dropout", "forward", "module", 1.0)])[1], "nothing judged is a failure"
 
 
+def test_native_check_pairs_the_routes_round_by_round():
+    """Each round's pair was timed back to back: ours is judged by the median
+    of native / ours over the rounds, not by the two fastest rounds, which
+    can come from different states of a shared machine."""
+    from dataclasses import replace
+
+    from benchmarks.native_check import shortfalls
+
+    ours = replace(_timed("drop_path", "forward", "module", 0.9), round_ms=[1.5, 0.9, 1.0, 1.2, 1.1])
+    native = replace(_timed("drop_path", "forward", "eager", 0.8), round_ms=[1.6, 1.0, 0.8, 1.3, 1.2])
+    lines, short = shortfalls([ours, native])
+    assert short == [] and "1.08x (round by round: ours ahead in 4 of 5)" in lines[0]  # by time: 0.89x
+    native = replace(native, round_ms=[1.4, 0.8, 0.9, 1.1, 1.2])  # faster in 4 of 5 rounds
+    lines, short = shortfalls([ours, native])
+    assert len(short) == 1 and "0.92x (round by round: ours ahead in 1 of 5)" in short[0]
+
+
 def test_check_mode_measures_every_native_route_and_exits_with_the_verdict(monkeypatch):
     """--check's run: the sizes and routes it times, and its exit status
     following native_check's verdict (timings themselves are not asserted)."""
