@@ -282,16 +282,18 @@ struct BFloat16 {
 // read each line before writing it and evict what is cached, for nothing.
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
-// Whether a large output's range [begin, end) is written with non-temporal
-// stores: only where its pages are already in memory (reused from an earlier
-// call, as tcmalloc and jemalloc hand it out), judged by the page at its
-// middle (malloc itself writes a block's first bytes, and other threads
-// those next to its ends). A fresh mapping's page (glibc's malloc maps every
-// block past 32 MiB anew) is zeroed by the OS at its first touch, through the
+// Whether elements [begin, end) of an output of `numel` elements of
+// `element_bytes` at `out` (null: only a mask is drawn) are written with
+// non-temporal stores: where the output is large and their pages are
+// already in memory (reused from an earlier call, as tcmalloc and jemalloc
+// hand it out), judged by the page in the middle of the range (malloc
+// itself writes a block's first bytes, and other threads those next to the
+// range's ends). A fresh mapping's page (glibc's malloc maps every block
+// past 32 MiB anew) is zeroed by the OS at its first touch, through the
 // cache, where a plain store then finds its line and a non-temporal one has
 // to evict it. Measured at 16M elements (drop-path, channel dropout,
 // dropout_add backward): non-temporal stores 20-30% faster into reused
-// memory, 4-10% slower into fresh pages, huge pages or not.
+// memory, 3-10% slower into fresh pages, huge pages or not.
 // REGDROP_STREAMING_STORES=always or =never overrides the choice (the tests
 // check the streamed outputs with it).
 enum class Streaming { Auto, Always, Never };
@@ -303,13 +305,13 @@ inline Streaming streaming_setting() {
   return Streaming::Auto;
 }
 
-inline bool stream_output(const void* begin, const void* end, int64_t output_bytes) {
+inline bool stream_output(const void* out, int64_t element_bytes, int64_t begin, int64_t end, int64_t numel) {
   static const Streaming setting = streaming_setting();
-  if (output_bytes < kStreamBytes || setting == Streaming::Never) return false;
+  if (out == nullptr || numel * element_bytes < kStreamBytes || setting == Streaming::Never) return false;
 #if defined(__linux__)
   if (setting == Streaming::Always) return true;
   static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t middle = (reinterpret_cast<uintptr_t>(begin) + reinterpret_cast<uintptr_t>(end)) / 2;
+  const uintptr_t middle = reinterpret_cast<uintptr_t>(out) + static_cast<uintptr_t>((begin + end) / 2 * element_bytes);
   unsigned char resident = 0;
   return mincore(reinterpret_cast<void*>(middle & ~(page - 1)), 1, &resident) == 0 && (resident & 1) != 0;
 #else
@@ -621,9 +623,8 @@ void run_groups_typed(const KernelCall& c, int64_t g_begin, int64_t g_end) {
                                                   static_cast<typename O::OutT*>(c.out),
                                                   c.bias_len,
                                                   typename Lanes<T>::V{} + static_cast<C>(c.scale),
-                                                  stream_output(static_cast<typename O::OutT*>(c.out) + g_begin * kUnitsPerGroup,
-                                                                static_cast<typename O::OutT*>(c.out) + std::min(c.numel, g_end * kUnitsPerGroup),
-                                                                c.numel * int64_t{sizeof(typename O::OutT)})};
+                                                  stream_output(c.out, sizeof(typename O::OutT), g_begin * kUnitsPerGroup,
+                                                                std::min(c.numel, g_end * kUnitsPerGroup), c.numel)};
   const int64_t e_end = std::min(c.numel, g_end * kUnitsPerGroup);
   if constexpr (S == MaskSource::Units && E != Epilogue::AddBiasResidual) {
     const UnitLayout& u = c.units;
@@ -782,9 +783,8 @@ void column_sums_typed(const KernelCall& c, const ColumnSumPlan& plan, const Col
   C* sums = static_cast<C*>(scratch);        // a vector of slack past them: whole vectors add +0 there
   C* folded = sums + lanes * most + kChunk;  // the chunks' sums so far, by column
 
-  const bool streaming = stream_output(out + range.chunk_begin * plan.chunk_rows * plan.cols,
-                                       out + std::min(plan.rows, range.chunk_end * plan.chunk_rows) * plan.cols,
-                                       c.numel * int64_t{sizeof(T)});
+  const bool streaming = stream_output(out, sizeof(T), range.chunk_begin * plan.chunk_rows * plan.cols,
+                                       std::min(plan.rows, range.chunk_end * plan.chunk_rows) * plan.cols, c.numel);
   // grad_input of the kChunk elements at x into y, added into acc.
   auto add_chunk = [&](const T* x, T* y, uint32_t bits, C* acc, bool stream) {
     for (int q = 0; q < L::kParts; ++q) {
