@@ -16,6 +16,7 @@
 // alone, not on the thread count.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../cuda/thread_bodies.h"
@@ -77,9 +78,12 @@ void fold_lanes_into(const C* lane_sums, uint32_t lanes, int64_t width, int64_t 
   }
 }
 
+// A column's fold adds its chunks' partial sums: columns are split across
+// threads by that work, not by their count.
 template <class T>
 void fold_chunks(const ColumnSumPlan& plan, const void* partial, void* result) {
-  at::parallel_for(0, plan.cols, kGrainElements, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, plan.chunks));
+  at::parallel_for(0, plan.cols, grain, [&](int64_t begin, int64_t end) {
     for (int64_t col = begin; col < end; ++col) cuda::fold_chunks_thread<T>(partial, result, plan, col);
   });
 }
