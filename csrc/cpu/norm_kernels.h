@@ -172,8 +172,19 @@ inline void store_n(T* p, Vec<ComputeOf<T>> v, int n) {
 }
 
 // v rounded to T and stored (n elements), and what was stored, widened back.
+// A float or double is stored as it is (NaNs canonical): kept in registers,
+// not read back, as a 16-byte read of a 32-byte store stalls.
 template <class T>
 inline Vec<ComputeOf<T>> store_and_reload(T* p, Vec<ComputeOf<T>> v, int n) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    const Vec<T> c = canonical<T>(v);
+    if (n == 8) {
+      std::memcpy(p, &c, sizeof(c));
+    } else {
+      std::memcpy(p, &c, sizeof(T) * n);
+    }
+    return c;
+  }
   T tmp[8];
   store8(tmp, v);
   if (n == 8) {
@@ -267,6 +278,36 @@ inline void add_into(C* a, Vec<C> v, int n) {
   std::memcpy(a, &sum, sizeof(sum));
 }
 
+// Steps 2 and 3 of row_order.h from the L = 8T lane sums (overwritten): the
+// row's sum. Step 2 is fold_group's additions, in its order, on vectors:
+// the high 4 lanes onto the low 4, then lanes 2-3 onto 0-1, then lane 1
+// onto lane 0. (Out of line as plain scalar code, folding took 8% of a ViT-S
+// forward's time at hidden 384.)
+template <class C>
+inline C fold_lanes(C* lanes, uint32_t threads) {
+  for (uint32_t t = 0; t < threads; ++t) {
+    Vec<C> a;
+    std::memcpy(&a, lanes + 8 * t, sizeof(a));
+    if constexpr (std::is_same_v<C, double>) {
+      typedef double f64x4 __attribute__((vector_size(32)));
+      typedef double f64x2 __attribute__((vector_size(16)));
+      const f64x4 b = norm::add_rn(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+      const f64x2 c = norm::add_rn(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
+      lanes[t] = norm::add_rn(c[0], c[1]);
+    } else {
+      typedef float f32x4 __attribute__((vector_size(16)));
+      typedef float f32x2 __attribute__((vector_size(8)));
+      const f32x4 b = norm::add_rn(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+      const f32x2 c = norm::add_rn(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
+      lanes[t] = norm::add_rn(c[0], c[1]);
+    }
+  }
+  for (uint32_t h = threads / 2; h >= 1; h /= 2) {
+    for (uint32_t t = 0; t < h; ++t) lanes[t] = norm::add_rn(lanes[t], lanes[t + h]);
+  }
+  return lanes[0];
+}
+
 // Group j of a row into its lanes: [8j mod L, + 8) of the L lane sums.
 template <class C>
 inline void add_lanes(C* acc, int64_t j, int64_t lanes, Vec<C> v, int n) {
@@ -322,7 +363,7 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
         std::memcpy(sv + 8 * j, &stored, sizeof(V));
         if (c.kind == NormKind::Layer) add_lanes<C>(acc, j, L, stored, n);
       }
-      const C mean = c.kind == NormKind::Layer ? norm::row_mean(norm::fold_lanes(acc, threads), inverse_hidden) : C(0);
+      const C mean = c.kind == NormKind::Layer ? norm::row_mean(fold_lanes<C>(acc, threads), inverse_hidden) : C(0);
       const V meanv = V{} + mean;
       std::fill(acc, acc + L, C(0));
       for (int64_t j = 0; j < G; ++j) {
@@ -331,7 +372,7 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
         std::memcpy(&s, sv + 8 * j, sizeof(V));
         add_lanes<C>(acc, j, L, norm::squared_deviation(s, meanv), n);
       }
-      const C rstd = norm::inverse_std(norm::row_mean(norm::fold_lanes(acc, threads), inverse_hidden), eps,
+      const C rstd = norm::inverse_std(norm::row_mean(fold_lanes<C>(acc, threads), inverse_hidden), eps,
                                           c.kind == NormKind::Layer);
       const V rstdv = V{} + rstd;
       for (int64_t j = 0; j < G; ++j) {
@@ -404,8 +445,8 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
         if (c.kind == NormKind::Layer) add_lanes<C>(acc_a, j, L, dz, n);
         add_lanes<C>(acc_b, j, L, norm::mul_rn(dz, z), n);
       }
-      const V a = V{} + (c.kind == NormKind::Layer ? norm::row_mean(norm::fold_lanes(acc_a, threads), inverse_hidden) : C(0));
-      const V b = V{} + norm::row_mean(norm::fold_lanes(acc_b, threads), inverse_hidden);
+      const V a = V{} + (c.kind == NormKind::Layer ? norm::row_mean(fold_lanes<C>(acc_a, threads), inverse_hidden) : C(0));
+      const V b = V{} + norm::row_mean(fold_lanes<C>(acc_b, threads), inverse_hidden);
       C* lane = sums == nullptr ? nullptr : sums + static_cast<int64_t>((r - r0) % lanes) * width;
       for (int64_t j = 0; j < G; ++j) {
         const int n = static_cast<int>(std::min<int64_t>(8, H - 8 * j));

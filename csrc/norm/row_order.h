@@ -16,7 +16,8 @@
 // t + T, t + 2T, ... (coalesced 128-bit loads), keeps the 8 lane sums of
 // step 1 in registers, folds them (step 2) and halves across threads in
 // shared memory (step 3). On the CPU, lanes are vectors: step 1 is vertical
-// vector adds over runs of L elements.
+// vector adds over runs of L elements, and steps 2 and 3 fold the L sums
+// (cpu/norm_kernels.h, fold_lanes).
 //
 // Across rows (the weight, norm-bias and input-bias gradients): the order of
 // column_sums.h, fold over chunks of fold over lanes of fold over rows, with
@@ -62,16 +63,6 @@ REGDROP_HOST_DEVICE C fold_group(const C* a) {
   const C b0 = add_rn(a[0], a[4]), b1 = add_rn(a[1], a[5]);
   const C b2 = add_rn(a[2], a[6]), b3 = add_rn(a[3], a[7]);
   return add_rn(add_rn(b0, b2), add_rn(b1, b3));
-}
-
-// Steps 2 and 3 from the L = 8T lane sums (overwritten): the row's sum.
-template <class C>
-C fold_lanes(C* lanes, uint32_t threads) {
-  for (uint32_t t = 0; t < threads; ++t) lanes[t] = fold_group(lanes + 8 * t);
-  for (uint32_t h = threads / 2; h >= 1; h /= 2) {
-    for (uint32_t t = 0; t < h; ++t) lanes[t] = add_rn(lanes[t], lanes[t + h]);
-  }
-  return lanes[0];
 }
 
 // The across-row order of a (rows, hidden) call's parameter gradients, as a
