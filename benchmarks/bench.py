@@ -25,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks import e2e, environment, native_check, norm_rows, timing  # noqa: E402
 from benchmarks.op_table import OPS  # noqa: E402
 from benchmarks.plot import plot_run  # noqa: E402
-from benchmarks.report import markdown  # noqa: E402
+from benchmarks.report import markdown, norm_markdown  # noqa: E402
 from benchmarks.results import BYTES_RULE, VARIANTS, write_csv, write_json  # noqa: E402
 from benchmarks.runner import DTYPE_NAMES, Settings, grid, run  # noqa: E402
 from benchmarks.table import render, size_label  # noqa: E402
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     if args.norm and settings.device.type == "cpu":
         result["norm"] = norm_rows.run(8192, 1024, settings.dtypes, ("layer", "rms"), settings.p, settings.threads,
                                        settings.budget_s, settings.rounds)
-        print("\n" + norm_rows.table(result["norm"]))
+        print("\n" + norm_markdown(result["norm"]))
 
     print("\nREADME table (python benchmarks/report.py FILE.json renders it from a results file):\n")
     print(markdown(result))

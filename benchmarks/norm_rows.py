@@ -35,6 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import regdrop_ext  # noqa: E402
 from benchmarks import environment, timing  # noqa: E402
+from benchmarks.report import norm_markdown  # noqa: E402
 from benchmarks.saved import saved_for_backward  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -146,26 +147,6 @@ def run(rows: int, hidden: int, dtypes, norms, p: float, threads: int, budget_s:
     return results
 
 
-def table(results: List[dict]) -> str:
-    """Markdown: per norm, dtype and phase, ours against eager and compile."""
-    cells = {}
-    for row in results:
-        cells.setdefault((row["norm"], row["phase"], row["dtype"]), {})[row["implementation"]] = row
-    lines = ["| norm | phase | dtype | regdrop_ext ms | eager ms | torch.compile ms | vs eager | vs compile | "
-             "saved B/elem: ours / eager / compile |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for (norm, phase, dtype), impls in cells.items():
-        ours = next(v for k, v in impls.items() if k.startswith("regdrop_ext"))
-        compiled = next(v for k, v in impls.items() if k.startswith("torch.compile"))
-        eager = next(v for k, v in impls.items() if k.startswith("F."))
-        lines.append(
-            f"| {'LayerNorm' if norm == 'layer' else 'RMSNorm'} | {phase} | {dtype} | {ours['median_ms']:.3g} | "
-            f"{eager['median_ms']:.3g} | {compiled['median_ms']:.3g} | "
-            f"{eager['median_ms'] / ours['median_ms']:.2f}x | {compiled['median_ms'] / ours['median_ms']:.2f}x | "
-            f"{ours['saved_bytes_per_element']:.3g} / {eager['saved_bytes_per_element']:.3g} / "
-            f"{compiled['saved_bytes_per_element']:.3g} |")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=8192)
@@ -191,7 +172,7 @@ def main(argv=None) -> int:
           f"{args.rounds} interleaved rounds; the median of the fastest round")
     results = run(args.rows, args.hidden, [DTYPES[d] for d in args.dtypes.split(",")], args.norms.split(","),
                   args.p, threads, args.budget, args.rounds)
-    print(table(results))
+    print(norm_markdown(results))
     if args.json:
         import json
 

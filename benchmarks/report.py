@@ -8,10 +8,12 @@ Per file: where it ran, then one line per op, phase and dtype (all, or those
 asked for) at the largest size measured: regdrop_ext's module (as a model calls it) against the eager
 PyTorch expression it replaces and the fastest native route (eager,
 torch.compile or an aten kernel), its share of copy bandwidth, and the bytes
-each saves for backward per element.
+each saves for backward per element; then the norm family's rows, where the
+file has them (bench.py --norm) or is made of them (norm_rows.py --json).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -120,6 +122,39 @@ def markdown(run: dict, phases: Optional[Sequence[str]] = None, dtypes: Optional
     return "\n".join(lines)
 
 
+def norm_markdown(results: List[dict]) -> str:
+    """The norm family's rows (norm_rows.py) in markdown: per norm, phase and
+    dtype, ours against eager and compile."""
+    cells = {}
+    for row in results:
+        cells.setdefault((row["norm"], row["phase"], row["dtype"]), {})[row["implementation"]] = row
+    lines = ["| norm | phase | dtype | regdrop_ext ms | eager ms | torch.compile ms | vs eager | vs compile | "
+             "saved B/elem: ours / eager / compile |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (norm, phase, dtype), impls in cells.items():
+        ours = next(v for k, v in impls.items() if k.startswith("regdrop_ext"))
+        compiled = next(v for k, v in impls.items() if k.startswith("torch.compile"))
+        eager = next(v for k, v in impls.items() if k.startswith("F."))
+        lines.append(
+            f"| {'LayerNorm' if norm == 'layer' else 'RMSNorm'} | {phase} | {dtype} | {ours['median_ms']:.3g} | "
+            f"{eager['median_ms']:.3g} | {compiled['median_ms']:.3g} | "
+            f"{eager['median_ms'] / ours['median_ms']:.2f}x | {compiled['median_ms'] / ours['median_ms']:.2f}x | "
+            f"{ours['saved_bytes_per_element']:.3g} / {eager['saved_bytes_per_element']:.3g} / "
+            f"{compiled['saved_bytes_per_element']:.3g} |")
+    return "\n".join(lines)
+
+
+def render_file(path: str, phases: Optional[Sequence[str]], dtypes: Optional[Sequence[str]]) -> str:
+    """A results file in markdown: op rows (bench.py, with its norm rows
+    where it has them), or norm rows alone (norm_rows.py --json)."""
+    with open(path) as src:
+        run = json.load(src)
+    if run["rows"] and "norm" in run["rows"][0]:
+        return f"{path}: {run['environment']['device_name']}, {run['environment']['date'][:10]}\n\n" + norm_markdown(
+            run["rows"])
+    text = markdown(read_json(path), phases, dtypes)
+    return text + ("\n\n" + norm_markdown(run["norm"]) if run.get("norm") else "")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results JSON files")
@@ -135,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         plot_run(read_json(args.results[0]), args.plot)
     phases = args.phases.split(",") if args.phases else None
     dtypes = args.dtypes.split(",") if args.dtypes else None
-    print("\n\n".join(markdown(read_json(path), phases, dtypes) for path in args.results))
+    print("\n\n".join(render_file(path, phases, dtypes) for path in args.results))
 
 
 if __name__ == "__main__":

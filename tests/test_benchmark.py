@@ -81,6 +81,16 @@ def test_quickest_run_writes_checked_results(tmp_path):
     assert all(f"| {op} | forward | fp32 |" in readme_table for op in OP_IDS)
 
 
+def test_every_committed_results_file_renders():
+    """report.py renders each results file, op rows and norm rows alike, as
+    its docstring's `report.py benchmarks/results/*.json` promises."""
+    files = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json"))
+    assert files
+    for path in files:
+        text = report.render_file(str(path), None, None)
+        assert text.count("\n|") >= 4, path
+
+
 def test_anchor_size_has_the_anchor_shape():
     assert shape_for(134_217_728, "element") == (16, 2048, 4096)
     assert shape_for(134_217_728, "channel") == (16, 2048, 64, 64)
