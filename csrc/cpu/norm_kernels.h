@@ -288,19 +288,9 @@ inline C fold_lanes(C* lanes, uint32_t threads) {
   for (uint32_t t = 0; t < threads; ++t) {
     Vec<C> a;
     std::memcpy(&a, lanes + 8 * t, sizeof(a));
-    if constexpr (std::is_same_v<C, double>) {
-      typedef double f64x4 __attribute__((vector_size(32)));
-      typedef double f64x2 __attribute__((vector_size(16)));
-      const f64x4 b = norm::add_rn(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
-      const f64x2 c = norm::add_rn(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
-      lanes[t] = norm::add_rn(c[0], c[1]);
-    } else {
-      typedef float f32x4 __attribute__((vector_size(16)));
-      typedef float f32x2 __attribute__((vector_size(8)));
-      const f32x4 b = norm::add_rn(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
-      const f32x2 c = norm::add_rn(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
-      lanes[t] = norm::add_rn(c[0], c[1]);
-    }
+    const auto b = norm::add_rn(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+    const auto c = norm::add_rn(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
+    lanes[t] = norm::add_rn(c[0], c[1]);
   }
   for (uint32_t h = threads / 2; h >= 1; h /= 2) {
     for (uint32_t t = 0; t < h; ++t) lanes[t] = norm::add_rn(lanes[t], lanes[t + h]);
