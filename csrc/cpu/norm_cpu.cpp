@@ -3,10 +3,11 @@
 // at::parallel_for, run by the copy of the norm kernels for the widest
 // instruction set (norm_kernels.h).
 //
-// Keep bits: element masks are drawn by the row kernels as they go. Unit
-// masks (drop-path: a bit per sample) and the element masks of a shard of a
-// larger call are drawn first, by the element family's drawing kernels (a
-// bit-only KernelCall), then read.
+// Keep bits: the forward row kernels draw element masks as they go. Unit
+// masks (drop-path: a bit per sample), the element masks of a shard of a
+// larger call, and every mask a backward draws (low-memory mode) are drawn
+// first, by the element family's drawing kernels (a bit-only KernelCall),
+// then read: the backward visits rows lane by lane, not in blocks.
 //
 // Parameter gradients: each chunk of the column plan (row_order.h) is one
 // task, whose rows add into its lanes in row order; the lanes are folded in
@@ -40,17 +41,18 @@ const NormKernelSet& norm_kernels() {
 
 int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(1, kGrainElements / hidden); }
 
-// Draws the bits the row kernels do not draw themselves (unit masks, and a
-// shard's element masks) into the mask, or into `scratch` where there is
-// none (low-memory mode), and makes the call read them. Records the stream.
-void draw_ahead(norm::RowBits& b, std::vector<uint8_t>& scratch) {
+// Draws the bits the row kernels do not draw themselves (unit masks, a
+// shard's element masks, and all of them unless `rows_draw_elements`) into
+// the mask, or into `scratch` where there is none (low-memory mode), and
+// makes the call read them. Records the stream.
+void draw_ahead(norm::RowBits& b, std::vector<uint8_t>& scratch, bool rows_draw_elements) {
   if (b.rng_state_out != nullptr) {
     uint64_t seed, offset;
     b.rng.unpack(seed, offset);
     b.rng_state_out[0] = static_cast<int64_t>(seed);
     b.rng_state_out[1] = static_cast<int64_t>(offset);
   }
-  if (!b.draw || (b.element_units && !b.shard.sharded())) return;
+  if (!b.draw || (rows_draw_elements && b.element_units && !b.shard.sharded())) return;
   uint8_t* mask = b.mask_out;
   if (mask == nullptr) {
     scratch.assign(static_cast<size_t>(mask_bytes(b.units)), 0);
@@ -137,14 +139,14 @@ void backward_with_parameter_grads(const norm::NormBackwardCall& c) {
 struct CpuNormBackend : CpuBackend {
   static void run_norm_forward(norm::NormForwardCall c) {
     std::vector<uint8_t> scratch;
-    draw_ahead(c.bits, scratch);
+    draw_ahead(c.bits, scratch, true);
     at::parallel_for(0, c.rows, grain_rows(c.hidden),
                      [&](int64_t begin, int64_t end) { norm_kernels().forward_rows(c, begin, end); });
   }
 
   static void run_norm_backward(norm::NormBackwardCall c) {
     std::vector<uint8_t> scratch;
-    draw_ahead(c.bits, scratch);
+    draw_ahead(c.bits, scratch, false);
     if (norm::wants_parameter_gradients(c)) {
       return c.dtype == ScalarKind::Double ? backward_with_parameter_grads<double>(c)
                                            : backward_with_parameter_grads<float>(c);

@@ -26,7 +26,8 @@ namespace regdrop::cpu {
 
 // What each copy provides:
 //   forward_rows   rows [begin, end) of a forward call;
-//   backward_rows  rows [begin, end) of a backward call; with lane_sums, the
+//   backward_rows  rows [begin, end) of a backward call, whose bits are read
+//                  (drawn ahead), never drawn; with lane_sums, the
 //                  rows' parameter-gradient terms added into lane
 //                  (row - begin) % lanes of lane_sums, laid out as
 //                  [3: weight, bias, input_bias][lanes][8 * ceil(hidden / 8)]
