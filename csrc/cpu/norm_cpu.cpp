@@ -7,7 +7,7 @@
 // masks (drop-path: a bit per sample), the element masks of a shard of a
 // larger call, and every mask a backward draws (low-memory mode) are drawn
 // first, by the element family's drawing kernels (a bit-only KernelCall),
-// then read: the backward visits rows lane by lane, not in blocks.
+// then read, as on CUDA (cuda/norm_launch.h's prepare_bits).
 //
 // Parameter gradients: each chunk of the column plan (row_order.h) is one
 // task, whose rows add into its lanes in row order; the lanes are folded in
