@@ -446,7 +446,12 @@ void forward_rows_operands(const NormForwardCall& c, int64_t r0, int64_t r1) {
 
 // --------------------------------------------------------------- backward
 
-template <class T, class R, bool kGradResidualOut, bool kParameterSums>
+// Which parameter-gradient terms a backward adds into lane sums: none, the
+// weight's and the bias's (LayerNorm's usual case, without branches), or
+// any that are wanted.
+enum class Sums { None, WeightAndBias, Wanted };
+
+template <class T, class R, bool kGradResidualOut, Sums kSums>
 void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint32_t lanes, void* lane_sums) {
   using C = ComputeOf<T>;
   using V = Vec<C>;
@@ -455,8 +460,8 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
   const int64_t L = 8 * int64_t{threads};
   std::vector<C> scratch(static_cast<size_t>(16 * G + 2 * L));
   C* const zv = scratch.data();  // the row's z
-  C* const dyv = zv + 8 * G;     // and grad_output, widened
-  C* const acc_a = dyv + 8 * G;
+  C* const dzv = zv + 8 * G;     // and dz = grad_output * weight
+  C* const acc_a = dzv + 8 * G;
   C* const acc_b = acc_a + L;
   const C* weight = static_cast<const C*>(c.weight);
   const T* grad_out = static_cast<const T*>(c.grad_output);
@@ -479,33 +484,39 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
     const V meanv = V{} + static_cast<const C*>(c.mean)[r];
     const V rstdv = V{} + static_cast<const C*>(c.rstd)[r];
     std::fill(acc_a, acc_a + 2 * L, C(0));
+    // Sweep 1: z, dz, the row sums, and the weight and bias terms.
     for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
-      const int64_t e = row + 8 * j;
+      const int64_t e = row + 8 * j, at = lane * width + 8 * j;
       const V dy = load_n(grad_out + e, n);
       const V z = norm::normalized(load_n(residual_out + e, n), meanv, rstdv);
       const V dz = norm::mul_rn(dy, load_values(weight + 8 * j, n));
       std::memcpy(zv + 8 * j, &z, sizeof(V));
-      std::memcpy(dyv + 8 * j, &dy, sizeof(V));
+      std::memcpy(dzv + 8 * j, &dz, sizeof(V));
       if (layer) add_lanes<C>(acc_a, j, L, dz, n);
       add_lanes<C>(acc_b, j, L, norm::mul_rn(dz, z), n);
+      if constexpr (kSums == Sums::WeightAndBias) {
+        add_into<C>(sums[0] + at, norm::mul_rn(dy, z), n);
+        add_into<C>(sums[1] + at, dy, n);
+      } else if constexpr (kSums == Sums::Wanted) {
+        if (sums[0] != nullptr) add_into<C>(sums[0] + at, norm::mul_rn(dy, z), n);
+        if (sums[1] != nullptr) add_into<C>(sums[1] + at, dy, n);
+      }
     });
     const V a = V{} + (layer ? norm::row_mean(fold_lanes<C>(acc_a, threads), inverse_hidden) : C(0));
     const V b = V{} + norm::row_mean(fold_lanes<C>(acc_b, threads), inverse_hidden);
+    // Sweep 2: the gradients, and the input bias's term.
     for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
       const int64_t e = row + 8 * j;
-      V z, dy;
+      V z, dz;
       std::memcpy(&z, zv + 8 * j, sizeof(V));
-      std::memcpy(&dy, dyv + 8 * j, sizeof(V));
-      V ds = norm::sum_gradient(norm::mul_rn(dy, load_values(weight + 8 * j, n)), z, a, b, rstdv);
+      std::memcpy(&dz, dzv + 8 * j, sizeof(V));
+      V ds = norm::sum_gradient(dz, z, a, b, rstdv);
       if constexpr (kGradResidualOut) ds = norm::add_rn(ds, load_n(grad_residual_out + e, n));
       if (grad_residual != nullptr) store_n(grad_residual + e, ds, n);
       const V dx = blend<C>(keep_mask<C>(keep[j]), norm::mul_rn(ds, scale), V{});
       store_n(grad_in + e, dx, n);
-      if constexpr (kParameterSums) {
-        const int64_t at = lane * width + 8 * j;
-        if (sums[0] != nullptr) add_into<C>(sums[0] + at, norm::mul_rn(dy, z), n);
-        if (sums[1] != nullptr) add_into<C>(sums[1] + at, dy, n);
-        if (sums[2] != nullptr) add_into<C>(sums[2] + at, dx, n);
+      if constexpr (kSums == Sums::Wanted) {
+        if (sums[2] != nullptr) add_into<C>(sums[2] + lane * width + 8 * j, dx, n);
       }
     });
   };
@@ -515,13 +526,19 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
   for (int64_t r = r0; r < r1; ++r) row_backward(r, (r - r0) % lanes);
 }
 
+template <class T, class R, bool kGradResidualOut>
+void backward_rows_sums(const NormBackwardCall& c, int64_t r0, int64_t r1, uint32_t lanes, void* lane_sums) {
+  if (lane_sums == nullptr) return backward_rows_typed<T, R, kGradResidualOut, Sums::None>(c, r0, r1, lanes, lane_sums);
+  if (c.grad_weight != nullptr && c.grad_bias != nullptr && c.grad_input_bias == nullptr) {
+    return backward_rows_typed<T, R, kGradResidualOut, Sums::WeightAndBias>(c, r0, r1, lanes, lane_sums);
+  }
+  return backward_rows_typed<T, R, kGradResidualOut, Sums::Wanted>(c, r0, r1, lanes, lane_sums);
+}
+
 template <class T, class R>
 void backward_rows_operands(const NormBackwardCall& c, int64_t r0, int64_t r1, uint32_t lanes, void* lane_sums) {
-  const bool residual_grad = c.grad_residual_out != nullptr, sums = lane_sums != nullptr;
-  if (residual_grad && sums) return backward_rows_typed<T, R, true, true>(c, r0, r1, lanes, lane_sums);
-  if (residual_grad) return backward_rows_typed<T, R, true, false>(c, r0, r1, lanes, lane_sums);
-  if (sums) return backward_rows_typed<T, R, false, true>(c, r0, r1, lanes, lane_sums);
-  return backward_rows_typed<T, R, false, false>(c, r0, r1, lanes, lane_sums);
+  if (c.grad_residual_out != nullptr) return backward_rows_sums<T, R, true>(c, r0, r1, lanes, lane_sums);
+  return backward_rows_sums<T, R, false>(c, r0, r1, lanes, lane_sums);
 }
 
 // The operand types: one dtype throughout, or a 16-bit input with a float32
