@@ -368,6 +368,20 @@ __attribute__((always_inline)) inline void for_each_group(int64_t hidden, Group&
   if (hidden % 8 != 0) group(full, static_cast<int>(hidden % 8));
 }
 
+// Calls sweep(keep_of), keep_of(j) giving group j's keep mask: built from
+// the row's bits, or, where the whole row is one unit (drop-path, or
+// p == 0), the row's one mask: that sweep is compiled without building a
+// mask per group.
+template <class C, class Sweep>
+__attribute__((always_inline)) inline void with_keep_masks(bool whole_rows, const uint8_t* keep, Sweep&& sweep) {
+  if (whole_rows) {
+    const Mask<C> row = keep_mask<C>(keep[0]);  // 0xFF or 0: RowBits::row
+    sweep([row](int64_t) { return row; });
+  } else {
+    sweep([keep](int64_t j) { return keep_mask<C>(keep[j]); });
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 template <class T, class R, bool kResidual, bool kInputBias>
@@ -390,7 +404,7 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
   const V scale = V{} + static_cast<C>(c.scale);
   const C eps = static_cast<C>(c.eps);
   const C inverse_hidden = norm::inverse_hidden<C>(H);
-  const bool layer = c.kind == NormKind::Layer;
+  const bool layer = c.kind == NormKind::Layer, whole_rows = !c.bits.element_units;
   RowBits bits(c.bits, c.rows * H, H);
 
   for (int64_t b0 = r0; b0 < r1; b0 += block_rows(H)) {
@@ -401,16 +415,18 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
       const int64_t row = r * H;
       // The residual stream and its sum.
       std::fill(acc, acc + L, C(0));
-      for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
-        const int64_t e = row + 8 * j;
-        V rv{}, bv{};
-        if constexpr (kResidual) rv = load_n(residual + e, n);
-        if constexpr (kInputBias) bv = load_values(input_bias + 8 * j, n);
-        const V v = norm::branch_value<kInputBias>(load_n(in + e, n), bv);
-        const V s = blend<C>(keep_mask<C>(keep[j]), norm::kept_sum<kResidual>(v, rv, scale), rv);
-        const V stored = store_and_reload(residual_out + e, s, n);
-        std::memcpy(sv + 8 * j, &stored, sizeof(V));
-        if (layer) add_lanes<C>(acc, j, L, stored, n);
+      with_keep_masks<C>(whole_rows, keep, [&](auto keep_of) __attribute__((always_inline)) {
+        for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
+          const int64_t e = row + 8 * j;
+          V rv{}, bv{};
+          if constexpr (kResidual) rv = load_n(residual + e, n);
+          if constexpr (kInputBias) bv = load_values(input_bias + 8 * j, n);
+          const V v = norm::branch_value<kInputBias>(load_n(in + e, n), bv);
+          const V s = blend<C>(keep_of(j), norm::kept_sum<kResidual>(v, rv, scale), rv);
+          const V stored = store_and_reload(residual_out + e, s, n);
+          std::memcpy(sv + 8 * j, &stored, sizeof(V));
+          if (layer) add_lanes<C>(acc, j, L, stored, n);
+        });
       });
       const C mean = layer ? norm::row_mean(fold_lanes<C>(acc, threads), inverse_hidden) : C(0);
       const V meanv = V{} + mean;
@@ -471,7 +487,7 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
   R* grad_residual = static_cast<R*>(c.grad_residual);
   const V scale = V{} + static_cast<C>(c.scale);
   const C inverse_hidden = norm::inverse_hidden<C>(H);
-  const bool layer = c.kind == NormKind::Layer;
+  const bool layer = c.kind == NormKind::Layer, whole_rows = !c.bits.element_units;
   const int64_t width = 8 * G;  // of a lane of lane_sums
   C* const sums[3] = {c.grad_weight == nullptr ? nullptr : static_cast<C*>(lane_sums),
                       c.grad_bias == nullptr ? nullptr : static_cast<C*>(lane_sums) + int64_t{lanes} * width,
@@ -505,19 +521,21 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
     const V a = V{} + (layer ? norm::row_mean(fold_lanes<C>(acc_a, threads), inverse_hidden) : C(0));
     const V b = V{} + norm::row_mean(fold_lanes<C>(acc_b, threads), inverse_hidden);
     // Sweep 2: the gradients, and the input bias's term.
-    for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
-      const int64_t e = row + 8 * j;
-      V z, dz;
-      std::memcpy(&z, zv + 8 * j, sizeof(V));
-      std::memcpy(&dz, dzv + 8 * j, sizeof(V));
-      V ds = norm::sum_gradient(dz, z, a, b, rstdv);
-      if constexpr (kGradResidualOut) ds = norm::add_rn(ds, load_n(grad_residual_out + e, n));
-      if (grad_residual != nullptr) store_n(grad_residual + e, ds, n);
-      const V dx = blend<C>(keep_mask<C>(keep[j]), norm::mul_rn(ds, scale), V{});
-      store_n(grad_in + e, dx, n);
-      if constexpr (kSums == Sums::Wanted) {
-        if (sums[2] != nullptr) add_into<C>(sums[2] + lane * width + 8 * j, dx, n);
-      }
+    with_keep_masks<C>(whole_rows, keep, [&](auto keep_of) __attribute__((always_inline)) {
+      for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
+        const int64_t e = row + 8 * j;
+        V z, dz;
+        std::memcpy(&z, zv + 8 * j, sizeof(V));
+        std::memcpy(&dz, dzv + 8 * j, sizeof(V));
+        V ds = norm::sum_gradient(dz, z, a, b, rstdv);
+        if constexpr (kGradResidualOut) ds = norm::add_rn(ds, load_n(grad_residual_out + e, n));
+        if (grad_residual != nullptr) store_n(grad_residual + e, ds, n);
+        const V dx = blend<C>(keep_of(j), norm::mul_rn(ds, scale), V{});
+        store_n(grad_in + e, dx, n);
+        if constexpr (kSums == Sums::Wanted) {
+          if (sums[2] != nullptr) add_into<C>(sums[2] + lane * width + 8 * j, dx, n);
+        }
+      });
     });
   };
 
