@@ -246,7 +246,7 @@ def check_generators_in_step(bad: Mismatches, mesh, calls) -> None:
              torch.equal(torch.get_rng_state(), after))  # fmt: skip
 
 
-# --- 2 ranks: every op along every dim -----------------------------------------------
+# --- 2 ranks: every op along every dim; the norm ops and the MLP blocks below too ----
 
 
 def _two_ranks(rank: int, world: int) -> list:
@@ -366,7 +366,9 @@ def _two_ranks(rank: int, world: int) -> list:
     check_saved_shapes(bad, mesh, world)
     check_generators_in_step(bad, mesh, [((1, 6), [Shard(0)]), ((1, 1), [Shard(1)]), ((5, 4), [Shard(1)]),
                                          ((3, 4), [Replicate()])])  # fmt: skip
-    check_norm_ops(bad, mesh, rank)  # in this spawn: starting the processes is most of a spawn's time
+    # In this spawn too: starting the processes is most of a spawn's time.
+    check_norm_ops(bad, mesh, rank)
+    check_tensor_parallel_mlp(bad, mesh)
     return bad
 
 
@@ -394,7 +396,7 @@ def check_module(bad: Mismatches, mesh, module, shapes, placement, case_seed: in
         raise RuntimeError(f"case {case} raised") from e
 
 
-def test_ops_on_two_ranks_match_the_whole_tensor(tmp_path):
+def test_ops_and_a_tensor_parallel_mlp_on_two_ranks_match_one_process(tmp_path):
     spawn(_two_ranks, 2, tmp_path)
 
 
@@ -504,9 +506,10 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def _tensor_parallel(rank: int, world: int) -> list:
-    mesh = init_device_mesh("cpu", (world,))
-    bad = Mismatches()
+def check_tensor_parallel_mlp(bad: Mismatches, mesh) -> None:
+    """Two MLP blocks, tensor parallel, against the same blocks in one process:
+    one step's masks, outputs and gradients, then the losses and parameters of a
+    few SGD steps."""
     torch.manual_seed(0)
     reference = nn.Sequential(MLPBlock(fused=False), MLPBlock(fused=True)).double()
     model = tensor_parallel(copy.deepcopy(reference), mesh)
@@ -573,11 +576,6 @@ def _tensor_parallel(rank: int, world: int) -> list:
     bad.true("training", f"loss did not move: {want}", len(set(want)) == len(want))
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         bad.close("training", f"{name} after the steps", p.full_tensor(), q.detach(), **TOLERANCE)
-    return bad
-
-
-def test_tensor_parallel_mlp_matches_one_process_and_trains_alike(tmp_path):
-    spawn(_tensor_parallel, 2, tmp_path)
 
 
 # --- the norm ops: dropout + residual + LayerNorm / RMSNorm (regdrop_ext/norm_dtensor.py) ---

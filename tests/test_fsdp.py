@@ -11,6 +11,7 @@ gradient reduction (reduce-scatter vs all-reduce) may round differently.
 """
 
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -100,12 +101,26 @@ def build() -> TinyViT:
     return TinyViT().train()
 
 
-def train(model: nn.Module, rank: int, x: torch.Tensor, y: torch.Tensor):
-    """STEPS SGD steps from the default generator seeded with 1000 + rank.
+def full_parameters(model: nn.Module):
+    """Parameters by name, unsharded (a collective for FSDP2's DTensors), as the unwrapped model names them."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in model.named_parameters()
+    }
 
-    Returns the losses, the first step's output (before any update) and, per
-    step, what the random ops saved for backward: the uint8 masks and the
-    int64 (seed, offset) states of low-memory dropout, in the order saved."""
+
+class Run(NamedTuple):
+    losses: torch.Tensor
+    first_output: torch.Tensor  # before any update
+    saved: list  # per step, what the random ops saved for backward: the uint8 masks and
+    # the int64 (seed, offset) states of low-memory dropout, in the order saved
+    params: dict  # the final parameters by name, unsharded
+
+
+def train(model: nn.Module, rank: int, x: torch.Tensor, y: torch.Tensor) -> Run:
+    """STEPS SGD steps from the default generator seeded with 1000 + rank."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     losses, saved_per_step, first_output = [], [], None
     torch.manual_seed(1000 + rank)
@@ -127,18 +142,34 @@ def train(model: nn.Module, rank: int, x: torch.Tensor, y: torch.Tensor):
             first_output = out.detach().clone()
         losses.append(loss.detach())
         saved_per_step.append(saved)
-    return torch.stack(losses), first_output, saved_per_step
+    return Run(torch.stack(losses), first_output, saved_per_step, full_parameters(model))
 
 
-def full_parameters(model: nn.Module):
-    """Parameters by name, unsharded (a collective for FSDP2's DTensors)."""
-    return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-        for name, p in model.named_parameters()
-    }
+def check_against(ddp_run: Run, fsdp_run: Run, checkpoint_blocks: bool) -> None:
+    """One FSDP2 run against the DDP run: the same draws, outputs, losses and parameters."""
+    how = "FSDP2 with checkpointed blocks" if checkpoint_blocks else "FSDP2"
+    # The same draws: every mask and rng state saved for backward, at every step.
+    for step, (expected, actual) in enumerate(zip(ddp_run.saved, fsdp_run.saved)):
+        # pos_drop, head_drop, and per block attn_drop, proj_drop_add, residual: 8
+        # masks; per block mlp_drop (low memory): 2 rng states.
+        kinds = sorted(str(t.dtype) for t in expected)
+        assert kinds == ["torch.int64"] * 2 + ["torch.uint8"] * 8, f"step {step}: saved {kinds}"
+        if checkpoint_blocks:
+            # Checkpoint's own saved-tensor hooks take what the blocks save
+            # (recomputed in backward); pos_drop's and head_drop's masks remain.
+            expected = [expected[0], expected[-1]]
+        assert len(actual) == len(expected), f"{how}, step {step}: saved {len(actual)} random states, DDP {len(expected)}"
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            assert e.dtype == a.dtype and torch.equal(e, a), f"{how}, step {step}: random op {i} drew differently"
+    # Before any update the parameters are equal, so the outputs are too.
+    assert torch.equal(fsdp_run.first_output, ddp_run.first_output), f"{how}: first-step outputs differ"
+    torch.testing.assert_close(fsdp_run.losses, ddp_run.losses, **LOSS_TOLERANCE)
+    assert fsdp_run.params.keys() == ddp_run.params.keys()
+    for name, expected in ddp_run.params.items():
+        torch.testing.assert_close(fsdp_run.params[name], expected, **PARAM_TOLERANCE, msg=lambda m: f"{how}, {name}: {m}")
 
 
-def fsdp_against_ddp(rank: int, store_path: str, checkpoint_blocks: bool) -> None:
+def fsdp_against_ddp(rank: int, store_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -147,42 +178,21 @@ def fsdp_against_ddp(rank: int, store_path: str, checkpoint_blocks: bool) -> Non
         y = torch.randn(BATCH, OUT, generator=data)
 
         ddp = nn.parallel.DistributedDataParallel(build())
-        ddp_losses, ddp_first, ddp_saved = train(ddp, rank, x, y)
-        ddp_params = full_parameters(ddp.module)
+        ddp_run = train(ddp, rank, x, y)
+        assert not torch.equal(ddp_run.params["head.weight"], build().head.weight), "training did not update the head"
 
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-        fsdp = build()
-        for block in fsdp.blocks:
-            block.checkpointed = checkpoint_blocks
-            fully_shard(block, mesh=mesh)
-        fully_shard(fsdp, mesh=mesh)
-        assert all(isinstance(p, DTensor) for p in fsdp.parameters()), "fully_shard left parameters unsharded"
-        fsdp_losses, fsdp_first, fsdp_saved = train(fsdp, rank, x, y)
-        fsdp_params = full_parameters(fsdp)
-
-        # The same draws: every mask and rng state saved for backward, at every step.
-        for step, (expected, actual) in enumerate(zip(ddp_saved, fsdp_saved)):
-            # pos_drop, head_drop, and per block attn_drop, proj_drop_add, residual: 8
-            # masks; per block mlp_drop (low memory): 2 rng states.
-            kinds = sorted(str(t.dtype) for t in expected)
-            assert kinds == ["torch.int64"] * 2 + ["torch.uint8"] * 8, f"step {step}: saved {kinds}"
-            if checkpoint_blocks:
-                # Checkpoint's own saved-tensor hooks take what the blocks save
-                # (recomputed in backward); pos_drop's and head_drop's masks remain.
-                expected = [expected[0], expected[-1]]
-            assert len(actual) == len(expected), f"step {step}: FSDP2 saved {len(actual)} random states, DDP {len(expected)}"
-            for i, (e, a) in enumerate(zip(expected, actual)):
-                assert e.dtype == a.dtype and torch.equal(e, a), f"step {step}: random op {i} drew differently"
-        # Before any update the parameters are equal, so the outputs are too.
-        assert torch.equal(fsdp_first, ddp_first), "first-step outputs differ"
-        torch.testing.assert_close(fsdp_losses, ddp_losses, **LOSS_TOLERANCE)
-        assert fsdp_params.keys() == ddp_params.keys()
-        for name, expected in ddp_params.items():
-            torch.testing.assert_close(fsdp_params[name], expected, **PARAM_TOLERANCE, msg=lambda m: f"{name}: {m}")
-        assert not torch.equal(ddp_params["head.weight"], build().head.weight), "training did not update the head"
+        for checkpoint_blocks in (False, True):
+            fsdp = build()
+            for block in fsdp.blocks:
+                block.checkpointed = checkpoint_blocks
+                fully_shard(block, mesh=mesh)
+            fully_shard(fsdp, mesh=mesh)
+            assert all(isinstance(p, DTensor) for p in fsdp.parameters()), "fully_shard left parameters unsharded"
+            check_against(ddp_run, train(fsdp, rank, x, y), checkpoint_blocks)
 
         # Ranks seeded 1000 + rank drew different masks (probability of a match: 2^-1000s).
-        first_mask = ddp_saved[0][0]
+        first_mask = ddp_run.saved[0][0]
         gathered = [torch.empty_like(first_mask) for _ in range(WORLD_SIZE)]
         dist.all_gather(gathered, first_mask)
         assert not torch.equal(gathered[0], gathered[1]), "both ranks drew the same mask"
@@ -198,16 +208,14 @@ def test_fsdp2_draws_ddps_masks_and_follows_its_losses(tmp_path):
     rng state saved for backward is bit-identical between the runs at every
     step, the first step's outputs are bit-identical, the losses and final
     parameters agree within a few float32 ulp (LOSS_TOLERANCE, PARAM_TOLERANCE),
-    and the two ranks draw different masks."""
-    mp.spawn(fsdp_against_ddp, args=(str(tmp_path / "store"), False), nprocs=WORLD_SIZE)
+    and the two ranks draw different masks.
 
-
-def test_fsdp2_with_checkpointed_blocks_follows_ddp(tmp_path):
-    """As above, with each FSDP2 block under non-reentrant activation
+    Then again with each FSDP2 block under non-reentrant activation
     checkpointing (the usual pairing at scale): backward all-gathers a block's
     parameters again and recomputes its forward, redrawing its masks from the
     restored generator state. The masks outside the blocks, the first step's
     outputs, the losses and the final parameters match the DDP run without
     checkpointing; a recomputation that drew other masks would give other
-    gradients, hence other parameters and losses after the first step."""
-    mp.spawn(fsdp_against_ddp, args=(str(tmp_path / "store"), True), nprocs=WORLD_SIZE)
+    gradients, hence other parameters and losses after the first step.
+    Both FSDP2 runs are checked in one spawn, against one DDP run."""
+    mp.spawn(fsdp_against_ddp, args=(str(tmp_path / "store"),), nprocs=WORLD_SIZE)
