@@ -28,3 +28,12 @@ def pytest_generate_tests(metafunc):
     if "dtype" in metafunc.fixturenames and not _explicitly_parametrized(metafunc, "dtype"):
         dtypes = getattr(metafunc.module, "TEST_DTYPES", DTYPES)
         metafunc.parametrize("dtype", dtypes, ids=lambda d: str(d).replace("torch.", ""))
+
+
+def pytest_collection_modifyitems(items):
+    # Tests marked slow (seconds each: huge tensors, other processes,
+    # compilers) go first. pytest-xdist hands tests out in this order, so
+    # the two workers share the long ones and end together, instead of one
+    # finishing a long test alone at the end. A stable sort: the rest keep
+    # their order.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

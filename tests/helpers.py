@@ -87,3 +87,17 @@ def load_emulation():
         is_python_module=False,
     )
     return torch.ops.regdrop_cuda_emulation
+
+
+def spawn_ranks(fn, args, nprocs: int) -> None:
+    """torch.multiprocessing.spawn's processes, forked from a server that has
+    imported torch, torch._dynamo (which DTensor's paths import on first use)
+    and regdrop_ext once, instead of starting each rank from a bare
+    interpreter: each import costs seconds of CPU a rank. The server itself
+    never runs a kernel, so no rank inherits threads from a fork."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "regdrop_ext", fn.__module__])
+    mp.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")

@@ -41,6 +41,7 @@ def check_raw(op, operands, output, mask, grad, grads, p=P, quantized=True):
     checks.check(operands, output, checks.keep_from_bits(mask, units), grad, grads, p, quantized)
 
 
+@pytest.mark.slow
 def test_quickest_run_writes_checked_results(tmp_path):
     paths = {ext: str(tmp_path / f"results.{ext}") for ext in ("json", "csv", "png")}
     variants = "eager,aten,module,low_memory,raw"  # all but torch.compile, which takes seconds

@@ -60,6 +60,7 @@ def _norm_opcheck_cases(t, x, r, b):
     ]
 
 
+@pytest.mark.slow
 def test_opcheck_every_op(device):
     covered = set()
     for op, args, kwargs in _opcheck_cases(device):

@@ -6,7 +6,7 @@ tmp_path.
 
 Starting the processes costs seconds, so each test is one spawn that runs a
 whole matrix of checks. Mismatches are collected and reported together, each
-with its case; an exception in a case fails the spawn at once (mp.spawn then
+with its case; an exception in a case fails the spawn at once (start_processes then
 ends the other ranks, which would wait for it in a collective).
 """
 
@@ -15,9 +15,9 @@ import time
 import warnings
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -25,7 +25,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import regdrop_ext
-from helpers import in_place
+from helpers import in_place, spawn_ranks
+
+pytestmark = pytest.mark.slow  # other processes: started first (conftest.py)
 
 ops = torch.ops.regdrop
 
@@ -51,7 +53,7 @@ def _entry(rank: int, world: int, store: str, worker) -> None:
 
 
 def spawn(worker, world: int, tmp_path) -> None:
-    mp.spawn(_entry, args=(world, str(tmp_path / "store"), worker), nprocs=world)
+    spawn_ranks(_entry, (world, str(tmp_path / "store"), worker), world)
 
 
 class Mismatches(list):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # other processes: started first (conftest.py)
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

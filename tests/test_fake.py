@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing  # CompileCounter: not imported by torch itself
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -113,6 +114,7 @@ def test_fake_and_real_backward_ops_agree(op, data):
         assert describe(real) == describe(fake)
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_compiled_calls_equal_eager_calls(data):

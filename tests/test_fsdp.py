@@ -13,9 +13,9 @@ gradient reduction (reduce-scatter vs all-reduce) may round differently.
 import time
 from typing import NamedTuple
 
+import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -24,6 +24,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import regdrop_ext
+from helpers import spawn_ranks
+
+pytestmark = pytest.mark.slow  # other processes: started first (conftest.py)
 
 WORLD_SIZE = 2
 STEPS = 5
@@ -218,4 +221,4 @@ def test_fsdp2_draws_ddps_masks_and_follows_its_losses(tmp_path):
     checkpointing; a recomputation that drew other masks would give other
     gradients, hence other parameters and losses after the first step.
     Both FSDP2 runs are checked in one spawn, against one DDP run."""
-    mp.spawn(fsdp_against_ddp, args=(str(tmp_path / "store"),), nprocs=WORLD_SIZE)
+    spawn_ranks(fsdp_against_ddp, (str(tmp_path / "store"),), WORLD_SIZE)

@@ -381,6 +381,7 @@ torch.save(outs, sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_every_kernel_copy_and_thread_count_gives_the_same_bits(tmp_path):
     """The baseline, AVX2 and AVX-512 copies at 1 and 3 threads: outputs,
     masks, statistics and gradients (the column sums' order included) alike."""

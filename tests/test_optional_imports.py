@@ -37,6 +37,7 @@ def test_a_missing_package_skips_the_test():
         import_or_skip("a_package_that_is_not_installed")
 
 
+@pytest.mark.slow
 def test_the_vit_example_runs_beside_a_broken_timm(broken_timm):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(broken_timm), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(

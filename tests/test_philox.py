@@ -139,6 +139,7 @@ def _run_with_capability(capability):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", ["avx2", "avx512"])
 def test_every_cpu_instruction_set_gives_identical_results(capability):
     """Each CPU kernel copy (baseline, AVX2, AVX-512) is selected through

@@ -35,6 +35,7 @@ def test_the_documents_have_blocks_of_both_kinds():
     assert len(RUNNABLE) >= 4 and len(FRAGMENTS) >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", RUNNABLE)
 def test_block_runs_as_written(code, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)

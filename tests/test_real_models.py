@@ -19,6 +19,7 @@ ROW = re.compile(r"^(?P<name>.+?) \| (?P<original>\d+)/(?P<total>\d+), (?P<layer
 ALL_LAYERS = {"timm ConvNeXt-T", "torchvision EfficientNet-B0", "torchvision ConvNeXt-T"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package, prefix, models", [("transformers", "HF", 4), ("timm", "timm", 4), ("torchvision", "torchvision", 4)])
 def test_no_native_random_op_is_left_with_the_opt_in(package, prefix, models):
     import_or_skip(package)
