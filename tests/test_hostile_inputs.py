@@ -612,9 +612,10 @@ def test_bias_gradient_memory_stays_a_tile_whatever_the_shape():
     Its temporary memory is now bounded by the plan (tests/cpp/
     test_column_sums.cpp): measured here as the growth of the process's peak
     resident memory (VmHWM, reset before each shape through clear_refs), in a
-    fresh interpreter, against what its results take: 4 bytes per element
-    of the input gradient and of the bias gradient. A fixed mmap threshold makes glibc return every freed tensor at
-    once, so no shape reuses the pages of the one before it."""
+    fresh interpreter, against what its results take: 4 bytes per element of
+    the input gradient and of the bias gradient. A fixed mmap threshold makes
+    glibc return every freed tensor at once, so that no shape reuses the pages
+    of the one before it."""
     import os
     import subprocess
     import sys
