@@ -6,8 +6,9 @@ tmp_path.
 
 Starting the processes costs seconds, so each test is one spawn that runs a
 whole matrix of checks. Mismatches are collected and reported together, each
-with its case; an exception in a case fails the spawn at once (start_processes then
-ends the other ranks, which would wait for it in a collective).
+with its case; an exception in a case fails the spawn at once
+(start_processes then ends the other ranks, which would wait for it in a
+collective).
 """
 
 import copy

@@ -1,7 +1,6 @@
 """SharedRandomState within one process. Across processes it is checked where it
 is used: DDP training on two ranks (per-rank masks from seed_ranks, shared ones
-identical) is examples/ddp_train.py, run by tests/test_examples.py; the
-tensor-parallel regions are in tests/test_dtensor.py."""
+identical) is examples/ddp_train.py, run by tests/test_examples.py."""
 
 import torch
 
