@@ -24,7 +24,8 @@ if [ ! -f /usr/include/gtest/gtest.h ]; then
   apt-get install -y -qq libgtest-dev || { apt-get update -qq && apt-get install -y -qq libgtest-dev; }
 fi
 
-work=$(mktemp -d)
+source .ci/scratch.sh
+work=$(scratch_dir)
 trap 'rm -rf "$work"' EXIT
 
 step "configure"

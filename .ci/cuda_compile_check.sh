@@ -33,7 +33,8 @@ export CPATH="$site/nvidia/cu13/include${CPATH:+:$CPATH}"
 echo "CUDA_HOME=$CUDA_HOME torch: $("$venv/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 
 # Build a wheel from a copy, so this tree's editable CPU build is left alone.
-work=$(mktemp -d)
+source .ci/scratch.sh
+work=$(scratch_dir)
 trap 'rm -rf "$work"' EXIT
 git ls-files -z | xargs -0 cp --parents -t "$work"
 (cd "$work" && "$venv/bin/pip" install --quiet --no-build-isolation --no-deps --target "$work/site" .)

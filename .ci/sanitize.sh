@@ -10,7 +10,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$repo/.venv/bin/python}
 
-work=$(mktemp -d)
+source "$repo/.ci/scratch.sh"
+work=$(scratch_dir)
 trap 'rm -rf "$work"' EXIT
 (cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$work")
 (cd "$work" && REGDROP_SANITIZE=1 REGDROP_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
