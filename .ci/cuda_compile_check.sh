@@ -49,7 +49,10 @@ assert ops and not missing, missing
 PY
 )
 
-# The toolkit has no cuobjdump; the triton wheel beside torch ships one.
+# The toolkit has no cuobjdump; the triton wheel beside torch ships one. The
+# gate reads object files as it reads libraries; nvcc runs as torch's builder
+# runs it (through the compile cache in CI), which caches a -c compile only.
+nvcc_c() { ${PYTORCH_NVCC:-nvcc} -c "$@"; }
 gate() { "$venv/bin/python" .ci/sass_gate.py --cuobjdump "$site/triton/backends/nvidia/bin/cuobjdump" "$@"; }
 archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 --threads 0)
 echo "== machine-code gate (sm_80, sm_90)"
@@ -57,18 +60,18 @@ gate "$(ls "$work"/site/regdrop_ext/_C*.so)" --require sm_80,sm_90
 
 echo "== the kernels built with -use_fast_math: no contraction, no flushing"
 for cu in kernels norm_kernels; do
-  nvcc -fatbin "${archs[@]}" -O3 -use_fast_math -std=c++17 -Icsrc -o "$work/$cu.fast_math.fatbin" "csrc/cuda/$cu.cu"
-  gate "$work/$cu.fast_math.fatbin" --require sm_80,sm_90 --checks contraction
+  nvcc_c "${archs[@]}" -O3 -use_fast_math -std=c++17 -Icsrc -o "$work/$cu.fast_math.o" "csrc/cuda/$cu.cu"
+  gate "$work/$cu.fast_math.o" --require sm_80,sm_90 --checks contraction
 done
 
 echo "== the gate refuses a contracting probe built with --fmad=true, and only that"
-nvcc -fatbin "${archs[@]}" -O3 --fmad=true -o "$work/probe.fatbin" .ci/contraction_probe.cu
-if gate "$work/probe.fatbin" --checks contraction > "$work/probe.log"; then
+nvcc_c "${archs[@]}" -O3 --fmad=true -o "$work/probe.o" .ci/contraction_probe.cu
+if gate "$work/probe.o" --checks contraction > "$work/probe.log"; then
   cat "$work/probe.log"; echo "the gate passed a contracting build"; exit 1
 fi
 cat "$work/probe.log"
 refused=$(grep -cE '^  sm_(80|90) probe_(float|double|half2)\(.*\): (FFMA|DFMA|HFMA2)[A-Z0-9.]* .*\(a contracted multiply-add\)$' "$work/probe.log")
 failures=$(sed -n '/^FAILED:/,$p' "$work/probe.log" | grep -c '^  ')
 [ "$refused" -eq 6 ] && [ "$failures" -eq 6 ] || { echo "expected exactly 6 contractions refused, got $refused of $failures"; exit 1; }
-nvcc -fatbin "${archs[@]}" -O3 --fmad=false -o "$work/probe.fatbin" .ci/contraction_probe.cu
-gate "$work/probe.fatbin" --checks contraction
+nvcc_c "${archs[@]}" -O3 --fmad=false -o "$work/probe.o" .ci/contraction_probe.cu
+gate "$work/probe.o" --checks contraction
