@@ -15,6 +15,9 @@ if command -v ccache > /dev/null; then
   # one stored (the scratch trees live in the checkout: .ci/scratch.sh). The
   # working directory itself would differ in every run's debug information.
   export CCACHE_BASEDIR=$PWD CCACHE_NOHASHDIR=1
+  # The C++ tests' precompiled header (tests/cpp/CMakeLists.txt) is cached
+  # only if ccache may skip its checks of macros that no source here uses.
+  export CCACHE_SLOPPINESS=pch_defines,time_macros
   # The compilers by name, first on PATH: torch's builder (ninja), CMake and
   # nvcc's host compiles find them there; torch's builder runs nvcc through it.
   mkdir -p "$CCACHE_DIR/bin"
