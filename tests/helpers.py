@@ -89,15 +89,79 @@ def load_emulation():
     return torch.ops.regdrop_cuda_emulation
 
 
-def spawn_ranks(fn, args, nprocs: int) -> None:
-    """torch.multiprocessing.spawn's processes, forked from a server that has
-    imported torch, torch._dynamo (which DTensor's paths import on first use)
-    and regdrop_ext once, instead of starting each rank from a bare
-    interpreter: each import costs seconds of CPU a rank. The server itself
-    never runs a kernel, so no rank inherits threads from a fork."""
+# What a forked process finds imported: each import costs seconds of CPU in a
+# fresh interpreter here (torch alone about 3 s), so processes are forked from
+# a server that has imported these once. The server itself never runs a
+# kernel, so no child inherits threads from a fork.
+PRELOADED = ["torch", "torch._dynamo", "regdrop_ext"]
+
+
+def _forkserver(*modules: str):
+    """multiprocessing's forkserver, preloading PRELOADED and `modules` when this
+    call starts it (a server already running keeps what it has)."""
     import multiprocessing
 
+    multiprocessing.set_forkserver_preload(PRELOADED + list(modules))
+    return multiprocessing.get_context("forkserver")
+
+
+def spawn_ranks(fn, args, nprocs: int) -> None:
+    """torch.multiprocessing.spawn's processes, forked from the preloaded
+    server (DTensor's paths import torch._dynamo on first use)."""
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "regdrop_ext", fn.__module__])
+    _forkserver(fn.__module__)
     mp.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
+
+
+def run_python(*args: str, cwd=None, timeout: float = 300):
+    """`subprocess.run([sys.executable, *args], capture_output=True, text=True,
+    cwd=cwd)` for `-c CODE` and `SCRIPT ARG...`, run in a process forked from
+    the preloaded server: the code runs in a fresh __main__ namespace, with
+    the sys.path and sys.argv that `python` would give it, so a block that
+    forgets an import still fails. Only modules already imported are shared,
+    and the environment is the one the server started with."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as streams:
+        out, err = os.path.join(streams, "stdout"), os.path.join(streams, "stderr")
+        child = _forkserver().Process(target=_run_main, args=(list(args), str(cwd or os.getcwd()), out, err))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(args, timeout)
+        with open(out) as stdout, open(err) as stderr:
+            return subprocess.CompletedProcess(args, child.exitcode, stdout.read(), stderr.read())
+
+
+def _interpreter_path():
+    """The sys.path of a bare `python -c` of this interpreter, without its '' entry."""
+    import subprocess
+    import sys
+
+    listing = subprocess.run([sys.executable, "-c", "import sys; print(*sys.path[1:], sep=chr(10))"],
+                             capture_output=True, text=True, check=True)
+    return listing.stdout.splitlines()
+
+
+def _run_main(args, cwd, out, err):
+    import runpy
+    import sys
+
+    os.chdir(cwd)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    base = _interpreter_path()
+    try:
+        if args[0] == "-c":
+            sys.argv, sys.path[:] = ["-c", *args[2:]], ["", *base]
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            sys.argv, sys.path[:] = list(args), [os.path.dirname(os.path.abspath(args[0])), *base]
+            runpy.run_path(args[0], run_name="__main__")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()

@@ -8,19 +8,25 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_python
+
 pytestmark = pytest.mark.slow  # other processes: started first (conftest.py)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run(*command: str) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent)
+def succeeded(result) -> str:
     assert result.returncode == 0, f"exit code {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
 
+def run_example(name: str) -> str:
+    """`python examples/NAME --quick` from the repository root."""
+    return succeeded(run_python(str(EXAMPLES / name), "--quick", cwd=EXAMPLES.parent))
+
+
 def test_convert_vit_block():
-    out = run(sys.executable, str(EXAMPLES / "convert_vit_block.py"), "--quick")
+    out = run_example("convert_vit_block.py")
     # 8 dropout layers, and 4 drop paths where timm is usable: each draws once per forward.
     replaced = int(re.search(r"^replaced (\d+), left alone 0$", out, re.M).group(1))
     assert replaced in (8, 12), out
@@ -30,24 +36,21 @@ def test_convert_vit_block():
 
 def test_mc_regression_writes_its_plot_into_a_temporary_directory(tmp_path):
     """Run from an empty directory without --out: the plot goes elsewhere, and the directory stays empty."""
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "mc_regression.py"), "--quick"], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
-    assert "mean" in result.stdout and "std" in result.stdout
+    out = succeeded(run_python(str(EXAMPLES / "mc_regression.py"), "--quick", cwd=tmp_path))
+    assert "mean" in out and "std" in out
     assert list(tmp_path.iterdir()) == []
     pytest.importorskip("matplotlib", reason="no plot without matplotlib")
-    plot = Path(re.search(r"^plot written to (.*)$", result.stdout, re.M).group(1))
+    plot = Path(re.search(r"^plot written to (.*)$", out, re.M).group(1))
     assert plot.stat().st_size > 0
     shutil.rmtree(plot.parent)
 
 
 def test_ddp_train_on_two_processes():
-    # --standalone: a rendezvous on localhost with a free port.
-    out = run(
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(EXAMPLES / "ddp_train.py"), "--quick",
-    )  # fmt: skip
+    # --standalone: a rendezvous on localhost with a free port. The launcher
+    # starts its ranks as fresh interpreters, as users run it.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(EXAMPLES / "ddp_train.py"), "--quick"]  # fmt: skip
+    out = succeeded(subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent))
     assert "parameters in sync: True" in out
     losses = [float(v) for v in re.findall(r"^step +\d+  loss (\d+\.\d+)$", out, re.M)]
     assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], out  # it trains: 0.44 -> 0.13 when written
@@ -56,7 +59,7 @@ def test_ddp_train_on_two_processes():
 
 
 def test_tensor_parallel_on_two_processes():
-    out = run(sys.executable, str(EXAMPLES / "tensor_parallel.py"), "--quick")  # spawns its two processes
+    out = run_example("tensor_parallel.py")  # spawns its two processes
     assert len(re.findall(r"^step \d+  loss \d+\.\d+$", out, re.M)) == 4, out
     assert "2 ranks; losses as the same block's on one process: True" in out
     assert re.search(r"median of 10: regdrop_ext [\d.]+ ms, torch.nn.Dropout [\d.]+ ms, ratio [\d.]+ \(>1: regdrop_ext faster\)$", out, re.M), out

@@ -1,18 +1,19 @@
 """The Python blocks of README.md and docs/*.md run as written, so the
 documentation cannot rot.
 
-Each block runs on its own in a fresh interpreter, from an empty directory.
+Each block runs on its own in a fresh process and namespace, from an empty
+directory (forked from a server that has imported torch: tests/helpers.py).
 A block whose first line starts with "# Fragment:" (saying what it needs) is
 part of a larger program and only has to compile. Where a block says
 "# prints:", the comment lines after it are its exact output.
 """
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -38,7 +39,7 @@ def test_the_documents_have_blocks_of_both_kinds():
 @pytest.mark.slow
 @pytest.mark.parametrize("code", RUNNABLE)
 def test_block_runs_as_written(code, tmp_path):
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = run_python("-c", code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     if PRINTS in code:
         expected = [line[2:] for line in code.split(PRINTS, 1)[1].splitlines()]

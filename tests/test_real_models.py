@@ -5,12 +5,11 @@ outputs stay bit-identical. Hugging Face's run in `make test`; timm's and
 torchvision's where they import (the "real models" step of .ci/run)."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_python
 from third_party import import_or_skip
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "real_models.py"
@@ -23,10 +22,7 @@ ALL_LAYERS = {"timm ConvNeXt-T", "torchvision EfficientNet-B0", "torchvision Con
 @pytest.mark.parametrize("package, prefix, models", [("transformers", "HF", 4), ("timm", "timm", 4), ("torchvision", "torchvision", 4)])
 def test_no_native_random_op_is_left_with_the_opt_in(package, prefix, models):
     import_or_skip(package)
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--quick", "--steps", "0", "--only", prefix],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_python(str(EXAMPLE), "--quick", "--steps", "0", "--only", prefix, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [match.groupdict() for match in map(ROW.match, result.stdout.splitlines()) if match]
     assert len(rows) == models, result.stdout
