@@ -26,11 +26,12 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export PYTHONPATH="$work/site"
-# --capture=sys: a sanitizer report, written to fd 2 before the abort, stays visible.
+# --capture=sys: a sanitizer report, written to fd 2 before the abort, stays visible;
+# the aborted worker (-n 2: both cores) fails the test it was running.
 # Run from the sanitized build: the repository's own regdrop_ext/ would shadow it.
 cd "$work/site"
 "$PYTHON" -c "import regdrop_ext, sys; assert regdrop_ext.__file__.startswith('$work/site'), regdrop_ext.__file__"
-REGDROP_SANITIZE=1 "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys \
+REGDROP_SANITIZE=1 "$PYTHON" -m pytest -q -n 2 -p no:cacheprovider --capture=sys \
   "$repo/tests/test_philox.py" "$repo/tests/test_dropout.py" "$repo/tests/test_variants.py" \
   "$repo/tests/test_hostile_inputs.py" "$repo/tests/test_concurrency.py" "$repo/tests/test_cuda_emulation.py" \
   "$repo/tests/test_norm.py" "$repo/tests/test_norm_emulation.py"
