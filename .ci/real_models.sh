@@ -36,13 +36,13 @@ fi
 
 overlay=${MODELS_VENV:-$(dirname "$venv")/venv-real-models}
 step "overlay venv on $venv: torchvision==0.29.1, timm, transformers ($overlay)"
-if ! "$overlay/bin/python" -c "import torchvision, timm, transformers, pytest, hypothesis" 2>/dev/null; then
+if ! "$overlay/bin/python" -c "import torchvision, timm, transformers, pytest, xdist, hypothesis" 2>/dev/null; then
   rm -rf "$overlay"
   python3 -m venv "$overlay"
   base_site=$("$venv/bin/python" -c "import site; print(site.getsitepackages()[0])")
   site=$("$overlay/bin/python" -c "import site; print(site.getsitepackages()[0])")
   echo "$base_site" > "$site/cached_venv.pth"
-  "$overlay/bin/pip" install --quiet "torchvision==0.29.1" timm transformers pytest hypothesis setuptools wheel 2>&1 | quiet
+  "$overlay/bin/pip" install --quiet "torchvision==0.29.1" timm transformers pytest pytest-xdist hypothesis setuptools wheel 2>&1 | quiet
 fi
 "$overlay/bin/python" -c "import torch, torchvision, timm, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
 
@@ -54,7 +54,7 @@ mkdir "$work/checkout"
 
 step "the tests, with the real classes"
 cd "$work/checkout"
-"$overlay/bin/python" -m pytest -q -rs -p no:cacheprovider tests/test_real_models.py tests/test_convert.py \
+"$overlay/bin/python" -m pytest -q -n 2 -rs -p no:cacheprovider tests/test_real_models.py tests/test_convert.py \
   tests/test_trace.py tests/test_mc.py tests/test_torchscript.py | tee "$work/pytest.log"
 ! grep -q "is not usable here" "$work/pytest.log" || { echo "FAIL: a real-model test skipped"; exit 1; }
 
