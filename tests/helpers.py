@@ -1,5 +1,6 @@
 """Helpers shared by the test modules (test modules never import each other)."""
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -126,7 +127,8 @@ def run_python(*args: str, cwd=None, timeout: float = 300):
 
     with tempfile.TemporaryDirectory() as streams:
         out, err = os.path.join(streams, "stdout"), os.path.join(streams, "stderr")
-        child = _forkserver().Process(target=_run_main, args=(list(args), str(cwd or os.getcwd()), out, err))
+        where = (str(cwd or os.getcwd()), _interpreter_path())
+        child = _forkserver().Process(target=_run_main, args=(list(args), *where, out, err))
         child.start()
         child.join(timeout)
         if child.exitcode is None:
@@ -137,6 +139,7 @@ def run_python(*args: str, cwd=None, timeout: float = 300):
             return subprocess.CompletedProcess(args, child.exitcode, stdout.read(), stderr.read())
 
 
+@functools.cache
 def _interpreter_path():
     """The sys.path of a bare `python -c` of this interpreter, without its '' entry."""
     import subprocess
@@ -147,14 +150,13 @@ def _interpreter_path():
     return listing.stdout.splitlines()
 
 
-def _run_main(args, cwd, out, err):
+def _run_main(args, cwd, base, out, err):
     import runpy
     import sys
 
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    base = _interpreter_path()
     try:
         if args[0] == "-c":
             sys.argv, sys.path[:] = ["-c", *args[2:]], ["", *base]
