@@ -23,6 +23,7 @@
 #include "../epilogue.h"
 #include "../kernel_call.h"
 #include "../philox.h"
+#include "lane_masks.h"
 
 namespace regdrop::cpu {
 

@@ -24,7 +24,8 @@
 // (stream_output).
 //
 // Requires, included before the pragma: <algorithm>, <cstring>, <limits>, <stdexcept>,
-// <immintrin.h> (on x86), "../column_sums.h", "../epilogue.h", "../philox.h".
+// <immintrin.h> (on x86), "../column_sums.h", "../epilogue.h", "../philox.h",
+// "lane_masks.h".
 
 #if !defined(REGDROP_CPU_ISA)
 #error "define REGDROP_CPU_ISA before including kernels.h"
@@ -391,20 +392,6 @@ struct LaneTypes<double> {
   static constexpr int kWidth = kDoubleWidth;
 };
 
-// Entry b: all ones in lane j where bit j of b is set, else zeros (8 KB
-// for AVX2's 8 floats, a few hundred bytes otherwise).
-template <class I, int W>
-struct LaneMasks {
-  alignas(W * sizeof(I)) I lanes[1 << W][W];
-  constexpr LaneMasks() : lanes{} {
-    for (int b = 0; b < (1 << W); ++b) {
-      for (int j = 0; j < W; ++j) lanes[b][j] = (b >> j) & 1 ? I{-1} : I{0};
-    }
-  }
-};
-template <class I, int W>
-constexpr LaneMasks<I, W> kLaneMasks{};
-
 template <class T>
 struct Lanes : LaneTypes<T> {
   using typename LaneTypes<T>::C;
@@ -490,8 +477,7 @@ struct Lanes : LaneTypes<T> {
 
   // Lane j: `kept` where bit j of `bits` is set, else `dropped`. AVX-512
   // takes the bits as a mask register; other sets look the lane mask up
-  // (kLaneMasks): one load, where computing it costs four vector operations
-  // in a loop that has a dozen.
+  // (lane_masks.h).
   static V select(uint32_t bits, V kept, V dropped) {
 #if defined(REGDROP_ISA_AVX512)
     if constexpr (std::is_same_v<C, float>) {

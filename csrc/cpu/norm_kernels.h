@@ -77,13 +77,14 @@ inline Vec<C> blend(Mask<C> keep, Vec<C> a, Vec<C> b) {
   return reinterpret_cast<Vec<C>>((reinterpret_cast<M>(a) & keep) | (reinterpret_cast<M>(b) & ~keep));
 }
 
-// All lanes set where bit j of `byte` is set, for lane j.
+// All lanes set where bit j of `byte` is set, for lane j (lane_masks.h).
 template <class C>
 inline Mask<C> keep_mask(uint32_t byte) {
   using M = Mask<C>;
   using I = std::remove_reference_t<decltype(M{}[0])>;
-  const M select = {1, 2, 4, 8, 16, 32, 64, 128};
-  return ((M{} + static_cast<I>(byte)) & select) != 0;
+  M keep;
+  std::memcpy(&keep, kLaneMasks<I, 8>.lanes[byte & 0xFF], sizeof(keep));
+  return keep;
 }
 
 // Lanes 0 .. n - 1 set.
