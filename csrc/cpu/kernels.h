@@ -45,9 +45,10 @@ constexpr int kVectorBytes = 16;
 #endif
 // Philox runs one group per 64-bit lane, kPhiloxVectors vectors at a time
 // for independent work in flight: kLanes groups per step (AVX-512 32, AVX2
-// 12, baseline 6). Three vectors fill AVX2's and SSE's 16 registers; a
-// fourth spills, two leave the multiplier waiting (measured in L1: Philox
-// 12% faster with three than with two or four). A lane's
+// 12, baseline 6): a round is a chain of dependent multiplies, and three
+// chains keep the multiplier busier than two (measured in L1 on AVX2:
+// Philox 12% faster with three vectors than with two, and four, which
+// crowd AVX2's 16 registers, slower than three). A lane's
 // low 32 bits are its Philox word. Its high 32 bits are whatever the
 // previous round left there, and nothing reads them: the multiply takes the
 // low halves only, and xor and shifts keep lanes apart.
