@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     if args.e2e or args.quick:
         cpu = settings.device.type == "cpu"
         config = e2e.QUICK_CPU if args.quick and cpu else e2e.CONFIGS[settings.device.type]
-        result["e2e"] = e2e.run(config, settings.p, settings.device, settings.threads, preset["e2e_budget_s"])
+        result["e2e"] = e2e.run(config, settings.p, settings.device, settings.threads, preset["e2e_budget_s"],
+                                settings.rounds)
         print("\n" + e2e.summary(result["e2e"]))
 
     if args.norm and settings.device.type == "cpu":

@@ -8,7 +8,9 @@ torch.nn.Dropout and a timm-style DropPath (eager.py); the other
 regdrop_ext.Dropout and regdrop_ext.DropPath. Both start from the same
 weights and see the same batches; on CUDA they run under bf16 autocast.
 
-Reported: the forward+backward step time; the bytes autograd saves for
+Reported: the forward+backward step time, the two models' steps timed in
+interleaved rounds (timing.interleaved: the median of each one's fastest
+round, and the spread of all its runs); the bytes autograd saves for
 backward in one forward (saved_tensors_hooks); on CUDA the peak memory
 allocated during a step; and whether the loss curves are alike.
 
@@ -32,7 +34,7 @@ import regdrop_ext
 
 from . import eager
 from .saved import saved_for_backward, total_bytes
-from .timing import measure
+from .timing import Interleaved, interleaved
 
 Z_BOUND = 3.0
 
@@ -123,20 +125,24 @@ def _losses(model, batches, learning_rate: float, seed: int, device):
     return losses
 
 
-def _step_cost(model, x, labels, device, threads, budget_s) -> dict:
+def _training_step(model, x, labels, device):
     def step():
         model.zero_grad(set_to_none=True)
         with _autocast(device):
             loss = model.loss(x, labels)
         loss.backward()
 
-    timing = measure(step, device, threads, budget_s)
+    return step
+
+
+def _step_cost(model, step, timing: Interleaved, x, labels, device) -> dict:
     with _autocast(device):
         _, saved = saved_for_backward(lambda: model.loss(x, labels))
     cost = {
-        "step_ms": timing.median_ms,
-        "q25_ms": timing.q25_ms,
-        "q75_ms": timing.q75_ms,
+        "step_ms": timing.time_ms,
+        "q25_ms": timing.pooled.q25_ms,
+        "q75_ms": timing.pooled.q75_ms,
+        "round_ms": timing.round_ms,
         "saved_bytes": total_bytes(saved),
         "peak_bytes": None,
     }
@@ -149,7 +155,7 @@ def _step_cost(model, x, labels, device, threads, budget_s) -> dict:
     return cost
 
 
-def run(cfg: Config, p: float, device, threads: int, budget_s: float) -> dict:
+def run(cfg: Config, p: float, device, threads: int, budget_s: float, rounds: int) -> dict:
     native, ours = _models(cfg, p, device)
     batches = _batches(cfg, device)
     lr = cfg.learning_rate
@@ -163,14 +169,16 @@ def run(cfg: Config, p: float, device, threads: int, budget_s: float) -> dict:
     sigma, mean = noise.std().item(), difference.mean().item()
     bound = Z_BOUND * sigma / math.sqrt(cfg.steps)
     x, labels = batches[0]
+    steps = {"native": _training_step(native, x, labels, device), "regdrop_ext": _training_step(ours, x, labels, device)}
+    timings = dict(zip(steps, interleaved(list(steps.values()), device, threads, budget_s, rounds)))
     return {
         "config": {**asdict(cfg), "p": p, "autocast": "bf16" if device.type == "cuda" else None},
         "models": {
             "native": "torch.nn.Dropout + timm-style DropPath",
             "regdrop_ext": "regdrop_ext.Dropout + regdrop_ext.DropPath",
         },
-        "native": _step_cost(native, x, labels, device, threads, budget_s),
-        "regdrop_ext": _step_cost(ours, x, labels, device, threads, budget_s),
+        "native": _step_cost(native, steps["native"], timings["native"], x, labels, device),
+        "regdrop_ext": _step_cost(ours, steps["regdrop_ext"], timings["regdrop_ext"], x, labels, device),
         "losses": losses,
         "loss_test": {
             "test": "|mean(regdrop - native)| <= 3 sigma / sqrt(steps), "
