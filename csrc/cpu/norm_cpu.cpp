@@ -41,18 +41,17 @@ const NormKernelSet& norm_kernels() {
 
 int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(1, kGrainElements / hidden); }
 
-// Draws the bits the row kernels do not draw themselves (unit masks, a
-// shard's element masks, and all of them unless `rows_draw_elements`) into
-// the mask, or into `scratch` where there is none (low-memory mode), and
-// makes the call read them. Records the stream.
-void draw_ahead(norm::RowBits& b, std::vector<uint8_t>& scratch, bool rows_draw_elements) {
+// Draws the bits the row kernels do not draw themselves (unit masks and a
+// shard's element masks) into the mask, or into `scratch` where there is
+// none (low-memory mode), and makes the call read them. Records the stream.
+void draw_ahead(norm::RowBits& b, std::vector<uint8_t>& scratch) {
   if (b.rng_state_out != nullptr) {
     uint64_t seed, offset;
     b.rng.unpack(seed, offset);
     b.rng_state_out[0] = static_cast<int64_t>(seed);
     b.rng_state_out[1] = static_cast<int64_t>(offset);
   }
-  if (!b.draw || (rows_draw_elements && b.element_units && !b.shard.sharded())) return;
+  if (!b.draw || (b.element_units && !b.shard.sharded())) return;
   uint8_t* mask = b.mask_out;
   if (mask == nullptr) {
     scratch.assign(static_cast<size_t>(mask_bytes(b.units)), 0);
@@ -139,14 +138,14 @@ void backward_with_parameter_grads(const norm::NormBackwardCall& c) {
 struct CpuNormBackend : CpuBackend {
   static void run_norm_forward(norm::NormForwardCall c) {
     std::vector<uint8_t> scratch;
-    draw_ahead(c.bits, scratch, true);
+    draw_ahead(c.bits, scratch);
     at::parallel_for(0, c.rows, grain_rows(c.hidden),
                      [&](int64_t begin, int64_t end) { norm_kernels().forward_rows(c, begin, end); });
   }
 
   static void run_norm_backward(norm::NormBackwardCall c) {
     std::vector<uint8_t> scratch;
-    draw_ahead(c.bits, scratch, false);
+    draw_ahead(c.bits, scratch);
     if (norm::wants_parameter_gradients(c)) {
       return c.dtype == ScalarKind::Double ? backward_with_parameter_grads<double>(c)
                                            : backward_with_parameter_grads<float>(c);

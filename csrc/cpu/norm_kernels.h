@@ -14,17 +14,15 @@
 // thereby the same for every vector width and thread count.
 //
 // Keep bits: element masks are those of dropout_add (the group of element
-// e = row * hidden + col is e / 8). A group that straddles two rows is drawn
-// by both rows (its bits depend on its index alone), and its mask byte is
-// written by the row that holds its first element, so that rows can run on
-// any threads. The forward draws with the element family's vectorized
-// Philox (kernels.h's run_groups, through its entry point), over each block
-// of rows' groups as a "shard" (kernel_call.h) starting at the block's first
-// group; the backward reads bits drawn ahead (norm_cpu.cpp).
+// e = row * hidden + col is e / 8), drawn with the element family's vector
+// Philox (philox_lanes.h) as a row's sweep reaches them (RowBits), or read
+// from a mask; a shard's bits and unit bits are drawn ahead (norm_cpu.cpp).
 
 #if !defined(REGDROP_CPU_ISA)
 #error "define REGDROP_CPU_ISA before including norm_kernels.h"
 #endif
+
+#include "philox_lanes.h"
 
 namespace regdrop::cpu::REGDROP_CPU_ISA {
 namespace {
@@ -212,65 +210,106 @@ inline void copy_bits(const uint8_t* src, int64_t bit0, int64_t n, uint8_t* dst)
   if (n % 8 != 0) dst[bytes - 1] &= static_cast<uint8_t>((1u << (n % 8)) - 1);
 }
 
-// The keep bits of each row of a call, in a row's own bytes (bit c for
-// column c), from a draw, a mask, or a bit per run of rows.
+// The keep bits of a call's rows, one row at a time, in the row's own bytes
+// (bit c for column c). A row that starts on a group boundary (every row
+// where hidden % 8 == 0) draws its groups kLanes at a time as its sweep
+// reaches them (draw_through), so that the draw's arithmetic overlaps the
+// sweep's loads and stores rather than running while no memory moves; a
+// row that starts inside a group draws all of its groups at once and
+// shifts them into place. A group that straddles two rows is drawn by both
+// (its bits depend on its index alone); its mask byte is written by the
+// row that holds its first element, so that rows can run on any threads.
 class RowBits {
  public:
   RowBits(const norm::RowBits& b, int64_t numel, int64_t hidden)
-      : b_(b), numel_(numel), hidden_(hidden), bytes_((hidden + 7) / 8) {
-    if (b.draw) b.rng.unpack(seed_, offset_);
-  }
+      : b_(b), numel_(numel), hidden_(hidden), bytes_((hidden + 7) / 8), philox_(lanes_of(b)),
+        row_(static_cast<size_t>(bytes_)), spanned_(static_cast<size_t>(bytes_ + 1)) {}
 
-  // Rows [r0, r1) are next: draws their groups, and writes the mask bytes
-  // their rows own (those whose first element they hold).
-  void start_block(int64_t r0, int64_t r1) {
-    if (!(b_.draw && b_.element_units)) return;
-    first_group_ = r0 * hidden_ / 8;
-    const int64_t end_group = (r1 * hidden_ + 7) / 8;
-    const int64_t units = std::min(end_group * 8, numel_) - first_group_ * 8;
-    drawn_.assign(static_cast<size_t>(end_group - first_group_), 0);
-    KernelCall d;  // a drawing-only call, as a shard starting at group first_group_
-    d.numel = units;
-    d.rng.seed = seed_;
-    d.rng.offset = offset_;
-    d.threshold = b_.threshold;
-    d.mask_out = drawn_.data();
-    d.shard = ShardMap{first_group_ * 8, units, units};
-    run_groups(d, 0, static_cast<int64_t>(drawn_.size()));
-    if (b_.mask_out != nullptr) {
-      const int64_t owned = (r0 * hidden_ + 7) / 8;
-      std::memcpy(b_.mask_out + owned, drawn_.data() + (owned - first_group_), static_cast<size_t>(end_group - owned));
+  // Row r is next.
+  void start(int64_t r) {
+    const int64_t first = r * hidden_;
+    if (!b_.element_units) {  // the row's one unit: all bits set or none
+      const int64_t unit = r / b_.rows_per_unit;
+      row_byte_ = b_.mask_in == nullptr || ((b_.mask_in[unit >> 3] >> (unit & 7)) & 1) ? 0xFF : 0;
+      return;
+    }
+    first_group_ = first / 8;
+    keep_ = row_.data();
+    drawn_ = bytes_;
+    if (!b_.draw) {
+      if (first % 8 == 0) {
+        keep_ = b_.mask_in + first_group_;
+      } else {
+        copy_bits(b_.mask_in, first, hidden_, row_.data());
+      }
+    } else if (first % 8 == 0) {
+      drawn_ = 0;
+    } else {
+      philox_.draw_bytes(first_group_, spanned_groups(r), spanned_.data());
+      copy_bits(spanned_.data(), first % 8, hidden_, row_.data());
     }
   }
 
-  // Row r's bits; those of a last byte past the row's end are any bits (the
-  // kernels use the lanes of a row's elements only). A row that starts on a
-  // byte is read in place.
-  const uint8_t* row(int64_t r) {
-    row_.resize(static_cast<size_t>(bytes_));
-    if (!b_.element_units) {
-      const bool keep = b_.mask_in == nullptr || ((b_.mask_in[(r / b_.rows_per_unit) >> 3] >> ((r / b_.rows_per_unit) & 7)) & 1);
-      std::memset(row_.data(), keep ? 0xFF : 0, row_.size());
-      return row_.data();
+  // Draws the row's bytes up to byte j (of those it has).
+  void draw_through(int64_t j) {
+    if (drawn_ <= j && drawn_ < bytes_) draw_more(j);
+  }
+
+  // Whether the row draws its bytes as its sweep reaches them.
+  bool drawing() const { return drawn_ < bytes_; }
+
+  // The row's keep bytes, byte j for its group j (elements 8j .. 8j + 7 of
+  // the row), once drawn; bits past the row's end are any bits (the kernels
+  // use the lanes of a row's elements only).
+  const uint8_t* bytes() const { return keep_; }
+
+  // The whole row's byte (0xFF or 0) where a row is one unit.
+  uint32_t row_byte() const { return row_byte_; }
+
+  // After row r's sweep: the mask bytes it owns into mask_out, the padding
+  // bits past the last element 0.
+  void finish(int64_t r) {
+    if (!(b_.draw && b_.element_units && b_.mask_out != nullptr)) return;
+    uint8_t* out = b_.mask_out + first_group_;
+    if (r * hidden_ % 8 == 0) {
+      draw_through(bytes_ - 1);
+      std::memcpy(out, row_.data(), static_cast<size_t>(bytes_));
+    } else {  // the first group belongs to the row before
+      std::memcpy(out + 1, spanned_.data() + 1, static_cast<size_t>(spanned_groups(r) - 1));
     }
-    const uint8_t* src = b_.draw ? drawn_.data() : b_.mask_in;
-    const int64_t bit0 = b_.draw ? r * hidden_ - first_group_ * 8 : r * hidden_;
-    if (bit0 % 8 == 0) return src + bit0 / 8;
-    copy_bits(src, bit0, hidden_, row_.data());
-    return row_.data();
+    if ((r + 1) * hidden_ == numel_ && numel_ % 8 != 0) {
+      b_.mask_out[numel_ / 8] &= static_cast<uint8_t>((1u << (numel_ % 8)) - 1);
+    }
   }
 
  private:
+  static PhiloxLanes lanes_of(const norm::RowBits& b) {
+    uint64_t seed = 0, offset = 0;
+    if (b.draw) b.rng.unpack(seed, offset);
+    return PhiloxLanes(seed, offset, b.threshold);
+  }
+
+  // Not inlined: Philox inlined into the row kernels crowded their other
+  // loops' registers (the loops without a draw ran 10% slower, measured in
+  // L2 at hidden 768 on AVX2).
+  __attribute__((noinline)) void draw_more(int64_t j) {
+    for (; drawn_ <= j && drawn_ < bytes_; drawn_ += kLanes) {
+      philox_.draw_bytes(first_group_ + drawn_, std::min<int64_t>(kLanes, bytes_ - drawn_), row_.data() + drawn_);
+    }
+  }
+
+  // The groups row r's elements touch.
+  int64_t spanned_groups(int64_t r) const { return ((r + 1) * hidden_ + 7) / 8 - first_group_; }
+
   const norm::RowBits& b_;
   int64_t numel_, hidden_, bytes_;
-  uint64_t seed_ = 0, offset_ = 0;
-  int64_t first_group_ = 0;
-  std::vector<uint8_t> drawn_;
-  std::vector<uint8_t> row_;
+  PhiloxLanes philox_;
+  std::vector<uint8_t> row_;      // the row's bytes, where it does not read mask_in in place
+  std::vector<uint8_t> spanned_;  // the groups of a row that starts inside a group
+  const uint8_t* keep_ = nullptr;
+  int64_t first_group_ = 0, drawn_ = 0;
+  uint32_t row_byte_ = 0;
 };
-
-// Rows per drawing block: about 16K elements.
-inline int64_t block_rows(int64_t hidden) { return std::max<int64_t>(1, 16384 / hidden); }
 
 // Adds v's first n lanes (the others as +0, which changes no sum: a sum
 // that starts at +0 is never -0) into the 8 values at a.
@@ -369,17 +408,41 @@ __attribute__((always_inline)) inline void for_each_group(int64_t hidden, Group&
   if (hidden % 8 != 0) group(full, static_cast<int>(hidden % 8));
 }
 
-// Calls sweep(keep_of), keep_of(j) giving group j's keep mask: built from
-// the row's bits, or, where the whole row is one unit (drop-path, or
-// p == 0), the row's one mask: that sweep is compiled without building a
-// mask per group.
+// The same, for a sweep that draws the row's keep bits: kLanes groups' bits
+// (one Philox step), then those groups.
+template <class Group>
+__attribute__((always_inline)) inline void for_each_group(int64_t hidden, RowBits& bits, Group&& group) {
+  const int64_t full = hidden / 8;
+  for (int64_t j0 = 0; j0 < full; j0 += kLanes) {
+    const int64_t j1 = std::min<int64_t>(full, j0 + kLanes);
+    bits.draw_through(j1 - 1);
+    for (int64_t j = j0; j < j1; ++j) group(j, 8);
+  }
+  if (hidden % 8 != 0) {
+    bits.draw_through(full);
+    group(full, static_cast<int>(hidden % 8));
+  }
+}
+
+// Calls sweep(keep_of, each_group): keep_of(j) gives group j's keep mask,
+// each_group(group) runs a for_each_group loop. The mask is built from the
+// row's bits, drawn in step with the loop where the row draws them, or, where
+// the whole row is one unit (drop-path, or p == 0), it is the row's one
+// mask: each case is compiled on its own, so that the loops that do not
+// draw are the plain loop, and the whole-row loop builds no mask per group.
 template <class C, class Sweep>
-__attribute__((always_inline)) inline void with_keep_masks(bool whole_rows, const uint8_t* keep, Sweep&& sweep) {
+__attribute__((always_inline)) inline void with_keep_masks(int64_t hidden, bool whole_rows, RowBits& bits,
+                                                           Sweep&& sweep) {
+  // The pointer by value: the sweeps' stores (memcpy) may alias any member.
+  auto keep_of = [keep = bits.bytes()](int64_t j) { return keep_mask<C>(keep[j]); };
+  auto plain = [hidden](auto&& group) __attribute__((always_inline)) { for_each_group(hidden, group); };
   if (whole_rows) {
-    const Mask<C> row = keep_mask<C>(keep[0]);  // 0xFF or 0: RowBits::row
-    sweep([row](int64_t) { return row; });
+    const Mask<C> row = keep_mask<C>(bits.row_byte());
+    sweep([row](int64_t) { return row; }, plain);
+  } else if (bits.drawing()) {
+    sweep(keep_of, [hidden, &bits](auto&& group) __attribute__((always_inline)) { for_each_group(hidden, bits, group); });
   } else {
-    sweep([keep](int64_t j) { return keep_mask<C>(keep[j]); });
+    sweep(keep_of, plain);
   }
 }
 
@@ -408,47 +471,44 @@ void forward_rows_typed(const NormForwardCall& c, int64_t r0, int64_t r1) {
   const bool layer = c.kind == NormKind::Layer, whole_rows = !c.bits.element_units;
   RowBits bits(c.bits, c.rows * H, H);
 
-  for (int64_t b0 = r0; b0 < r1; b0 += block_rows(H)) {
-    const int64_t b1 = std::min(r1, b0 + block_rows(H));
-    bits.start_block(b0, b1);
-    for (int64_t r = b0; r < b1; ++r) {
-      const uint8_t* keep = bits.row(r);
-      const int64_t row = r * H;
-      // The residual stream and its sum.
-      std::fill(acc, acc + L, C(0));
-      with_keep_masks<C>(whole_rows, keep, [&](auto keep_of) __attribute__((always_inline)) {
-        for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
-          const int64_t e = row + 8 * j;
-          V rv{}, bv{};
-          if constexpr (kResidual) rv = load_n(residual + e, n);
-          if constexpr (kInputBias) bv = load_values(input_bias + 8 * j, n);
-          const V v = norm::branch_value<kInputBias>(load_n(in + e, n), bv);
-          const V s = blend<C>(keep_of(j), norm::kept_sum<kResidual>(v, rv, scale), rv);
-          const V stored = store_and_reload(residual_out + e, s, n);
-          std::memcpy(sv + 8 * j, &stored, sizeof(V));
-          if (layer) add_lanes<C>(acc, j, L, stored, n);
-        });
+  for (int64_t r = r0; r < r1; ++r) {
+    bits.start(r);
+    const int64_t row = r * H;
+    // The residual stream and its sum.
+    std::fill(acc, acc + L, C(0));
+    with_keep_masks<C>(H, whole_rows, bits, [&](auto keep_of, auto each_group) __attribute__((always_inline)) {
+      each_group([&](int64_t j, int n) __attribute__((always_inline)) {
+        const int64_t e = row + 8 * j;
+        V rv{}, bv{};
+        if constexpr (kResidual) rv = load_n(residual + e, n);
+        if constexpr (kInputBias) bv = load_values(input_bias + 8 * j, n);
+        const V v = norm::branch_value<kInputBias>(load_n(in + e, n), bv);
+        const V s = blend<C>(keep_of(j), norm::kept_sum<kResidual>(v, rv, scale), rv);
+        const V stored = store_and_reload(residual_out + e, s, n);
+        std::memcpy(sv + 8 * j, &stored, sizeof(V));
+        if (layer) add_lanes<C>(acc, j, L, stored, n);
       });
-      const C mean = layer ? norm::row_mean(fold_lanes<C>(acc, threads), inverse_hidden) : C(0);
-      const V meanv = V{} + mean;
-      std::fill(acc, acc + L, C(0));
-      for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
-        V s;
-        std::memcpy(&s, sv + 8 * j, sizeof(V));
-        add_lanes<C>(acc, j, L, norm::squared_deviation(s, meanv), n);
-      });
-      const C rstd = norm::inverse_std(norm::row_mean(fold_lanes<C>(acc, threads), inverse_hidden), eps, layer);
-      const V rstdv = V{} + rstd;
-      for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
-        V s;
-        std::memcpy(&s, sv + 8 * j, sizeof(V));
-        const V y = norm::affine(norm::normalized(s, meanv, rstdv), load_values(weight + 8 * j, n),
-                                 load_values(bias + 8 * j, n));
-        store_n(out + row + 8 * j, y, n);
-      });
-      static_cast<C*>(c.mean)[r] = canonical<C>(meanv)[0];
-      static_cast<C*>(c.rstd)[r] = canonical<C>(rstdv)[0];
-    }
+    });
+    bits.finish(r);
+    const C mean = layer ? norm::row_mean(fold_lanes<C>(acc, threads), inverse_hidden) : C(0);
+    const V meanv = V{} + mean;
+    std::fill(acc, acc + L, C(0));
+    for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
+      V s;
+      std::memcpy(&s, sv + 8 * j, sizeof(V));
+      add_lanes<C>(acc, j, L, norm::squared_deviation(s, meanv), n);
+    });
+    const C rstd = norm::inverse_std(norm::row_mean(fold_lanes<C>(acc, threads), inverse_hidden), eps, layer);
+    const V rstdv = V{} + rstd;
+    for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
+      V s;
+      std::memcpy(&s, sv + 8 * j, sizeof(V));
+      const V y = norm::affine(norm::normalized(s, meanv, rstdv), load_values(weight + 8 * j, n),
+                               load_values(bias + 8 * j, n));
+      store_n(out + row + 8 * j, y, n);
+    });
+    static_cast<C*>(c.mean)[r] = canonical<C>(meanv)[0];
+    static_cast<C*>(c.rstd)[r] = canonical<C>(rstdv)[0];
   }
 }
 
@@ -493,10 +553,10 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
   C* const sums[3] = {c.grad_weight == nullptr ? nullptr : static_cast<C*>(lane_sums),
                       c.grad_bias == nullptr ? nullptr : static_cast<C*>(lane_sums) + int64_t{lanes} * width,
                       c.grad_input_bias == nullptr ? nullptr : static_cast<C*>(lane_sums) + 2 * int64_t{lanes} * width};
-  RowBits bits(c.bits, c.rows * H, H);  // read, never drawn: run_norm_backward draws ahead
+  RowBits bits(c.bits, c.rows * H, H);
 
   auto row_backward = [&](int64_t r, int64_t lane) {
-    const uint8_t* keep = bits.row(r);
+    bits.start(r);
     const int64_t row = r * H;
     const V meanv = V{} + static_cast<const C*>(c.mean)[r];
     const V rstdv = V{} + static_cast<const C*>(c.rstd)[r];
@@ -522,8 +582,8 @@ void backward_rows_typed(const NormBackwardCall& c, int64_t r0, int64_t r1, uint
     const V a = V{} + (layer ? norm::row_mean(fold_lanes<C>(acc_a, threads), inverse_hidden) : C(0));
     const V b = V{} + norm::row_mean(fold_lanes<C>(acc_b, threads), inverse_hidden);
     // Sweep 2: the gradients, and the input bias's term.
-    with_keep_masks<C>(whole_rows, keep, [&](auto keep_of) __attribute__((always_inline)) {
-      for_each_group(H, [&](int64_t j, int n) __attribute__((always_inline)) {
+    with_keep_masks<C>(H, whole_rows, bits, [&](auto keep_of, auto each_group) __attribute__((always_inline)) {
+      each_group([&](int64_t j, int n) __attribute__((always_inline)) {
         const int64_t e = row + 8 * j;
         V z, dz;
         std::memcpy(&z, zv + 8 * j, sizeof(V));
