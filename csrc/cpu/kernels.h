@@ -39,8 +39,9 @@ namespace {
 // Four draws a block (kLanes groups each: philox_lanes.h). A block's draw is
 // a few hundred instructions of arithmetic, its epilogue a burst of loads
 // and stores: short blocks let out-of-order execution overlap the two, and
-// the stores drain while the next bits are drawn (measured at 16M elements, one thread, AVX2: fp32
-// dropout and dropout_add about 12% faster with 48 groups than with 120).
+// the stores drain while the next bits are drawn (measured at 16M elements,
+// one thread, AVX2: fp32 dropout and dropout_add about 12% faster with 48
+// groups than with 120).
 constexpr int64_t kBlockGroups = 4 * kLanes;
 
 // Bits [from, from + n) of `src` into bits [at, at + n) of `dst`, which are 0.
