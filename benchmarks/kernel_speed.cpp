@@ -7,7 +7,11 @@
 //   kernel_speed <mode> <dtype> <elements> <threads> <repeats> [isa]
 //
 // mode: copy (memcpy), philox, dropout, dropout_add, backward, drop_path,
-// drop_path_add, channel, bias_grad. dtype: fp32, bf16, fp16. isa: avx512,
+// drop_path_add, channel, bias_grad, and the norm rows (csrc/cpu/
+// norm_kernels.h, rows of 768, BERT-base's hidden size): norm_forward
+// (dropout + residual + LayerNorm, the mask drawn), norm_backward (the input
+// and residual gradients from a mask; no parameter gradients, whose sums
+// across rows norm_cpu.cpp adds). dtype: fp32, bf16, fp16. isa: avx512,
 // avx2, baseline (default: the widest this CPU has). Threads split the work
 // as dropout_cpu.cpp does: groups in contiguous runs of whole blocks of 8; a
 // bias gradient (rows of 4096) in runs of chunks, then the chunks folded.
@@ -27,6 +31,7 @@
 #include <vector>
 
 #include "../csrc/cpu/kernel_isa.h"
+#include "../csrc/cpu/norm_isa.h"
 
 using namespace regdrop;
 
@@ -50,12 +55,16 @@ ScalarKind kind_of(const std::string& dtype) {
   return ScalarKind::Float;
 }
 
-cpu::KernelSet kernels_for(const std::string& isa) {
+// The copies (element and norm kernels) of one instruction set.
+template <class Set>
+Set for_isa(const std::string& isa, const Set& baseline, const Set& avx2, const Set& avx512) {
   __builtin_cpu_init();
-  if (isa == "baseline") return cpu::baseline::kernels;
-  if (isa == "avx2" || !__builtin_cpu_supports("avx512bw")) return cpu::avx2::kernels;
-  return cpu::avx512::kernels;
+  if (isa == "baseline") return baseline;
+  if (isa == "avx2" || !__builtin_cpu_supports("avx512bw")) return avx2;
+  return avx512;
 }
+
+constexpr int64_t kNormHidden = 768;
 
 // Groups [0, groups) in `threads` contiguous ranges, as at::parallel_for splits them.
 template <class F>
@@ -80,11 +89,14 @@ int main(int argc, char** argv) {
   const int64_t numel = std::atoll(argv[3]);
   omp_set_num_threads(std::atoi(argv[4]));
   const int repeats = std::atoi(argv[5]);
-  const cpu::KernelSet kernels = kernels_for(argc > 6 ? argv[6] : "");
+  const std::string isa = argc > 6 ? argv[6] : "";
+  const cpu::KernelSet kernels = for_isa(isa, cpu::baseline::kernels, cpu::avx2::kernels, cpu::avx512::kernels);
+  const cpu::NormKernelSet norm_kernels =
+      for_isa(isa, cpu::baseline::norm_kernels, cpu::avx2::norm_kernels, cpu::avx512::norm_kernels);
   const size_t element = dtype == "fp32" ? 4 : 2;
   const size_t bytes = static_cast<size_t>(numel) * element;
 
-  Buffer in(bytes), out(bytes), residual(bytes), mask(static_cast<size_t>(mask_bytes(numel)));
+  Buffer in(bytes), out(bytes), residual(bytes), residual_out(bytes), mask(static_cast<size_t>(mask_bytes(numel)));
   std::memset(mask.data, 0xB7, static_cast<size_t>(mask_bytes(numel)));  // 6 of 8 kept
   KernelCall c;
   c.dtype = c.residual_dtype = c.bias_dtype = c.out_dtype = kind_of(dtype);
@@ -115,7 +127,7 @@ int main(int argc, char** argv) {
     c.mask_in = static_cast<const uint8_t*>(mask.data);
     c.units = UnitLayout{hidden, numel / samples / hidden, numel / samples};
     c.unit_count = numel / hidden;
-  } else if (mode != "copy") {
+  } else if (mode != "copy" && mode != "norm_forward" && mode != "norm_backward") {
     std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
     return 2;
   }
@@ -129,8 +141,50 @@ int main(int argc, char** argv) {
     partial.resize(plan.chunks * plan.cols);
   }
 
+  // The norm rows: weight and bias (and the statistics) in float, the
+  // compute type of every dtype here.
+  const int64_t rows = numel / kNormHidden;
+  std::vector<float> weight(kNormHidden, 1.25f), bias(kNormHidden, 0.5f), mean(rows), rstd(rows);
+  norm::NormForwardCall forward;
+  forward.dtype = forward.residual_dtype = kind_of(dtype);
+  forward.rows = rows;
+  forward.hidden = kNormHidden;
+  forward.input = in.data;
+  forward.residual = residual.data;
+  forward.weight = weight.data();
+  forward.bias = bias.data();
+  forward.output = out.data;
+  forward.residual_out = residual_out.data;
+  forward.mean = mean.data();
+  forward.rstd = rstd.data();
+  forward.scale = c.scale;
+  forward.bits.draw = true;
+  forward.bits.rng = c.rng;
+  forward.bits.threshold = c.threshold;
+  forward.bits.mask_out = static_cast<uint8_t*>(mask.data);
+  forward.bits.units = rows * kNormHidden;
+  norm::NormBackwardCall backward;
+  backward.dtype = backward.residual_dtype = kind_of(dtype);
+  backward.rows = rows;
+  backward.hidden = kNormHidden;
+  backward.grad_output = in.data;
+  backward.residual_out = residual.data;
+  backward.mean = mean.data();
+  backward.rstd = rstd.data();
+  backward.weight = weight.data();
+  backward.grad_input = out.data;
+  backward.grad_residual = residual_out.data;
+  backward.scale = c.scale;
+  backward.bits.mask_in = static_cast<const uint8_t*>(mask.data);
+  backward.bits.units = rows * kNormHidden;
+  if (mode == "norm_backward") norm_kernels.forward_rows(forward, 0, rows);  // the statistics and the mask
+
   auto run = [&] {
-    if (mode == "copy") {
+    if (mode == "norm_forward") {
+      split(rows, [&](int64_t begin, int64_t end) { norm_kernels.forward_rows(forward, begin, end); });
+    } else if (mode == "norm_backward") {
+      split(rows, [&](int64_t begin, int64_t end) { norm_kernels.backward_rows(backward, begin, end, 1, nullptr); });
+    } else if (mode == "copy") {
       split(numel / 8, [&](int64_t begin, int64_t end) {
         std::memcpy(static_cast<char*>(out.data) + begin * 8 * element,
                     static_cast<const char*>(in.data) + begin * 8 * element, (end - begin) * 8 * element);

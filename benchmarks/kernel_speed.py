@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "benchmarks/kernel_speed.cpp"] + sorted((ROOT / "csrc/cpu").glob("kernels_*.cpp"))
+SOURCES = ([ROOT / "benchmarks/kernel_speed.cpp"] + sorted((ROOT / "csrc/cpu").glob("kernels_*.cpp"))
+           + [ROOT / f"csrc/cpu/norm_{isa}.cpp" for isa in ("baseline", "avx2", "avx512")])
 # setup.py's flags: no FMA contraction, as every build of the kernels.
 FLAGS = ["-O3", "-ffp-contract=off", "-Wno-psabi", "-std=c++20", "-fopenmp"]
 MODES = ("philox", "dropout", "dropout_add", "copy")
@@ -35,7 +36,7 @@ def parse_size(text: str) -> int:
 def build() -> Path:
     """build/kernel_speed, rebuilt when a source or a header it reads is newer."""
     binary = ROOT / "build" / "kernel_speed"
-    inputs = SOURCES + list((ROOT / "csrc").glob("*.h")) + list((ROOT / "csrc/cpu").glob("*.h"))
+    inputs = SOURCES + [p for d in ("csrc", "csrc/cpu", "csrc/norm", "csrc/cuda") for p in (ROOT / d).glob("*.h")]
     if binary.exists() and binary.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
         return binary
     compiler = os.environ.get("CXX") or shutil.which("c++") or "g++"
