@@ -96,7 +96,9 @@ int main(int argc, char** argv) {
   const size_t element = dtype == "fp32" ? 4 : 2;
   const size_t bytes = static_cast<size_t>(numel) * element;
 
-  Buffer in(bytes), out(bytes), residual(bytes), residual_out(bytes), mask(static_cast<size_t>(mask_bytes(numel)));
+  const bool norm_rows = mode == "norm_forward" || mode == "norm_backward";
+  Buffer in(bytes), out(bytes), residual(bytes), mask(static_cast<size_t>(mask_bytes(numel)));
+  Buffer residual_out(norm_rows ? bytes : 0);
   std::memset(mask.data, 0xB7, static_cast<size_t>(mask_bytes(numel)));  // 6 of 8 kept
   KernelCall c;
   c.dtype = c.residual_dtype = c.bias_dtype = c.out_dtype = kind_of(dtype);
@@ -127,7 +129,7 @@ int main(int argc, char** argv) {
     c.mask_in = static_cast<const uint8_t*>(mask.data);
     c.units = UnitLayout{hidden, numel / samples / hidden, numel / samples};
     c.unit_count = numel / hidden;
-  } else if (mode != "copy" && mode != "norm_forward" && mode != "norm_backward") {
+  } else if (mode != "copy" && !norm_rows) {
     std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
     return 2;
   }
@@ -145,38 +147,34 @@ int main(int argc, char** argv) {
   // compute type of every dtype here.
   const int64_t rows = numel / kNormHidden;
   std::vector<float> weight(kNormHidden, 1.25f), bias(kNormHidden, 0.5f), mean(rows), rstd(rows);
+  auto rows_of = [&](auto& call) {  // what the forward and backward calls share
+    call.dtype = call.residual_dtype = kind_of(dtype);
+    call.rows = rows;
+    call.hidden = kNormHidden;
+    call.weight = weight.data();
+    call.mean = mean.data();
+    call.rstd = rstd.data();
+    call.scale = c.scale;
+    call.bits.units = rows * kNormHidden;
+  };
   norm::NormForwardCall forward;
-  forward.dtype = forward.residual_dtype = kind_of(dtype);
-  forward.rows = rows;
-  forward.hidden = kNormHidden;
+  rows_of(forward);
   forward.input = in.data;
   forward.residual = residual.data;
-  forward.weight = weight.data();
   forward.bias = bias.data();
   forward.output = out.data;
   forward.residual_out = residual_out.data;
-  forward.mean = mean.data();
-  forward.rstd = rstd.data();
-  forward.scale = c.scale;
   forward.bits.draw = true;
   forward.bits.rng = c.rng;
   forward.bits.threshold = c.threshold;
   forward.bits.mask_out = static_cast<uint8_t*>(mask.data);
-  forward.bits.units = rows * kNormHidden;
   norm::NormBackwardCall backward;
-  backward.dtype = backward.residual_dtype = kind_of(dtype);
-  backward.rows = rows;
-  backward.hidden = kNormHidden;
+  rows_of(backward);
   backward.grad_output = in.data;
   backward.residual_out = residual.data;
-  backward.mean = mean.data();
-  backward.rstd = rstd.data();
-  backward.weight = weight.data();
   backward.grad_input = out.data;
   backward.grad_residual = residual_out.data;
-  backward.scale = c.scale;
   backward.bits.mask_in = static_cast<const uint8_t*>(mask.data);
-  backward.bits.units = rows * kNormHidden;
   if (mode == "norm_backward") norm_kernels.forward_rows(forward, 0, rows);  // the statistics and the mask
 
   auto run = [&] {
