@@ -20,13 +20,23 @@ one round shares its state. Files without rounds are judged by the times.
 The low-memory variant, which draws its mask again in backward by design,
 is not judged. Exits 1 if any row falls short of ``min_ratio`` x the
 fastest native route, or if nothing could be judged.
+
+A row that falls short is also placed against what bounds it, from the
+same run:
+- ``x.clone()``'s pace (GB/s, bytes counted alike): one read and one write
+  into new memory. A single pass into fresh pages cannot beat it, since
+  the OS zeroes each page at its first touch; a row at 90% of it or more
+  is at that floor, as its native routes are;
+- for a route through autograd, the time of our op called alone (the raw
+  route), and its ratio to the aten kernel where there is one: the rest of
+  the route's time is the autograd engine's, which native routes pay too.
 """
 
 import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parent.parent))
@@ -51,9 +61,29 @@ def paired_ratio(mine: Row, native: Row) -> Tuple[float, str]:
     return native.time_ms / mine.time_ms, "by time"
 
 
+# A row at this share of x.clone()'s pace or more is at the fresh-page floor.
+CLONE_FLOOR = 0.9
+
+
+def bounds(mine: Row, routes: Dict[str, Row], clone: Optional[Row] = None) -> str:
+    """What bounds a row that falls short, from the same run: x.clone()'s
+    pace, and, through autograd, the time of the op called alone."""
+    notes = []
+    if clone is not None and clone.gbps and mine.gbps:
+        share = mine.gbps / clone.gbps
+        notes.append(f"{share:.0%} of x.clone()'s pace" + (": at the fresh-page floor" if share >= CLONE_FLOOR else ""))
+    if mine.variant == "module" and "raw" in routes:
+        note = f"the op alone {_us(routes['raw'].time_ms)} of the route's {_us(mine.time_ms)}"
+        if "aten" in routes:
+            note += f", {paired_ratio(routes['raw'], routes['aten'])[0]:.2f}x aten's kernel"
+        notes.append(note)
+    return "; ".join(notes)
+
+
 def shortfalls(rows: Sequence[Row], min_ratio: float = 1.0) -> Tuple[List[str], List[str]]:
     """(a line per judged row, the rows that fall short) for the rows of one run."""
     cells: Dict[tuple, Dict[str, Row]] = {}
+    clones = {(r.size, r.dtype): r for r in rows if r.timed and r.variant == "clone"}
     for r in rows:
         if r.timed and r.kind != "copy":
             cells.setdefault((r.op, r.phase, r.dtype, r.size), {})[r.variant] = r
@@ -71,7 +101,8 @@ def shortfalls(rows: Sequence[Row], min_ratio: float = 1.0) -> Tuple[List[str], 
             )
             lines.append(line + ("" if ratio >= min_ratio else "  SHORT"))
             if ratio < min_ratio:
-                short.append(line)
+                bound = bounds(mine, routes, clones.get((size, dtype)))
+                short.append(line + (f" [{bound}]" if bound else ""))
     if not lines:
         short.append("no row of ours with a native route timed in the same run")
     return lines, short
@@ -83,6 +114,8 @@ def report(rows: Sequence[Row], min_ratio: float = 1.0) -> int:
     print("\n".join(lines))
     if short:
         print(f"\n{len(short)} below {min_ratio:g}x the fastest native route:\n  " + "\n  ".join(short))
+        at_floor = sum("fresh-page floor" in line for line in short)
+        print(f"{at_floor} of them at {CLONE_FLOOR:.0%} of x.clone()'s pace or more (the floor of a pass into new memory)")
         return 1
     print(f"\nevery row at or above {min_ratio:g}x the fastest native route")
     return 0

@@ -274,6 +274,28 @@ def test_native_check_pairs_the_routes_round_by_round():
     assert len(short) == 1 and "0.92x (round by round: ours ahead in 1 of 5)" in short[0]
 
 
+def test_native_check_places_a_short_row_against_what_bounds_it():
+    """A row that falls short is set beside x.clone()'s pace in the same run
+    (at 90% of it or more: the fresh-page floor) and, through autograd,
+    beside the op called alone."""
+    from dataclasses import replace
+
+    from benchmarks.native_check import shortfalls
+
+    def row(variant, ms, size=1 << 24):
+        r = _timed("drop_path", "forward", variant, ms, size)
+        return replace(r, gbps=r.bytes / (ms * 1e-3) / 1e9)
+
+    clone = replace(row("clone", 50.0), op="copy", kind="copy")
+    at_floor = [clone, row("eager", 48.0), row("module", 52.0), row("raw", 49.0)]
+    short = shortfalls(at_floor)[1]
+    assert len(short) == 1 and "[96% of x.clone()'s pace: at the fresh-page floor; the op alone 49 ms of the route's 52 ms]" in short[0]
+    below = [clone, row("eager", 48.0), row("module", 60.0)]  # 83% of the clone's pace: not at the floor
+    short = shortfalls(below)[1]
+    assert len(short) == 1 and short[0].endswith("[83% of x.clone()'s pace]")
+    assert shortfalls([row("eager", 48.0), row("module", 60.0)])[1][0].endswith("0.80x (by time)")  # nothing to place it by
+
+
 def test_check_mode_measures_every_native_route_and_exits_with_the_verdict(monkeypatch):
     """--check's run: the sizes and routes it times, and its exit status
     following native_check's verdict (timings themselves are not asserted)."""
