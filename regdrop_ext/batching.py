@@ -89,8 +89,8 @@ def _rows(mask: Tensor, batch: int, units: int) -> Tensor:
 
 def _joined(rows: Tensor, units: int) -> Tensor:
     """A row of mask bytes per sample, as the mask of one call over them all."""
-    if units % 8 == 0:
-        return rows.reshape(-1)
+    if units % 8 == 0:  # contiguous: an expanded row of one shared mask is a stride-0 view
+        return rows.reshape(-1).contiguous()
     return _pack(_unpack(rows, units).reshape(-1))
 
 

@@ -359,6 +359,23 @@ def test_per_sample_gradients_are_each_samples_own(name, mode):
             same_bits(got[i], want, f"sample {i}, gradient {k}")
 
 
+@pytest.mark.parametrize("mode", ["seed", "same"])
+def test_per_sample_gradients_of_a_one_byte_mask(mode):
+    """Samples of exactly 8 units share one mask byte: vmap(grad) joins the
+    expanded byte into one call's mask, which must be a real copy, not a
+    stride-0 view the backward op refuses."""
+    rng = {"seed": 17} if mode == "seed" else {}
+
+    def loss(a, c):
+        return torch.ops.regdrop.dropout_add_norm(a, c, None, None, 0.5, **rng)[0].sum()
+
+    x, r = torch.randn(2, 8), torch.randn(2, 8)
+    got = vmap(grad(loss), randomness="error" if mode == "seed" else mode)(x, r)
+    if mode == "seed":
+        for i in range(2):
+            same_bits(got[i], grad(loss)(x[i], r[i]), f"sample {i}")
+
+
 def test_per_sample_tangents_are_each_samples_own():
     """vmap(jvp): forward-mode tangents of output and residual stream, per
     sample, those of jvp on that sample alone (seeded)."""
