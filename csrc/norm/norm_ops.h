@@ -195,19 +195,7 @@ Tensors5 norm_forward(const at::Tensor& input_, const std::optional<at::Tensor>&
     draw_into<Backend>(c.bits, d, rng, input.device(), low_memory ? nullptr : mask.mutable_data_ptr<uint8_t>(),
                        low_memory ? mask.mutable_data_ptr<int64_t>() : nullptr);
   }
-  if (c.rows > 0) {
-    Backend::run_norm_forward(c);
-  } else if (c.bits.draw && c.bits.mask_out != nullptr && c.bits.units > 0) {
-    // No rows, yet samples (a (B, 0, H) drop-path call): their bits are
-    // drawn as drop_path draws them, by the element family's kernel.
-    KernelCall k;
-    k.numel = c.bits.units;
-    k.rng = c.bits.rng;
-    k.threshold = c.bits.threshold;
-    k.mask_out = c.bits.mask_out;
-    k.shard = c.bits.shard;
-    Backend::run(k);
-  }
+  if (c.rows > 0) Backend::run_norm_forward(c);
   return {output, residual_out, mask, mean, rstd};
 }
 
