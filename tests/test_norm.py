@@ -358,6 +358,34 @@ def test_no_rows_give_empty_outputs_and_zero_parameter_gradients(device, drop_pa
             assert torch.equal(t.grad, torch.zeros_like(t))
 
 
+def test_samples_without_rows_draw_drop_paths_bits(device):
+    """A (B, 0, H) drop-path call has B samples and no row: its mask holds
+    the B bits drop_path_add draws for the same seed, not the memory it was
+    allocated in (poisoned with ones first; 20 samples, so a chance match is
+    2^-20 per seed)."""
+    x = torch.empty(20, 0, 16, device=device)
+    for seed in range(3):
+        for _ in range(8):  # freed masks of the same size, full of ones, for the allocator to hand back
+            torch.full((3,), 255, dtype=torch.uint8, device=device)
+        mask = ops.dropout_add_norm(x, x, None, None, 0.5, drop_path=True, seed=seed)[2]
+        same_bits(mask, ops.drop_path_add(x, x, 0.5, seed=seed)[1], f"seed {seed}")
+
+
+def test_an_infinite_eps_makes_each_finite_row_its_bias():
+    """eps infinite in the compute type (inf, or 1e39 narrowed to float32)
+    over a finite variance: rstd 0, so every row is its bias, as torch's
+    layer_norm gives it (and RMSNorm signed zeros, as torch's rms_norm)."""
+    x, r, w, b, _ = operands(3, 8, torch.float32)
+    for eps in (float("inf"), 1e39):
+        out, _, _, _, rstd = ops.dropout_add_norm(x, r, w, b, 0.0, eps)
+        same_bits(rstd, torch.zeros(3), f"eps {eps}: rstd")
+        same_bits(out, F.layer_norm(x + r, (8,), w, b, eps), f"eps {eps}: output")
+        same_bits(out, b.expand(3, 8), f"eps {eps}: the bias")
+        rms = ops.dropout_add_norm(x, r, w, None, 0.0, eps, True)[0]
+        same_bits(rms, F.rms_norm(x + r, (8,), w, eps), f"eps {eps}: rms output")
+        assert (rms == 0).all()
+
+
 def test_double_backward_is_refused():
     x, r, w, b, _ = as_float64(*operands(3, 8, torch.float32)[:4], None)
     out = ops.dropout_add_norm(x, r, w, b, 0.3, seed=1)[0]
@@ -427,6 +455,10 @@ def test_errors_name_the_argument():
         ops.dropout_add_norm_backward(x, None, out[1], out[2][:1], out[3], out[4], w, 0.5)
     with pytest.raises(RuntimeError, match="rstd must"):
         ops.dropout_add_norm_backward(x, None, out[1], out[2], out[3], out[4][:1], w, 0.5)
+    with pytest.raises(TypeError, match="residual_out must have grad_output's dtype"):
+        ops.dropout_add_norm_backward(x, None, out[1].double(), out[2], out[3], out[4], w, 0.5)
+    with pytest.raises(RuntimeError, match="weight must be 1-D with the size of grad_output's last dimension"):
+        ops.dropout_add_norm_backward(x, None, out[1], out[2], out[3], out[4], w[:4], 0.5)
 
 
 def test_compile_fullgraph_draws_eagers_masks():

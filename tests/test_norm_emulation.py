@@ -123,6 +123,17 @@ def test_emulation_norm_drop_path_no_residual_and_low_memory(emulation, dtype, h
             weight_grad=w.dtype, bias_grad=b.dtype)
 
 
+def test_emulation_norm_samples_without_rows(emulation):
+    """Drop-path samples of no rows launch no row kernel, yet draw their
+    bits: drop_path_add's, as on the CPU (poisoned allocations first)."""
+    x = torch.empty(20, 0, 16)
+    for seed in range(3):
+        for _ in range(8):
+            torch.full((3,), 255, dtype=torch.uint8)
+        mask = emulation.dropout_add_norm(x, x, None, None, 0.5, drop_path=True, seed=seed)[2]
+        same_bits(mask, torch.ops.regdrop.drop_path_add(x, x, 0.5, seed=seed)[1], f"seed {seed}")
+
+
 @pytest.mark.parametrize("shard", [(3, 13, 29), (8, 64, 64), (2**40 + 5, 7, 100)], ids=str)
 def test_emulation_norm_shards(emulation, shard):
     """A shard draws first (draw_mask), then reads; low-memory shards draw

@@ -104,6 +104,7 @@ void forward_typed(const NormForwardCall& c, Executor& exec, const LaunchLimits&
                    aligned(c.residual_out);
   p.shape.parameter_vector = c.hidden % 8 == 0 && aligned(c.input_bias) && aligned(c.weight) && aligned(c.bias);
   const RowSource source = prepare_bits(c.bits, p.bits, c.rows * c.hidden, true, exec, limits);
+  if (c.rows == 0) return;  // samples without rows: their bits drawn, no row to run
   const Grid grid{static_cast<uint32_t>((c.rows + p.shape.slots - 1) / p.shape.slots), 1,
                   static_cast<uint32_t>(kRowBlockThreads), 1};
   const bool registers = cached(p.shape);
@@ -223,7 +224,6 @@ inline void check_rows(int64_t rows) {
 
 template <class Executor>
 void launch_norm_forward(const norm::NormForwardCall& c, Executor& exec, const LaunchLimits& limits = {}) {
-  if (c.rows == 0) return;
   check_rows(c.rows);
   norm_plan::dispatch<norm_plan::Forward>(c, exec, limits);
 }

@@ -46,24 +46,25 @@ inline at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble 
 
 inline bool is_16_bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// A residual-stream or parameter dtype that runs as it is: input's, or
-// float32 beside a 16-bit input.
-inline void check_companion_dtype(const at::Tensor& t, const char* name, at::ScalarType input) {
-  TORCH_CHECK_TYPE(t.scalar_type() == input || (t.scalar_type() == at::kFloat && is_16_bit(input)), name,
-                   " must have input's dtype (", input, "), or float32 with a float16 or bfloat16 input, got ",
+// A residual-stream or parameter dtype that runs as it is: that of the
+// operand `of` (input, or a backward's grad_output), or float32 beside a
+// 16-bit one.
+inline void check_companion_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype, const char* of) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype || (t.scalar_type() == at::kFloat && is_16_bit(dtype)), name,
+                   " must have ", of, "'s dtype (", dtype, "), or float32 with a float16 or bfloat16 ", of, ", got ",
                    t.scalar_type());
 }
 
-// (H) values of the parameter `name`, or None.
-inline void check_parameter(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& input) {
+// (H) values of the parameter `name`, or None; `of` names the operand `ref`.
+inline void check_parameter(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& ref,
+                            const char* of) {
   if (!t.has_value() || !t->defined()) return;
   check_floating(*t, name);
-  TORCH_CHECK(t->device() == input.device(), name, " must be on the same device as input (", input.device(),
+  TORCH_CHECK(t->device() == ref.device(), name, " must be on the same device as ", of, " (", ref.device(),
               "), got ", t->device());
-  TORCH_CHECK(t->dim() == 1 && t->sym_size(0) == input.sym_size(-1), name,
-              " must be 1-D with the size of input's last dimension (", input.sym_size(-1), "), got shape ",
-              t->sym_sizes());
-  check_companion_dtype(*t, name, input.scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->sym_size(0) == ref.sym_size(-1), name, " must be 1-D with the size of ", of,
+              "'s last dimension (", ref.sym_size(-1), "), got shape ", t->sym_sizes());
+  check_companion_dtype(*t, name, ref.scalar_type(), of);
 }
 
 inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -146,11 +147,11 @@ Tensors5 norm_forward(const at::Tensor& input_, const std::optional<at::Tensor>&
   check_rows(input_, "input", d.drop_path);
   if (given(residual_)) {
     check_matches(*residual_, "residual", input_, "input");
-    check_companion_dtype(*residual_, "residual", input_.scalar_type());
+    check_companion_dtype(*residual_, "residual", input_.scalar_type(), "input");
   }
-  check_parameter(weight, "weight", input_);
-  check_parameter(bias, "bias", input_);
-  check_parameter(input_bias, "input_bias", input_);
+  check_parameter(weight, "weight", input_, "input");
+  check_parameter(bias, "bias", input_, "input");
+  check_parameter(input_bias, "input_bias", input_, "input");
   check_shard(rng.shard, d.units(input_));
   c10::DeviceGuard guard(input_.device());
 
@@ -195,7 +196,7 @@ Tensors5 norm_forward(const at::Tensor& input_, const std::optional<at::Tensor>&
     draw_into<Backend>(c.bits, d, rng, input.device(), low_memory ? nullptr : mask.mutable_data_ptr<uint8_t>(),
                        low_memory ? mask.mutable_data_ptr<int64_t>() : nullptr);
   }
-  if (c.rows > 0) Backend::run_norm_forward(c);
+  Backend::run_norm_forward(c);  // with no rows too: a drop-path call's samples still draw their bits
   return {output, residual_out, mask, mean, rstd};
 }
 
@@ -213,9 +214,9 @@ Tensors5 norm_backward(const at::Tensor& grad_output_, const std::optional<at::T
   check_floating(grad_output_, "grad_output");
   check_rows(grad_output_, "grad_output", d.drop_path);
   check_matches(residual_out_, "residual_out", grad_output_, "grad_output");
-  check_companion_dtype(residual_out_, "residual_out", grad_output_.scalar_type());
+  check_companion_dtype(residual_out_, "residual_out", grad_output_.scalar_type(), "grad_output");
   if (given(grad_residual_out_)) check_matches(*grad_residual_out_, "grad_residual_out", grad_output_, "grad_output");
-  check_parameter(weight, "weight", grad_output_);
+  check_parameter(weight, "weight", grad_output_, "grad_output");
   const at::ScalarType dtype = grad_output_.scalar_type();
   const at::ScalarType c_dtype = compute_dtype(dtype);
   const c10::SymInt hidden = grad_output_.sym_size(-1), rows = grad_output_.sym_numel() / hidden;

@@ -111,11 +111,13 @@ REGDROP_HOST_DEVICE double inverse_sqrt(double x) {
 // variance that overflows (a finite row such as [1, 1e30] in float32) gives
 // NaN, as torch's layer_norm does, rather than rstd 0, which would quietly
 // turn the row into its bias; an RMSNorm mean square that overflows gives 0,
-// as torch's rms_norm does (its finite elements normalize to zeros).
+// as torch's rms_norm does (its finite elements normalize to zeros). An
+// infinite eps over a finite variance gives rstd 0 for both: the row is its
+// bias, as torch gives it.
 template <class C>
 REGDROP_HOST_DEVICE C inverse_std(C var, C eps, bool layer) {
   const double sum = to_double(add_rn(var, eps));
-  if (layer && sum == double_from_bits64(0x7FF0000000000000ull)) {
+  if (layer && to_double(var) == double_from_bits64(0x7FF0000000000000ull)) {
     return from_double<C>(double_from_bits64(0x7FF8000000000000ull));
   }
   return from_double<C>(inverse_sqrt(sum));
