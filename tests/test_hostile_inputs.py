@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import regdrop_ext
-from helpers import in_place
+from helpers import call_op, in_place
 from reference import channel_keep, element_keep, keep_scale, masked_reference, sample_keep, unit_numbers, unpack_bits
 
 ops = torch.ops.regdrop
@@ -642,3 +642,48 @@ for shape in {BIAS_GRADIENT_SHAPES}:
     for shape, grown_kib in zip(BIAS_GRADIENT_SHAPES, map(int, run.stdout.split()), strict=True):
         result_kib = (math.prod(shape) + shape[-1]) * 4 // 1024
         assert grown_kib <= result_kib + 16 * 1024, f"{shape}: peak memory grew {grown_kib} KiB for a {result_kib} KiB result"
+
+
+# Shapes with units but no elements (samples or channels of size 0), or with neither.
+EMPTY_SHAPES = [(20, 0, 16), (4, 5, 0), (0, 3, 8)]
+
+
+def _poison_small_allocations(byte):
+    """Frees blocks of the sizes an empty call's masks and states take, full of `byte`."""
+    for _ in range(8):
+        for size in (1, 3, 7, 16, 4096):
+            torch.full((size,), byte, dtype=torch.uint8)
+
+
+def _empty_calls():
+    from regdrop_ext import manifest
+
+    for op in manifest.ops("masked", "in_place", "low_memory"):
+        def call(x, op=op):
+            return call_op(op, x, 0.5, residual=x.clone(), bias=x.new_zeros(x.shape[-1]), seed=3)
+        yield op.name, call
+    for drop_path in (False, True):
+        yield f"dropout_add_norm(drop_path={drop_path})", lambda x, d=drop_path: ops.dropout_add_norm(
+            x, x, None, None, 0.5, drop_path=d, seed=3) if x.shape[-1] else None
+    yield "dropout_add_norm_low_memory", lambda x: ops.dropout_add_norm_low_memory(
+        x, x, None, None, 0.5, seed=3) if x.shape[-1] else None
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_a_call_without_elements_writes_every_output_it_returns(shape):
+    """The defect class of a (B, 0, H) norm call whose sample mask went
+    unwritten: every forward op, on every tensor with no elements, returns
+    masks and rng states that are the same bits whatever the memory they
+    were allocated in held (freed blocks of ones, then of zeros, first)."""
+    x = torch.empty(shape)
+    for name, call in _empty_calls():
+        results = []
+        for byte in (0xFF, 0x00):
+            _poison_small_allocations(byte)
+            results.append(call(x))
+        if results[0] is None:  # the norm ops refuse an empty normalized dim, as checked elsewhere
+            continue
+        for k, (a, b) in enumerate(zip(*results)):
+            assert a.shape == b.shape, f"{name} output {k}"
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), \
+                f"{name} output {k} holds what its memory held: {a} vs {b}"
