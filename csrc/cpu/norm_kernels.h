@@ -112,9 +112,15 @@ inline Vec<ComputeOf<T>> load8(const T* p) {
     std::memcpy(&v, p, sizeof(v));
     return v;
   } else if constexpr (std::is_same_v<T, BFloat16>) {
+#if defined(REGDROP_ISA_AVX2) || defined(REGDROP_ISA_AVX512)
+    // One widening load: GCC splits __builtin_convertvector's into halves.
+    return reinterpret_cast<f32x8>(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#else
     u16x8 h;
     std::memcpy(&h, p, sizeof(h));
     return reinterpret_cast<f32x8>(__builtin_convertvector(h, u32x8) << 16);
+#endif
   } else {
 #if defined(REGDROP_ISA_AVX2) || defined(REGDROP_ISA_AVX512)
     return reinterpret_cast<f32x8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
